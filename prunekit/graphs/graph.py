@@ -1,0 +1,211 @@
+"""The channel graph: units, groups and pins of a traced model.
+
+>>> import torch, torchvision
+>>> g = build_graph(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
+>>> g.coupled_channels("layer1.0.conv2", 5)      # the residual couples the stage
+{'conv1': [5], 'layer1.0.conv2': [5], 'layer1.1.conv2': [5]}
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..errors import PrunekitError
+from .state import ChannelState
+from .trace import propagate, trace_both_modes
+
+
+class PinnedChannelError(PrunekitError):
+    """A channel that prunekit must not remove was asked for."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Channels left alone: where they come from, how many, and why."""
+
+    source: str
+    channels: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """Units that share the same producers: one row of `prunekit graph`."""
+
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    units: tuple[int, ...]
+    prunable_units: tuple[int, ...]
+    reasons: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.units)
+
+    @property
+    def prunable(self) -> bool:
+        return bool(self.prunable_units)
+
+
+def as_inputs(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+
+
+class ChannelGraph:
+    """Which channels must leave together, and which must stay.
+
+    Every atom (one output channel of one producer) belongs to exactly one
+    *unit*; removing a unit removes every atom in it from every layer that
+    produces or reads it. Units are numbered ``0..num_units-1``.
+    """
+
+    def __init__(self, model: nn.Module, graphs: list[fx.Graph], state: ChannelState):
+        self.fx_graph = graphs[0]  # eval mode: the one costs are counted on
+        self.fx_graphs = graphs
+        roots = np.fromiter((state.find(a) for a in range(len(state.parent))), dtype=np.int64,
+                            count=len(state.parent))
+        _, self.unit_of_atom = np.unique(roots, return_inverse=True)
+        self.num_units = int(self.unit_of_atom.max()) + 1 if len(roots) else 0
+        self.unit_pin: dict[int, str] = {}
+        for atom, reason in state.pin_reason.items():
+            self.unit_pin.setdefault(int(self.unit_of_atom[atom]), reason)
+        self.pinned = np.zeros(self.num_units, dtype=bool)
+        self.pinned[list(self.unit_pin)] = True
+        self._state = state
+
+        def units(atoms) -> np.ndarray:
+            return self.unit_of_atom[np.asarray(atoms, dtype=np.int64)]
+
+        self.producers: dict[str, np.ndarray] = {n: units(a) for n, a in state.producers.items()}
+        self.producer_kind = dict(state.producer_kind)
+        self.slices: dict[tuple[str, int], np.ndarray] = {k: units(a) for k, a in state.slices.items()}
+        self.widths: dict[tuple[str, str], np.ndarray] = {k: units(a) for k, a in state.widths.items()}
+        self.original_attrs = {
+            name: {a: getattr(m, a) for a in ("groups", "num_groups", "in_channels", "out_channels")
+                   if hasattr(m, a)}
+            for (name, _role) in self.widths for m in [model.get_submodule(name)]
+        }
+        self.tensor_shapes = {name: tuple(t.shape) for name, t in
+                              list(model.named_parameters()) + list(model.named_buffers())}
+
+    # -- queries ---------------------------------------------------------
+
+    def prunable_channels(self) -> dict[str, list[int]]:
+        """Producer name -> output indices that may be removed."""
+        return {name: np.flatnonzero(~self.pinned[u]).tolist() for name, u in self.producers.items()
+                if (~self.pinned[u]).any()}
+
+    def unit_of(self, name: str, index: int) -> int:
+        if name not in self.producers:
+            close = sorted(self.producers, key=lambda p: _distance(p, name))[:1]
+            hint = f"; did you mean '{close[0]}'" if close else ""
+            raise PrunekitError(f"'{name}' is not a producer (conv, transposed conv or linear) in this model{hint}.")
+        units = self.producers[name]
+        if not 0 <= index < len(units):
+            raise PrunekitError(f"'{name}' has {len(units)} output channels; index {index} is out of range.")
+        return int(units[index])
+
+    def coupled_channels(self, name: str, index: int) -> dict[str, list[int]]:
+        """Every producer channel that must go with ``name[index]`` (itself included)."""
+        unit = self.unit_of(name, index)
+        if self.pinned[unit]:
+            raise PinnedChannelError(f"channel {index} of '{name}' cannot be removed: {self.unit_pin[unit]}.")
+        return self.members(unit)
+
+    def members(self, unit: int) -> dict[str, list[int]]:
+        return {n: idx.tolist() for n, u in self.producers.items()
+                if (idx := np.flatnonzero(u == unit)).size}
+
+    def units_for(self, selection: Mapping[str, Iterable[int]]) -> np.ndarray:
+        """The units holding the given producer channels; pinned ones raise."""
+        chosen = set()
+        for name, indices in selection.items():
+            for index in indices:
+                unit = self.unit_of(name, int(index))
+                if self.pinned[unit]:
+                    raise PinnedChannelError(
+                        f"channel {index} of '{name}' cannot be removed: {self.unit_pin[unit]}.")
+                chosen.add(unit)
+        return np.array(sorted(chosen), dtype=np.int64)
+
+    def removal_mask(self, units: Sequence[int] | np.ndarray) -> np.ndarray:
+        mask = np.zeros(self.num_units, dtype=bool)
+        mask[np.asarray(units, dtype=np.int64)] = True
+        return mask
+
+    def check_removal(self, mask: np.ndarray) -> None:
+        """Refuse a removal that would empty a layer."""
+        for (name, role), units in self.widths.items():
+            if units.size and mask[units].all():
+                raise PrunekitError(f"removing these channels would leave '{name}' with no {role}put channels.")
+        for name, units in self.producers.items():
+            if units.size and mask[units].all():
+                raise PrunekitError(f"removing these channels would leave '{name}' with no output channels.")
+
+    # -- display ---------------------------------------------------------
+
+    @property
+    def groups(self) -> list[Group]:
+        by_unit_producers: dict[int, set[str]] = defaultdict(set)
+        for name, units in self.producers.items():
+            for u in np.unique(units):
+                by_unit_producers[int(u)].add(name)
+        consumers: dict[int, set[str]] = defaultdict(set)
+        for (name, role), units in self.widths.items():
+            if role == "in":
+                for u in np.unique(units):
+                    consumers[int(u)].add(name)
+        grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for unit, names in by_unit_producers.items():
+            grouped[tuple(sorted(names))].append(unit)
+        out = []
+        for producers, units in grouped.items():
+            units.sort()
+            users = sorted(set().union(*(consumers[u] for u in units)) - set(producers))
+            reasons = tuple(sorted({self.unit_pin[u] for u in units if self.pinned[u]}))
+            prunable = tuple(u for u in units if not self.pinned[u])
+            out.append(Group(producers, tuple(users), tuple(units), prunable, reasons))
+        out.sort(key=lambda g: (not g.prunable, g.producers))
+        return out
+
+    @property
+    def pins(self) -> list[Pin]:
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        for atom, reason in self._state.pin_reason.items():
+            counts[(self._state.source[atom][0], reason)] += 1
+        return [Pin(src, n, reason) for (src, reason), n in sorted(counts.items())]
+
+    def __repr__(self) -> str:
+        prunable = int((~self.pinned).sum())
+        return (f"ChannelGraph({len(self.producers)} producers, {self.num_units} units, "
+                f"{prunable} prunable, {len(self.groups)} groups)")
+
+
+def _distance(a: str, b: str) -> int:
+    import difflib
+
+    return -int(1000 * difflib.SequenceMatcher(None, a, b).ratio())
+
+
+def build_graph(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = ()) -> ChannelGraph:
+    """Trace ``model`` and work out which channels are coupled and which are pinned.
+
+    ``example_inputs``: one tensor, or a tuple of the forward's positional inputs.
+    ``leaf_modules``: names of submodules to treat as opaque ops (their inputs
+    and outputs are pinned); use it for modules torch.fx cannot trace.
+    The model is not modified.
+    """
+    inputs = as_inputs(example_inputs)
+    graphs = trace_both_modes(model, leaf_modules)
+    state = propagate(model, graphs, inputs)
+    return ChannelGraph(model, graphs, state)

@@ -1,0 +1,94 @@
+"""Cut units out of a model: one index_select per tensor, on a deep copy.
+
+The channel graph says, for every parameter and buffer that must shrink,
+which unit each position along each dim belongs to; removing a set of units
+is keeping the other positions. Module attributes (in/out_channels, groups,
+num_features...) are then set from the kept widths, so the result is an
+ordinary module of the same class.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graphs import ChannelGraph, build_graph
+from .graphs.graph import as_inputs
+
+
+def kept(units: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """Positions whose unit survives."""
+    return np.flatnonzero(~removed[units])
+
+
+def _set_tensor(model: nn.Module, qualified: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = qualified.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner._buffers[attr] = value
+
+
+def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict) -> None:
+    """Make the module's size attributes match its new tensors."""
+    cin, cout = widths.get("in"), widths.get("out")
+    if isinstance(module, nn.modules.conv._ConvNd):
+        groups = original.get("groups", 1)
+        if groups > 1:  # depthwise or whole groups removed
+            module.groups = groups * cin // original["in_channels"]
+        module.in_channels = cin
+        module.out_channels = cout if cout is not None else cin
+    elif isinstance(module, nn.Linear):
+        module.in_features, module.out_features = cin, cout
+    elif isinstance(module, nn.GroupNorm):
+        module.num_groups = original["num_groups"] * cin // module.num_channels
+        module.num_channels = cin
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = cin
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = cin
+
+
+def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> nn.Module:
+    """A deep copy of ``model`` without the units flagged in ``removed`` (a bool mask)."""
+    graph.check_removal(removed)
+    pruned = copy.deepcopy(model)
+    tensors = dict(pruned.named_parameters(remove_duplicate=False))
+    tensors.update(pruned.named_buffers(remove_duplicate=False))
+    cuts: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (name, dim), units in graph.slices.items():
+        keep = kept(units, removed)
+        if keep.size != units.size:
+            cuts[name].append((dim, keep))
+    with torch.no_grad():
+        for name, dims in cuts.items():
+            value = tensors[name].detach()
+            for dim, keep in dims:
+                value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
+            _set_tensor(pruned, name, value.contiguous())
+    per_module: dict[str, dict[str, int]] = defaultdict(dict)
+    for (name, role), units in graph.widths.items():
+        per_module[name][role] = int((~removed[units]).sum())
+    for name, widths in per_module.items():
+        _fix_attributes(pruned.get_submodule(name), widths, graph.original_attrs.get(name, {}))
+    return pruned
+
+
+def remove_channels(model: nn.Module, example_inputs, channels: Mapping[str, list[int]],
+                    graph: ChannelGraph | None = None) -> nn.Module:
+    """A smaller copy of ``model`` without the given producer channels and all coupled to them.
+
+    ``channels`` maps a producer (conv, transposed conv or linear) name to the
+    original output indices to remove; duplicates are fine. The caller's
+    model is not modified.
+    """
+    graph = graph or build_graph(model, as_inputs(example_inputs))
+    units = graph.units_for(channels)
+    return apply_removal(model, graph, graph.removal_mask(units))
