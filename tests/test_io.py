@@ -408,3 +408,19 @@ def test_atomic_dir_existing(tmp_path):
         (d / "b").write_text("2")
     assert sorted(p.name for p in final.iterdir()) == ["b"]
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v3_small", "densenet121", "efficientnet_b0"])
+def test_torchvision_zoo_round_trip(tmp_path, name):
+    import torchvision.models
+
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, name)(num_classes=7).eval()
+    path = tmp_path / f"{name}.pt"
+    atomic_save_torch({"model": ref.state_dict(), "epoch": 90}, path)
+    model = load_model(path, builder=f"torchvision.models:{name}", kwargs={"num_classes": 7})
+    _same_weights(model, ref)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
