@@ -26,6 +26,7 @@ from torch import fx, nn
 
 from .graphs import ChannelGraph, build_graph
 from .graphs.graph import as_inputs
+from .graphs.trace import materialize, training_mode
 
 CONVENTION = "1 fused multiply-add = 1 flop (fvcore's convention); multiply by 2 to count multiplies and adds"
 
@@ -172,12 +173,12 @@ class CostModel:
                 flops = _upsample(m.mode)
             elif isinstance(m, nn.AdaptiveAvgPool2d):
                 flops = _adaptive_avg_pool2d
-            elif "prunekit_leaf_inputs" in node.meta and any(True for _ in m.parameters()):
-                args, kwargs = node.meta.pop("prunekit_leaf_inputs")
-                self._constant[name] += _fvcore_total(m, args)
-                return
         elif node.op == "call_function":
             flops = self._function_flops(node)
+        if flops is None and "prunekit_call" in node.meta:
+            call = m if node.op == "call_module" else node.target
+            self._constant[self._owner(node)] += _fvcore_total(call, *materialize(node.meta["prunekit_call"]))
+            return
         elif node.op == "call_method" and node.target in ("matmul", "mm"):
             flops = _matmul
         elif node.op == "call_method" and node.target == "bmm":
@@ -292,9 +293,21 @@ class CostModel:
         return rows
 
 
-def _fvcore_total(module: nn.Module, args: tuple) -> int:
-    analysis = fvcore_analysis(module, args)
-    return int(analysis.total())
+class _Call(nn.Module):
+    """Lets fvcore trace one call with keyword arguments."""
+
+    def __init__(self, fn, kwargs):
+        super().__init__()
+        self.fn, self.kwargs = fn, kwargs
+
+    def forward(self, *args):
+        return self.fn(*args, **self.kwargs)
+
+
+def _fvcore_total(fn, args: tuple, kwargs: dict) -> int:
+    """FLOPs fvcore counts for one opaque call (grad enabled, as a plain fvcore call runs)."""
+    with torch.enable_grad():
+        return int(fvcore_analysis(_Call(fn, kwargs), args).total())
 
 
 def fvcore_analysis(model: nn.Module, example_inputs):
@@ -310,18 +323,12 @@ def fvcore_analysis(model: nn.Module, example_inputs):
 
 def count_flops_params(model: nn.Module, example_inputs, graph: ChannelGraph | None = None) -> dict[str, int]:
     """{"flops": fused multiply-adds (fvcore's convention), "params": parameter count}."""
-    with torch.no_grad():
-        costs = CostModel(model, graph or build_graph(model, example_inputs))
+    costs = CostModel(model, graph or build_graph(model, example_inputs))
     return {"flops": costs.flops(), "params": costs.params()}
 
 
 def fvcore_counts(model: nn.Module, example_inputs) -> tuple[int, Counter]:
     """fvcore's total FLOPs and the ops it skipped (name -> count), in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            analysis = fvcore_analysis(model, example_inputs)
-            return int(analysis.total()), Counter(analysis.unsupported_ops())
-    finally:
-        model.train(was_training)
+    with training_mode(model, False):
+        analysis = fvcore_analysis(model, example_inputs)
+        return int(analysis.total()), Counter(analysis.unsupported_ops())

@@ -26,16 +26,6 @@ def kept(units: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~removed[units])
 
 
-def _set_tensor(model: nn.Module, qualified: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = qualified.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        owner._buffers[attr] = value
-
-
 def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict) -> None:
     """Make the module's size attributes match its new tensors."""
     cin, cout = widths.get("in"), widths.get("out")
@@ -59,20 +49,26 @@ def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict) -
 def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> nn.Module:
     """A deep copy of ``model`` without the units flagged in ``removed`` (a bool mask)."""
     graph.check_removal(removed)
-    pruned = copy.deepcopy(model)
-    tensors = dict(pruned.named_parameters(remove_duplicate=False))
-    tensors.update(pruned.named_buffers(remove_duplicate=False))
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
     cuts: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (name, dim), units in graph.slices.items():
         keep = kept(units, removed)
         if keep.size != units.size:
             cuts[name].append((dim, keep))
+    # the cut tensors go into the copy directly, so deepcopy never clones them
+    memo: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for name, dims in cuts.items():
-            value = tensors[name].detach()
+            original = tensors[name]
+            value = original.detach()
             for dim, keep in dims:
                 value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
-            _set_tensor(pruned, name, value.contiguous())
+            value = value.contiguous()
+            if isinstance(original, nn.Parameter):
+                value = nn.Parameter(value, requires_grad=original.requires_grad)
+            memo[id(original)] = value
+    pruned = copy.deepcopy(model, memo)
     per_module: dict[str, dict[str, int]] = defaultdict(dict)
     for (name, role), units in graph.widths.items():
         per_module[name][role] = int((~removed[units]).sum())

@@ -75,8 +75,17 @@ class Op:
             self.state.pin(c.atoms, f"{why} ({self.label()})")
 
     def opaque(self, why: str):
-        """Fresh pinned channels for every tensor in the output."""
-        return opaque(self.state, self.out, f"{why} ({self.label()})", self.name)
+        """Fresh pinned channels for every tensor in the output.
+
+        A same-rank output keeps the input's channel dim, so a Linear after a
+        LayerNorm over channels still finds its features on the last dim.
+        """
+        reason = f"{why} ({self.label()})"
+        first, x = self.chan(0, "input"), self.value(0, "input")
+        if (isinstance(first, Chan) and isinstance(self.out, torch.Tensor) and isinstance(x, torch.Tensor)
+                and self.out.dim() == x.dim()):
+            return Chan(first.dim, self.state.new_atoms(self.name, self.out.shape[first.dim], pin=reason))
+        return opaque(self.state, self.out, reason, self.name)
 
 
 def _collect(chan, found: list) -> None:
@@ -299,8 +308,9 @@ def _linear_core(op: Op, name: str, weight_name: str, bias_name: str | None, mod
     state = op.state
     last = x.dim() - 1
     if chan is not None and chan.dim != last:
-        # features come from an untracked dim; the tracked one passes through
-        return chan
+        if not all(a in state.pin_reason for a in chan.atoms):
+            return chan  # features from an untracked dim; the tracked one passes through
+        chan = None  # nothing to track there: make the features the channels
     if chan is None:
         chan = Chan(last, state.new_atoms(f"input of {name}", x.shape[-1], pin="created by an op"))
     out_atoms = state.producer_atoms(name, out.shape[-1], "linear")

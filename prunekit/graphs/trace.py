@@ -8,8 +8,10 @@ costs, the surgery and the scorers read what it records.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from contextlib import contextmanager
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import torch
 from torch import fx, nn
@@ -124,14 +126,94 @@ class ChannelProp(fx.Interpreter):
         self.chans[n] = chan
         n.meta["prunekit_shape"] = _shape_of(out)
         n.meta["prunekit_chan"] = chan
-        if module is not None and n.op == "call_module" and not is_leaf_type(module):
-            n.meta["prunekit_leaf_inputs"] = (args, kwargs)
+        if _opaque_compute(n, module):
+            # what fvcore would count inside an op we do not model: priced once, by shape
+            n.meta["prunekit_call"] = _shapes_only((args, kwargs))
         return out
 
 
-def propagate(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelState:
+def _opaque_compute(n: fx.Node, module: nn.Module | None) -> bool:
+    if n.op == "call_module":
+        return not is_leaf_type(module) and any(True for _ in module.parameters())
+    if n.op == "call_function":
+        home = (getattr(n.target, "__module__", None) or "").split(".")[0]
+        return inspect.isfunction(n.target) and home not in ("torch", "_operator", "operator", "math", "builtins")
+    return False
+
+
+class TensorSpec(NamedTuple):
+    shape: tuple
+    dtype: torch.dtype
+    ident: int
+
+
+def _shapes_only(value):
+    """Replace tensors by their specs; parameters (real tensors) are kept."""
+    if isinstance(value, torch.Tensor) and not _is_fake(value):
+        return value
+    if isinstance(value, torch.Tensor):
+        return TensorSpec(tuple(value.shape), value.dtype, id(value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_shapes_only(v) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, dict):
+        return {k: _shapes_only(v) for k, v in value.items()}
+    return value
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
+
+
+def materialize(value, made: dict | None = None):
+    """Zeros standing for recorded specs; one tensor per original identity."""
+    made = {} if made is None else made
+    if isinstance(value, TensorSpec):
+        if value.ident not in made:
+            made[value.ident] = torch.zeros(value.shape, dtype=value.dtype)
+        return made[value.ident]
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(materialize(v, made) for v in value)
+    if isinstance(value, dict):
+        return {k: materialize(v, made) for k, v in value.items()}
+    return value
+
+
+def _run(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelState:
     state = ChannelState()
-    with torch.no_grad(), training_mode(model, False):
-        for graph in graphs:
-            ChannelProp(model, graph, state).run(*inputs)
+    for graph in graphs:
+        ChannelProp(model, graph, state).run(*inputs)
     return state
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A structural copy whose tensors live on the meta device: shapes, no data."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def propagate(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelState:
+    """Walk every graph once, on the meta device when the ops allow it (shapes only).
+
+    Ops without a meta kernel fall back to one real forward pass.
+    """
+    with torch.no_grad(), training_mode(model, False):
+        try:
+            meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
+            return _run(_on_meta(model), graphs, meta_inputs)
+        except Exception:
+            for graph in graphs:
+                for node in graph.nodes:
+                    node.meta.pop("prunekit_call", None)
+        try:
+            return _run(model, graphs, inputs)
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExampleInputError(f"the model fails on the example input: {first_line}.") from None
+
+
+class ExampleInputError(PrunekitError):
+    """The model does not run on the example inputs (wrong shape or dtype)."""
