@@ -88,6 +88,7 @@ class ChannelGraph:
 
         self.producers: dict[str, np.ndarray] = {n: units(a) for n, a in state.producers.items()}
         self.producer_kind = dict(state.producer_kind)
+        self.producer_weight = dict(state.producer_weight)
         self.slices: dict[tuple[str, int], np.ndarray] = {k: units(a) for k, a in state.slices.items()}
         self.widths: dict[tuple[str, str], np.ndarray] = {k: units(a) for k, a in state.widths.items()}
         self.original_attrs = {

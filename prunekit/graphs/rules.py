@@ -256,7 +256,8 @@ def _conv_core(op: Op, name: str, weight: torch.Tensor, has_bias: bool, groups: 
     in_atoms = chan.atoms
     out_dim_w, in_dim_w = (1, 0) if transposed else (0, 1)
     if groups == 1:
-        out_atoms = state.producer_atoms(name, cout, "conv_transpose" if transposed else "conv")
+        out_atoms = state.producer_atoms(name, cout, "conv_transpose" if transposed else "conv",
+                                         (weight_name, out_dim_w))
         state.add_slice(weight_name, in_dim_w, in_atoms)
         state.add_slice(weight_name, out_dim_w, out_atoms)
     elif groups == cin == cout:
@@ -265,7 +266,8 @@ def _conv_core(op: Op, name: str, weight: torch.Tensor, has_bias: bool, groups: 
         state.add_slice(weight_name, 0, in_atoms)
     else:
         # grouped: channels leave one whole group at a time
-        out_atoms = state.producer_atoms(name, cout, "conv_transpose" if transposed else "conv")
+        out_atoms = state.producer_atoms(name, cout, "conv_transpose" if transposed else "conv",
+                                         (weight_name, out_dim_w))
         cin_g, cout_g = cin // groups, cout // groups
         for g in range(groups):
             members = in_atoms[g * cin_g:(g + 1) * cin_g] + out_atoms[g * cout_g:(g + 1) * cout_g]
@@ -313,7 +315,7 @@ def _linear_core(op: Op, name: str, weight_name: str, bias_name: str | None, mod
         chan = None  # nothing to track there: make the features the channels
     if chan is None:
         chan = Chan(last, state.new_atoms(f"input of {name}", x.shape[-1], pin="created by an op"))
-    out_atoms = state.producer_atoms(name, out.shape[-1], "linear")
+    out_atoms = state.producer_atoms(name, out.shape[-1], "linear", (weight_name, 0))
     state.add_slice(weight_name, 1, chan.atoms)
     state.add_slice(weight_name, 0, out_atoms)
     if bias_name:

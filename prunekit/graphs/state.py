@@ -32,6 +32,8 @@ class ChannelState:
     pin_reason: dict[int, str] = field(default_factory=dict)
     producers: dict[str, tuple[int, ...]] = field(default_factory=dict)
     producer_kind: dict[str, str] = field(default_factory=dict)
+    # producer -> (its weight's qualified name, the weight dim of its outputs)
+    producer_weight: dict[str, tuple[str, int]] = field(default_factory=dict)
     # (tensor qualified name, dim) -> atoms of that dim, slot by slot
     slices: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
     # (module name, "in" | "out") -> atoms; drives attribute updates and widths
@@ -47,12 +49,13 @@ class ChannelState:
                 self.pin_reason[a] = pin
         return atoms
 
-    def producer_atoms(self, name: str, count: int, kind: str) -> tuple[int, ...]:
+    def producer_atoms(self, name: str, count: int, kind: str, weight: tuple[str, int]) -> tuple[int, ...]:
         """Output atoms of a producer; a producer called twice keeps its atoms."""
         atoms = self.producers.get(name)
         if atoms is None:
             atoms = self.producers[name] = self.new_atoms(name, count)
             self.producer_kind[name] = kind
+            self.producer_weight[name] = weight
         return atoms
 
     def find(self, a: int) -> int:

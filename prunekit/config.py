@@ -1,0 +1,262 @@
+"""YAML pruning configs, validated into dataclasses.
+
+Every problem is one sentence that names the key: an unknown key (with the
+nearest valid one), a wrong type, a value out of range. ``load_config``
+accepts a :class:`Config`, a dict, or a path to a YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+
+from .errors import PrunekitError
+
+
+class ConfigError(PrunekitError):
+    """A config file or dict that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    builder: Optional[str] = None  # package.module:callable; weights come from MODEL on the CLI
+    kwargs: dict = field(default_factory=dict)
+    trusted_pickle: bool = False  # True: MODEL is a whole pickled module
+    leaf_modules: list = field(default_factory=list)  # submodules torch.fx should not trace into
+
+
+@dataclass
+class Targets:
+    flops: float = 0.5  # keep at most this fraction of the original FLOPs
+    params: float = 1.0  # keep at most this fraction of the original parameters
+    stop_when: Literal["both", "any"] = "both"
+    priority: Literal["flops", "params"] = "flops"
+
+
+@dataclass
+class ImportanceConfig:
+    method: Union[str, Callable] = "ipad"  # ipad | l1 | l2 | bn_scale | taylor | random | package.module:fn
+    norm: int = 1  # ipad / l1 / l2: the p of the norms
+    omega: float = 0.0  # ipad: weight of the filter-norm term
+    combine: Literal["mean", "sum", "max"] = "mean"  # how coupled producers' scores make a unit's
+    kwargs: dict = field(default_factory=dict)  # extra options for a custom scorer
+
+
+@dataclass
+class Limits:
+    default: float = 0.75  # at most this fraction of any layer's filters may be removed
+    layers: dict = field(default_factory=dict)  # module name or glob -> max fraction; 0 = never
+    round_to: int = 1  # keep channel counts multiples of this
+
+
+@dataclass
+class Finetune:
+    iterations: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    task: Literal["auto", "classification", "segmentation"] = "auto"
+    augment: bool = True
+    function: Optional[str] = None  # package.module:fn(model, train_batches, iterations) replaces the trainer
+
+
+@dataclass
+class Schedule:
+    steps: int = 8
+    finetune: Optional[Finetune] = None
+    final_finetune: Optional[Finetune] = None  # once more after the last step
+
+
+@dataclass
+class DataSource:
+    images: Optional[str] = None  # folder of images
+    masks: Optional[str] = None  # folder of masks, same file stems (segmentation)
+    labels: Optional[str] = None  # CSV of file,label (classification)
+    factory: Optional[str] = None  # package.module:fn(**kwargs) -> DataLoader or iterable of batches
+    kwargs: dict = field(default_factory=dict)
+    batch_size: int = 8
+    limit: Optional[int] = None  # use at most this many batches
+
+
+@dataclass
+class Data:
+    calibration: Optional[DataSource] = None
+    train: Optional[DataSource] = None
+    val: Optional[DataSource] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input_shape: Optional[list] = None
+    targets: Targets = field(default_factory=Targets)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    limits: Limits = field(default_factory=Limits)
+    schedule: Schedule = field(default_factory=Schedule)
+    data: Data = field(default_factory=Data)
+    validate: Optional[str] = None  # package.module:fn(model) -> float, higher is better
+    keep_best: int = 3
+    seed: int = 0
+
+
+# -- range checks: key path -> (predicate, what it must be) -------------------
+
+def _ratio(v) -> bool:
+    return 0 < v <= 1
+
+
+def _fraction(v) -> bool:
+    return 0 <= v <= 1
+
+
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "targets.flops": (_ratio, "a ratio in (0, 1]"),
+    "targets.params": (_ratio, "a ratio in (0, 1]"),
+    "importance.norm": (lambda v: v in (1, 2), "1 or 2"),
+    "importance.omega": (_fraction, "a number in [0, 1]"),
+    "limits.default": (_fraction, "a fraction in [0, 1]"),
+    "limits.round_to": (lambda v: v >= 1, "an integer >= 1"),
+    "schedule.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "keep_best": (lambda v: v >= 1, "an integer >= 1"),
+    "input_shape": (lambda v: len(v) >= 2 and all(isinstance(d, int) and d > 0 for d in v),
+                    "a list of at least two positive integers, like [1, 3, 256, 256]"),
+}
+for _prefix in ("schedule.finetune", "schedule.final_finetune"):
+    _CHECKS[f"{_prefix}.iterations"] = (lambda v: v >= 0, "an integer >= 0")
+    _CHECKS[f"{_prefix}.lr"] = (lambda v: v > 0, "a positive number")
+    _CHECKS[f"{_prefix}.batch_size"] = (lambda v: v >= 1, "an integer >= 1")
+for _prefix in ("data.calibration", "data.train", "data.val"):
+    _CHECKS[f"{_prefix}.batch_size"] = (lambda v: v >= 1, "an integer >= 1")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value, tp, path: str):
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}.")
+        return _build(tp, value, path)
+    if tp is Callable or origin is typing.get_origin(Callable):
+        if callable(value):
+            return value
+        raise ConfigError(f"config key '{path}' must be callable.")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}.")
+        return value
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}.")
+    if tp in (str, dict, list) and not isinstance(value, tp):
+        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.")
+    return value
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            nearest = f"{prefix}.{close[0]}" if prefix and close else (close[0] if close else None)
+            hint = f"; did you mean '{nearest}'?" if nearest else f"; valid keys here: {', '.join(names)}."
+            raise ConfigError(f"config key '{path}' does not exist{hint}")
+        converted = _convert(value, hints[key], path)
+        check = _CHECKS.get(path)
+        if check and converted is not None and not check[0](converted):
+            raise ConfigError(f"config key '{path}' must be {check[1]}, got {value!r}.")
+        values[key] = converted
+    return cls(**values)
+
+
+def _check_limits(config: Config) -> None:
+    for name, value in config.limits.layers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError(f"config key 'limits.layers.{name}' must be a fraction in [0, 1], got {value!r}.")
+
+
+def load_config(source) -> Config:
+    """A validated :class:`Config` from a Config, a dict, or a YAML file path."""
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{where}.") from None
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(f"config file '{path}' cannot be read as text.") from None
+    elif isinstance(source, dict):
+        raw = source
+    else:
+        raise ConfigError("config must be a Config, a dict, or a path to a YAML file.")
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping at the top level.")
+    config = _build(Config, raw)
+    _check_limits(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    """Plain data for manifests and reports (callables become their names)."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if callable(value):
+            return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', repr(value))}"
+        return value
+
+    return plain(config)

@@ -1,0 +1,105 @@
+"""Importance scorers and the ranking they feed.
+
+A scorer is any callable ``fn(model, graph, batches, **options)`` returning a
+mapping from producer name (as in ``graph.producers``) to one score per output
+channel (a tensor, array or list); lower is pruned first. ``batches`` is an
+iterable of input tensors (calibration data; may be empty for weight-only
+scorers). Options a scorer does not name in its signature are not passed;
+built-ins receive ``norm``, ``omega``, ``seed`` and, when training data is
+configured, ``loss_batches`` and ``loss_fn``. Producers missing from the
+mapping are never pruned.
+
+Scores are normalised per layer (divided by the layer's mean) so layers of
+different scale compete fairly, then combined over the producers a unit
+couples (mean by default) into one score per unit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import PrunekitError
+from ..graphs import ChannelGraph
+from .activations import ipad, taylor
+from .weights import bn_scale, l1, l2, random
+
+SCORERS: dict[str, Callable] = {
+    "ipad": ipad,
+    "l1": l1,
+    "l2": l2,
+    "bn_scale": bn_scale,
+    "taylor": taylor,
+    "random": random,
+}
+
+__all__ = ["SCORERS", "resolve_scorer", "score_units", "unit_scores"]
+
+
+def resolve_scorer(method) -> Callable:
+    """A built-in name, a ``package.module:function`` string, or a callable."""
+    if callable(method):
+        return method
+    if method in SCORERS:
+        return SCORERS[method]
+    if isinstance(method, str) and ":" in method:
+        from ..io import resolve_callable
+
+        return resolve_callable(method)
+    raise PrunekitError(
+        f"importance method '{method}' is unknown; use one of {', '.join(SCORERS)} or package.module:function.")
+
+
+def _call(scorer: Callable, model, graph, batches, options: dict):
+    params = inspect.signature(scorer).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        accepted = options
+    else:
+        accepted = {k: v for k, v in options.items() if k in params}
+    return scorer(model, graph, batches, **accepted)
+
+
+def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str = "mean",
+                source: str = "scorer") -> np.ndarray:
+    """One score per unit: per-layer normalised producer scores, combined; +inf when unscored or pinned."""
+    if not isinstance(scores, Mapping):
+        raise PrunekitError(f"{source} must return a mapping of producer name to scores, got {type(scores).__name__}.")
+    total = np.zeros(graph.num_units)
+    count = np.zeros(graph.num_units)
+    peak = np.full(graph.num_units, -np.inf)
+    for name, values in scores.items():
+        if name not in graph.producers:
+            raise PrunekitError(f"{source} returned scores for '{name}', which is not a producer in this model.")
+        units = graph.producers[name]
+        s = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+        if s.shape != (len(units),):
+            raise PrunekitError(f"{source} returned {s.size} scores for '{name}', "
+                                f"which has {len(units)} output channels.")
+        if not np.isfinite(s).all():
+            raise PrunekitError(f"{source} returned a score that is not finite for '{name}'.")
+        scale = np.abs(s).mean()
+        s = s / scale if scale > 0 else s
+        np.add.at(total, units, s)
+        np.add.at(count, units, 1)
+        np.maximum.at(peak, units, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        combined = {"mean": total / count, "sum": total, "max": peak}[combine]
+    combined = np.where(count > 0, combined, np.inf)
+    combined[graph.pinned] = np.inf
+    return combined
+
+
+def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable = (),
+                options: dict | None = None, combine: str = "mean") -> np.ndarray:
+    """Run a scorer on ``model`` and return one score per unit of ``graph``."""
+    scorer = resolve_scorer(method)
+    name = method if isinstance(method, str) else getattr(scorer, "__name__", "scorer")
+    try:
+        raw = _call(scorer, model, graph, batches, dict(options or {}))
+    except ValueError as exc:
+        raise PrunekitError(f"importance '{name}': {exc}") from None
+    return unit_scores(graph, raw, combine, source=f"importance '{name}'")

@@ -1,0 +1,51 @@
+"""Scorers that read weights only: filter norms, BatchNorm scales, random."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..graphs import ChannelGraph
+
+
+def filter_weights(model: nn.Module, graph: ChannelGraph, name: str) -> torch.Tensor:
+    """The producer's filters as rows: (out channels, everything else)."""
+    weight_name, out_dim = graph.producer_weight[name]
+    weight = model.get_parameter(weight_name).detach()
+    return weight.transpose(0, out_dim).flatten(1) if out_dim else weight.flatten(1)
+
+
+def filter_norms(model: nn.Module, graph: ChannelGraph, p: int) -> dict[str, torch.Tensor]:
+    return {name: filter_weights(model, graph, name).norm(p=p, dim=1) for name in graph.producer_weight}
+
+
+def l1(model, graph, batches=None, **options):
+    """||W_k||_1 of every filter."""
+    return filter_norms(model, graph, 1)
+
+
+def l2(model, graph, batches=None, **options):
+    """||W_k||_2 of every filter."""
+    return filter_norms(model, graph, 2)
+
+
+def bn_scale(model, graph, batches=None, **options):
+    """|gamma| of the BatchNorm reading the producer's output (network slimming).
+
+    Producers without a BatchNorm of their own are scored by their L1 norm.
+    """
+    scores = filter_norms(model, graph, 1)
+    units_to_producer = {graph.producers[n].tobytes(): n for n in graph.producers}
+    for module_name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            units = graph.widths.get((module_name, "in"))
+            if units is not None and units.tobytes() in units_to_producer:
+                scores[units_to_producer[units.tobytes()]] = m.weight.detach().abs()
+    return scores
+
+
+def random(model, graph, batches=None, seed: int = 0, **options):
+    """Uniform random scores: the baseline every criterion must beat."""
+    rng = np.random.default_rng(seed)
+    return {name: torch.from_numpy(rng.random(len(units))) for name, units in graph.producers.items()}

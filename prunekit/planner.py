@@ -1,0 +1,116 @@
+"""Choose which units to remove in one step.
+
+Units are taken in ascending score, skipping any that would break a
+per-layer limit (at most a fraction of a layer's original filters removed,
+at least one kept, 0 = never touched); the shortest prefix of that sequence
+whose analytic cost meets the step's goal is the step. Costs are priced with
+the :class:`~prunekit.costs.CostModel`, never by running the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import Limits
+from .costs import CostModel
+from .graphs import ChannelGraph
+
+
+def layer_limit(name: str, limits: Limits) -> float:
+    """The max fraction of ``name``'s filters that may go: exact name, then the first matching glob."""
+    if name in limits.layers:
+        return float(limits.layers[name])
+    for pattern, value in limits.layers.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(value)
+    return float(limits.default)
+
+
+@dataclass
+class Plan:
+    units: np.ndarray  # unit ids to remove
+    flops: int
+    params: int
+    reached: bool  # the goal holds after this removal
+
+
+class Planner:
+    """Greedy, limit-respecting removal sequences priced with analytic costs."""
+
+    def __init__(self, graph: ChannelGraph, costs: CostModel, limits: Limits,
+                 original_widths: dict[str, int]):
+        self.graph, self.costs, self.limits = graph, costs, limits
+        self.budget: dict[str, int] = {}
+        for name, units in graph.producers.items():
+            original = original_widths.get(name, len(units))
+            allowed = math.floor(layer_limit(name, limits) * original + 1e-9)
+            already = original - len(units)
+            self.budget[name] = max(0, min(allowed - already, len(units) - 1))
+        # unit -> [(producer, channels of that producer in the unit)]
+        self.touches: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for name, units in graph.producers.items():
+            ids, counts = np.unique(units, return_counts=True)
+            for u, c in zip(ids.tolist(), counts.tolist()):
+                self.touches[u].append((name, c))
+
+    def sequence(self, scores: np.ndarray) -> list[int]:
+        """Every removable unit, cheapest to lose first, as far as the limits allow."""
+        used: dict[str, int] = defaultdict(int)
+        order = np.argsort(scores, kind="stable")
+        chosen = []
+        for u in order.tolist():
+            if not np.isfinite(scores[u]) or self.graph.pinned[u] or u not in self.touches:
+                continue
+            touches = self.touches[u]
+            if all(used[p] + c <= self.budget[p] for p, c in touches):
+                for p, c in touches:
+                    used[p] += c
+                chosen.append(u)
+        return chosen
+
+    def _rounded(self, units: list[int]) -> list[int]:
+        """Drop the last-chosen units until every touched layer keeps a multiple of round_to."""
+        step = self.limits.round_to
+        if step <= 1:
+            return units
+        units = list(units)
+        while True:
+            removed: dict[str, int] = defaultdict(int)
+            for u in units:
+                for p, c in self.touches[u]:
+                    removed[p] += c
+            bad = {p for p, r in removed.items() if r and (len(self.graph.producers[p]) - r) % step}
+            if not bad:
+                return units
+            for i in range(len(units) - 1, -1, -1):
+                if any(p in bad for p, _ in self.touches[units[i]]):
+                    del units[i]
+                    break
+
+    def plan(self, scores: np.ndarray, goal: Callable[[int, int], bool]) -> Plan:
+        """The shortest prefix of the removal sequence whose costs satisfy ``goal(flops, params)``."""
+        sequence = self.sequence(scores)
+
+        def price(k: int) -> tuple[np.ndarray, int, int]:
+            units = np.array(self._rounded(sequence[:k]), dtype=np.int64)
+            mask = self.graph.removal_mask(units)
+            return units, self.costs.flops(mask), self.costs.params(mask)
+
+        low, high = 0, len(sequence)
+        best = price(high)
+        if not goal(best[1], best[2]):
+            return Plan(*best, reached=False)
+        while low < high:  # smallest k that reaches the goal
+            mid = (low + high) // 2
+            candidate = price(mid)
+            if goal(candidate[1], candidate[2]):
+                best, high = candidate, mid
+            else:
+                low = mid + 1
+        return Plan(*best, reached=True)

@@ -1,0 +1,346 @@
+"""The pruning loop: score, plan, cut, fine-tune, validate, keep the best, repeat.
+
+    result = prunekit.prune(model, torch.randn(1, 3, 256, 256), "configs/unet.yaml", run_dir="out/")
+    result.model          # the best pruned model that meets the targets
+    result.history        # FLOPs, parameters and metric after every step
+
+Step ``s`` of ``S`` removes the lowest-ranked units until the priority
+resource (FLOPs or parameters) is at most ``target ** (s / S)`` of the
+original, so the steps shrink the model geometrically; the last step (and
+any step after it) removes until the targets themselves hold. If the
+per-layer limits make a target unreachable the loop stops with a clear
+message and keeps the best model it reached.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
+from .config import Config, load_config, to_dict
+from .costs import CostModel
+from .data import Batches, load_batches
+from .errors import PrunekitError
+from .graphs import build_graph
+from .graphs.graph import as_inputs
+from .importance import resolve_scorer, score_units
+from .planner import Planner
+from .surgery import apply_removal
+from .trainer import evaluate, finetune, loss_for, main_output, task_of
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class StepRecord:
+    step: int
+    flops: int
+    params: int
+    flops_ratio: float
+    params_ratio: float
+    removed_units: int
+    metric: float | None
+    seconds: float
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    history: list[StepRecord]
+    original: dict[str, int]
+    final: dict[str, int]
+    targets_met: bool
+    message: str
+    best_step: int
+    config: Config
+    manifest: dict
+    run_dir: Path | None = None
+    candidates: list[dict] = field(default_factory=list)
+
+
+class RunDirError(PrunekitError):
+    """The run directory cannot be used as asked."""
+
+
+@dataclass
+class _Candidate:
+    step: int
+    metric: float | None
+    meets: bool
+    state: dict
+    widths: dict
+
+    def rank(self):
+        return (self.meets, -np.inf if self.metric is None else self.metric, self.step)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+class _Run:
+    """Everything one pruning run needs, resolved and checked before any file is written."""
+
+    def __init__(self, model: nn.Module, example_inputs, config, run_dir, resume: bool, force: bool,
+                 progress: bool):
+        self.config = cfg = load_config(config)
+        self.inputs = as_inputs(example_inputs)
+        self.progress = progress
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.resume = resume
+        if self.run_dir is not None:
+            exists = self.run_dir.exists() and any(self.run_dir.iterdir()) if self.run_dir.is_dir() else \
+                self.run_dir.exists()
+            if resume and not (self.run_dir / CHECKPOINT).is_file():
+                raise RunDirError(f"cannot resume: '{self.run_dir}' holds no {CHECKPOINT}.")
+            if exists and not resume and not force:
+                raise RunDirError(f"run directory '{self.run_dir}' already exists; pass --force to overwrite "
+                                  f"it or --resume to continue it.")
+        elif resume:
+            raise RunDirError("resuming needs the run directory of the interrupted run.")
+        self.scorer = resolve_scorer(cfg.importance.method)
+        self.validate_fn = None
+        if cfg.validate:
+            from .io import resolve_callable
+
+            self.validate_fn = resolve_callable(cfg.validate)
+        self.finetune_fn = None
+        for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune):
+            if ft is not None and ft.function:
+                from .io import resolve_callable
+
+                self.finetune_fn = resolve_callable(ft.function)
+        shape = cfg.input_shape or list(self.inputs[0].shape)
+        self.calibration = load_batches(cfg.data.calibration, shape, "calibration")
+        self.train = load_batches(cfg.data.train, shape, "train")
+        self.val = load_batches(cfg.data.val, shape, "val")
+        wants_training = any(ft is not None and ft.iterations > 0 and not ft.function
+                             for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune))
+        if wants_training and self.train is None:
+            raise PrunekitError("schedule.finetune needs training data: set data.train.")
+        if cfg.importance.method == "taylor" and self.train is None:
+            raise PrunekitError("importance method 'taylor' needs a loss: set data.train.")
+        self.original = model
+        self.original_widths = module_widths(model)
+        self.graph0 = build_graph(model, self.inputs, cfg.model.leaf_modules)
+        costs = CostModel(model, self.graph0)
+        self.flops0, self.params0 = costs.flops(), costs.params()
+        self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}
+        self.target_flops = cfg.targets.flops * self.flops0
+        self.target_params = cfg.targets.params * self.params0
+        self.task = None
+
+    # -- helpers -----------------------------------------------------------
+
+    def meets(self, flops: int, params: int) -> bool:
+        ok = (flops <= self.target_flops + 0.5, params <= self.target_params + 0.5)
+        return all(ok) if self.config.targets.stop_when == "both" else any(ok)
+
+    def goal(self, step: int) -> Callable[[int, int], bool]:
+        cfg = self.config
+        if step >= cfg.schedule.steps:
+            return self.meets
+        fraction = step / cfg.schedule.steps
+        if cfg.targets.priority == "flops":
+            limit = self.flops0 * cfg.targets.flops ** fraction
+            return lambda flops, params: flops <= limit or self.meets(flops, params)
+        limit = self.params0 * cfg.targets.params ** fraction
+        return lambda flops, params: params <= limit or self.meets(flops, params)
+
+    def calibration_inputs(self):
+        source = self.calibration or self.train
+        if source is not None:
+            return list(source.inputs())
+        return list(self.inputs)
+
+    def scoring_options(self, step: int) -> dict:
+        cfg = self.config.importance
+        options = {"norm": cfg.norm, "omega": cfg.omega, "seed": self.config.seed + step, **cfg.kwargs}
+        if self.train is not None:
+            options["loss_batches"] = [(b[0], b[1]) for b in self.train]
+            options["loss_fn"] = lambda out, y: loss_for(self._task(out, y))(main_output(out), y)
+        return options
+
+    def _task(self, output, target) -> str:
+        if self.task is None:
+            ft = self.config.schedule.finetune or self.config.schedule.final_finetune
+            self.task = ft.task if ft is not None and ft.task != "auto" else task_of(main_output(output), target)
+        return self.task
+
+    def tune(self, model: nn.Module, ft, step: int, label: str) -> None:
+        if ft is None or ft.iterations <= 0:
+            return
+        if self.finetune_fn is not None and ft.function:
+            self.finetune_fn(model, self.train, ft.iterations)
+            return
+        finetune(model, self.train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
+                 use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
+                 description=label)
+
+    def metric(self, model: nn.Module) -> float | None:
+        model.eval()
+        if self.validate_fn is not None:
+            return float(self.validate_fn(model))
+        if self.val is not None:
+            ft = self.config.schedule.finetune
+            return evaluate(model, self.val, ft.task if ft is not None else "auto")
+        return None
+
+    def fingerprint(self) -> str:
+        text = json.dumps(to_dict(self.config), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def log(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _state_copy(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
+    return resize_to(copy.deepcopy(run.original), widths, state).eval()
+
+
+def _save_checkpoint(run: _Run, step: int, model: nn.Module, history, candidates) -> None:
+    from .io import atomic_save_torch
+
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "fingerprint": run.fingerprint(),
+        "step": step,
+        "widths": json.dumps(width_changes(run.original_widths, model)),
+        "state": _state_copy(model),
+        "history": json.dumps([asdict(h) for h in history]),
+        "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "state": c.state,
+                        "widths": json.dumps(c.widths)} for c in candidates],
+    }
+    atomic_save_torch(payload, run.run_dir / CHECKPOINT)
+
+
+def _load_checkpoint(run: _Run):
+    path = run.run_dir / CHECKPOINT
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise RunDirError(f"'{path}' is not a readable prunekit checkpoint.") from None
+    if payload.get("fingerprint") != run.fingerprint():
+        raise RunDirError(f"'{run.run_dir}' was started with a different config; resume it with the same one.")
+    model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
+    history = [StepRecord(**h) for h in json.loads(payload["history"])]
+    candidates = [_Candidate(c["step"], c["metric"], c["meets"], c["state"], json.loads(c["widths"]))
+                  for c in payload["candidates"]]
+    return payload["step"], model, history, candidates
+
+
+def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool = False, force: bool = False,
+          progress: bool = True, builder: str | None = None, builder_kwargs: dict | None = None) -> PruneResult:
+    """Prune ``model`` until the config's FLOPs and parameter targets hold.
+
+    ``config``: a :class:`~prunekit.config.Config`, a dict, or a YAML path.
+    ``run_dir``: where the checkpoint and outputs go (model.pt, manifest.json,
+    report.json, report.md, trajectory.png, widths.png); None keeps it all in
+    memory. ``resume`` continues an interrupted run from its checkpoint.
+    The caller's model is never modified.
+    """
+    run = _Run(model, example_inputs, config, run_dir, resume, force, progress)
+    cfg = run.config
+    _seed(cfg.seed)
+    history: list[StepRecord] = []
+    candidates: list[_Candidate] = []
+    current = copy.deepcopy(model).eval()
+    step = 0
+    if resume:
+        step, current, history, candidates = _load_checkpoint(run)
+        run.log(f"resuming after step {step}")
+    elif run.run_dir is not None and run.run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run.run_dir) if run.run_dir.is_dir() else run.run_dir.unlink()
+    message = ""
+    try:
+        while True:
+            graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
+            costs = CostModel(current, graph)
+            flops, params = costs.flops(), costs.params()
+            if run.meets(flops, params):
+                message = "targets met"
+                break
+            step += 1
+            _seed(cfg.seed + step)
+            started = time.perf_counter()
+            scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
+                                 cfg.importance.combine)
+            plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.goal(step))
+            if plan.units.size == 0:
+                step -= 1
+                message = _unreachable(run, flops, params)
+                break
+            current = apply_removal(current, graph, graph.removal_mask(plan.units))
+            run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
+            metric = run.metric(current)
+            record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,
+                                int(plan.units.size), metric, time.perf_counter() - started)
+            history.append(record)
+            run.log(f"step {step}: FLOPs {record.flops_ratio:.1%}, params {record.params_ratio:.1%}"
+                    + (f", metric {metric:.4f}" if metric is not None else ""))
+            candidates.append(_Candidate(step, metric, run.meets(plan.flops, plan.params), _state_copy(current),
+                                         width_changes(run.original_widths, current)))
+            candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
+            if run.run_dir is not None:
+                _save_checkpoint(run, step, current, history, candidates)
+            if not plan.reached and step >= cfg.schedule.steps:
+                message = _unreachable(run, plan.flops, plan.params)
+                break
+    except KeyboardInterrupt:
+        if run.run_dir is not None:
+            raise KeyboardInterrupt(f"interrupted; continue with --resume from '{run.run_dir}'.") from None
+        raise
+    best = max(candidates, key=_Candidate.rank) if candidates else None
+    if best is not None:
+        model_out = _rebuild(run, best.widths, best.state)
+        best_step = best.step
+    else:
+        model_out, best_step = current, 0
+    if cfg.schedule.final_finetune is not None:
+        run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
+    final_graph = build_graph(model_out, run.inputs, cfg.model.leaf_modules)
+    final_costs = CostModel(model_out, final_graph)
+    final = {"flops": final_costs.flops(), "params": final_costs.params()}
+    result = PruneResult(
+        model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},
+        final=final, targets_met=run.meets(final["flops"], final["params"]), message=message,
+        best_step=best_step, config=cfg,
+        manifest={"format": MANIFEST_FORMAT, "builder": builder or cfg.model.builder,
+                  "kwargs": builder_kwargs if builder_kwargs is not None else cfg.model.kwargs,
+                  "input_shape": list(run.inputs[0].shape),
+                  "modules": width_changes(run.original_widths, model_out)},
+        run_dir=run.run_dir,
+        candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
+    )
+    if run.run_dir is not None:
+        from .run_outputs import write_outputs
+
+        write_outputs(result, run.original, run.graph0, final_graph, run.inputs)
+    return result
+
+
+def _unreachable(run: _Run, flops: int, params: int) -> str:
+    cfg = run.config
+    return (f"the per-layer limits stop pruning at {flops / run.flops0:.1%} of the FLOPs and "
+            f"{params / run.params0:.1%} of the parameters, short of the targets "
+            f"({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters); "
+            f"raise limits.default or the per-layer limits to go further.")
