@@ -1,0 +1,282 @@
+"""The ``prunekit`` command line: thin commands that parse, call the library, print.
+
+Adding a command::
+
+    @main.command()
+    @model_options()
+    @click.option(...)
+    def prune(spec: ModelSpec, ...):
+        model, example = load_cli_model(spec)
+        ...
+
+Every :class:`~prunekit.errors.PrunekitError` raised inside a command is
+printed as ``Error: <one sentence>`` on stderr and exits with code 2 (see
+:class:`PrunekitGroup`); any other exception is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import PrunekitError
+
+__all__ = ["main", "ModelSpec", "model_options", "load_cli_model", "load_compare_model", "CliError",
+           "make_console", "echo_json", "write_text_file"]
+
+
+class CliError(click.ClickException):
+    """A user-facing error: ``Error: <message>`` on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class PrunekitGroup(click.Group):
+    """A click group that turns every PrunekitError of its commands into a CliError."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PrunekitError as exc:
+            raise CliError(_sentence(str(exc))) from None
+
+
+_LEAF_HINT = re.compile(r"leaf_modules=\['([^']+)'\]")
+
+
+def _sentence(text: str) -> str:
+    """One line ending in a single full stop (a quoted message may bring its own); a hint to
+    mark a module as a leaf names the command-line flag."""
+    text = " ".join(text.split()) or "unknown error."
+    if text.endswith("..") and not text.endswith("..."):
+        text = text.rstrip(".") + "."
+    leaf = _LEAF_HINT.search(text)
+    if leaf and "--leaf" not in text:
+        text = text.rstrip(".") + f"; on the command line, pass --leaf {leaf.group(1)}."
+    return text
+
+
+@click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="prunekit")
+def main() -> None:
+    """Structured filter pruning for CNNs and U-Nets.
+
+    A MODEL is a state_dict file plus the function that builds it
+    (--builder package.module:function, --kwargs as a JSON object), or a whole
+    pickled module, which is read only with --trusted (unpickling runs code).
+    """
+
+
+# --------------------------------------------------------------------------- shared model options
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How the user named a model and its example input on the command line."""
+
+    path: str
+    builder: str | None = None
+    kwargs: str | None = None
+    trusted: bool = False
+    input_shape: str | None = None
+    leaf: tuple[str, ...] = ()
+
+
+def model_options(input_shape_required: bool = True) -> Callable:
+    """The MODEL argument and the options that say how to load and run it.
+
+    The decorated command receives them as one ``spec`` argument (a :class:`ModelSpec`).
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, model: str, builder, kwargs, trusted, input_shape, leaf, **rest):
+            spec = ModelSpec(model, builder, kwargs, trusted, input_shape, tuple(leaf))
+            return fn(*args, spec=spec, **rest)
+
+        options = [
+            click.argument("model", metavar="MODEL"),
+            click.option("--input-shape", "-i", required=input_shape_required, metavar="SHAPE",
+                         help="Shape of the example input, e.g. 1,3,256,256 or 1x3x256x256."),
+            click.option("--builder", "-b", metavar="PKG.MOD:FN",
+                         help="Function that builds the model the weights fit, e.g. torchvision.models:resnet50."),
+            click.option("--kwargs", "-k", metavar="JSON",
+                         help='Keyword arguments for the builder as a JSON object, e.g. \'{"num_classes": 2}\'.'),
+            click.option("--trusted", is_flag=True,
+                         help="Allow reading a whole pickled module (unpickling runs code from the file)."),
+            click.option("--leaf", multiple=True, metavar="NAME",
+                         help="Treat this submodule as one opaque op when tracing (repeatable); "
+                              "use it for modules torch.fx cannot trace."),
+        ]
+        for option in reversed(options):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _example(spec: ModelSpec):
+    import torch
+
+    from .io import parse_input_shape
+
+    if spec.input_shape is None:
+        raise PrunekitError("An example input shape is needed; pass --input-shape, e.g. 1,3,256,256.")
+    return torch.randn(parse_input_shape(spec.input_shape))
+
+
+def _check_leaves(model, leaf: tuple[str, ...]) -> None:
+    import difflib
+
+    names = {n for n, _ in model.named_modules() if n}
+    for name in leaf:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise PrunekitError(f"--leaf {name!r} is not a submodule of the model{hint}")
+
+
+def load_cli_model(spec: ModelSpec):
+    """``(model, example_input)`` for a command: the input shape is checked before the file is read."""
+    from .io import load_model, parse_kwargs
+
+    parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
+    example = _example(spec)
+    model = load_model(spec.path, builder=spec.builder, kwargs=spec.kwargs, trusted=spec.trusted)
+    _check_leaves(model, spec.leaf)
+    return model, example
+
+
+def load_compare_model(path: str, spec: ModelSpec):
+    """The model to compare with: a whole pickled module (with --trusted) is used as it is;
+    a weights file is loaded with the same builder and kwargs as MODEL."""
+    from .io import load_model
+    from .errors import UsageError
+
+    if spec.trusted:
+        try:
+            return load_model(path, trusted=True)  # a whole module keeps its own (pruned) widths
+        except UsageError:
+            pass  # only weights: load them into the builder's model below
+    try:
+        return load_model(path, builder=spec.builder, kwargs=spec.kwargs, trusted=spec.trusted)
+    except PrunekitError as exc:
+        text = str(exc).rstrip(".")
+        if "do not fit" in text:  # pruned weights cannot fill the builder's full widths
+            raise PrunekitError(f"{text}; to compare with a pruned model, give its whole pickled module "
+                                "and --trusted.") from None
+        raise
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def make_console(stderr: bool = False):
+    """A rich console; wider than 80 columns when the output is not a terminal."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, highlight=False, width=120)
+    return console
+
+
+def echo_json(data: Any) -> None:
+    """Machine-readable output: JSON only, on stdout."""
+    click.echo(json.dumps(data, indent=2))
+
+
+def check_writable(path: str) -> Path:
+    """Fail before any work when ``path`` cannot be written."""
+    p = Path(path)
+    if p.is_dir():
+        raise PrunekitError(f"Cannot write {path!r}: it is a directory.")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise PrunekitError(f"Cannot write {path!r}: its directory {str(parent)!r} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise PrunekitError(f"Cannot write {path!r}: its directory {str(parent)!r} is not writable.")
+    return p
+
+
+def write_text_file(path: str, text: str) -> None:
+    """Write ``text`` atomically, turning OS errors into one sentence."""
+    from .io import atomic_write_text
+
+    check_writable(path)
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise PrunekitError(f"Cannot write {path!r}: {exc.strerror or exc}.") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@main.command()
+@model_options()
+@click.option("--compare", "compare", metavar="OTHER",
+              help="A second model (e.g. the pruned one) to compare with, layer by layer: a weights file "
+                   "for the same builder, or a whole pickled module with --trusted.")
+@click.option("--depth", type=int, metavar="N",
+              help="Sum the layers by the first N parts of their names (1: layer1, layer2, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
+def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: bool) -> None:
+    """FLOPs and parameters of MODEL per layer, checked against fvcore.
+
+    One fused multiply-add counts as one flop (fvcore's convention).
+    """
+    from . import report as rep
+
+    rep.check_depth(depth)
+    model, example = load_cli_model(spec)
+    if compare is None:
+        data = rep.model_report(model, example, depth, leaf_modules=spec.leaf)
+    else:
+        other = load_compare_model(compare, spec)
+        data = rep.compare_report(model, other, example, depth, leaf_modules=spec.leaf)
+    if as_json:
+        echo_json(data)
+    elif compare is None:
+        rep.render_model_report(data, make_console())
+    else:
+        rep.render_compare_report(data, make_console())
+
+
+@main.command()
+@model_options()
+@click.option("--dot", "dot", metavar="FILE", help="Also write the groups as a Graphviz file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON only.")
+def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
+    """The channel groups of MODEL: which channels are removed together, and which are pinned and why."""
+    from . import report as rep
+    from .graphs import build_graph
+
+    if dot is not None:
+        check_writable(dot)
+    model, example = load_cli_model(spec)
+    g = build_graph(model, example, leaf_modules=spec.leaf)
+    data = rep.graph_report(g)
+    if dot is not None:
+        write_text_file(dot, rep.to_dot(g))
+    if as_json:
+        echo_json(data)
+    else:
+        rep.render_graph_report(data, make_console())
+    if dot is not None:
+        click.echo(f"Wrote {dot} (render it with: dot -Tsvg {dot} -o groups.svg).", err=as_json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
