@@ -73,6 +73,13 @@ class Op:
     def pin_inputs(self, why: str) -> None:
         for c in self.all_chans():
             self.state.pin(c.atoms, f"{why} ({self.label()})")
+        # a channel count read in code (n, c, h, w = t.size()) and handed to this op stays fixed too
+        for source, dim in _size_reads(self.node):
+            chan = self.chans.get(source)
+            shape = source.meta.get("prunekit_shape")
+            if isinstance(chan, Chan) and (dim is None or (isinstance(shape, tuple)
+                                                          and _norm_dim(dim, len(shape)) == chan.dim)):
+                self.state.pin(chan.atoms, f"its channel count is read by {self.label()}")
 
     def opaque(self, why: str):
         """Fresh pinned channels for every tensor in the output.
@@ -86,6 +93,28 @@ class Op:
                 and self.out.dim() == x.dim()):
             return Chan(first.dim, self.state.new_atoms(self.name, self.out.shape[first.dim], pin=reason))
         return opaque(self.state, self.out, reason, self.name)
+
+
+def _is_tensor_node(node: fx.Node) -> bool:
+    shape = node.meta.get("prunekit_shape")
+    return isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)
+
+
+def _size_reads(node: fx.Node) -> list[tuple[fx.Node, int | None]]:
+    """(tensor, dim) for every size query that the non-tensor arguments of ``node`` are computed from."""
+    found, seen = [], set()
+    stack = [n for n in node.all_input_nodes if not _is_tensor_node(n)]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        source = _shape_source(n)
+        if source is not None:
+            found.append(source)
+        elif n.op in ("call_function", "call_method"):
+            stack.extend(m for m in n.all_input_nodes if not _is_tensor_node(m))
+    return found
 
 
 def _collect(chan, found: list) -> None:
@@ -624,6 +653,58 @@ def _size_args(op: Op):
     return list(sizes)
 
 
+def _shape_source(node) -> tuple[fx.Node, int | None] | None:
+    """(tensor, dim) when ``node`` reads a tensor's size: t.size(i), t.shape[i]; dim None for the whole shape."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return (node.args[0], dim) if isinstance(node.args[0], fx.Node) and isinstance(dim, (int, type(None))) else None
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return (node.args[0], None) if isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        whole = _shape_source(node.args[0])
+        return (whole[0], node.args[1]) if whole and whole[1] is None else None
+    return None
+
+
+def _requested_size(op: Op, out_dim: int, out_ndim: int):
+    """What the code asked for at output dim ``out_dim``: an int, (tensor node, its dim), or None if unknown."""
+    if op.node.target in ("view_as", "reshape_as", "expand_as"):
+        other = op.raw(1, "other")
+        return (other, out_dim) if isinstance(other, fx.Node) else None
+    sizes = _size_args(op)
+    if len(sizes) == 1 and isinstance(sizes[0], fx.Node):  # x.view(y.shape), x.expand(y.size())
+        whole = _shape_source(sizes[0])
+        return (whole[0], out_dim) if whole and whole[1] is None else None
+    if len(sizes) != out_ndim:
+        return None
+    size = sizes[out_dim]
+    if isinstance(size, int):
+        return size
+    source = _shape_source(size)
+    return source if source and source[1] is not None else None
+
+
+def _follow_size(op: Op, out_dim: int, atoms: tuple[int, ...], out_ndim: int) -> str | None:
+    """Make the channel count a reshape or expand asks for follow the pruning; else the reason to pin.
+
+    -1 follows by itself; a size read from a tensor (x.size(1), x.shape[1],
+    view_as(x)) follows that tensor's channels, so they are united with these.
+    """
+    size = _requested_size(op, out_dim, out_ndim)
+    if isinstance(size, int):
+        return None if size == -1 else "hard-coded channel count"
+    if size is not None:
+        node, dim = size
+        chan, shape = op.chans.get(node), node.meta.get("prunekit_shape")
+        if (isinstance(chan, Chan) and isinstance(shape, tuple) and len(chan.atoms) == len(atoms)
+                and _norm_dim(dim, len(shape)) == chan.dim):
+            op.state.unite_vectors(tuple(atoms), chan.atoms)
+            return None
+    return "channel count taken from elsewhere"
+
+
 def reshape(op: Op):
     """view / reshape / flatten / squeeze / unsqueeze, mapped from the real shapes.
 
@@ -663,10 +744,9 @@ def reshape(op: Op):
         return op.opaque("reshaped from pinned channels")
     # a literal size at the channel position would break once channels go
     if op.node.target in _SIZED_RESHAPES:
-        sizes = _size_args(op)
-        if len(sizes) == len(oshape) and isinstance(sizes[mapped.dim], int) and sizes[mapped.dim] != -1:
-            op.pin_inputs("reshaped to a hard-coded channel count")
-            return Chan(mapped.dim, mapped.atoms)
+        why = _follow_size(op, mapped.dim, mapped.atoms, len(oshape))
+        if why:
+            op.pin_inputs(f"reshaped to a {why}")
     return mapped
 
 
@@ -707,14 +787,14 @@ def expand(op: Op):
     d = chan.dim + out.dim() - x.dim()
     if out.shape[d] != x.shape[chan.dim]:
         return unknown(op)
-    if op.node.target in ("expand", "repeat"):
+    if op.node.target == "repeat":
         sizes = _size_args(op)
-        if len(sizes) == out.dim():
-            s = sizes[d]
-            if op.node.target == "repeat" and s != 1:
-                return unknown(op)
-            if op.node.target == "expand" and isinstance(s, int) and s != -1:
-                op.pin_inputs("expanded to a hard-coded channel count")
+        if len(sizes) == out.dim() and sizes[d] != 1:
+            return unknown(op)
+    if op.node.target in ("expand", "expand_as"):
+        why = _follow_size(op, d, chan.atoms, out.dim())
+        if why:
+            op.pin_inputs(f"expanded to a {why}")
     return Chan(d, chan.atoms)
 
 
@@ -869,7 +949,7 @@ METHOD_RULES: dict[str, Callable[[Op], Any]] = {
     "size": no_channels, "dim": no_channels, "numel": no_channels,
 }
 
-_SIZED_RESHAPES = {"view", "reshape", torch.reshape}
+_SIZED_RESHAPES = {"view", "reshape", torch.reshape, "view_as", "reshape_as"}
 
 
 def rule_for(node: fx.Node, module: nn.Module | None) -> Callable[[Op], Any]:

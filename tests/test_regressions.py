@@ -1,0 +1,113 @@
+"""Regression tests for channel-graph and surgery bugs, one per bug."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import prunekit
+from helpers import assert_exact, assert_train_mode_runs
+
+
+def _exact(model: nn.Module, x: torch.Tensor, units=None):
+    model.eval()
+    graph = prunekit.build_graph(model, x)
+    pruned = assert_exact(model, graph, x, units)
+    assert_train_mode_runs(model, pruned, torch.cat([x, x]))
+    return graph
+
+
+class SizeFromOther(nn.Module):
+    """A reshape or expand whose channel count is read from another, uncoupled tensor."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+        self.post = nn.Conv2d(8, 4, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        n, c, h, w = a.size()
+        v = self.fc(F.adaptive_avg_pool2d(self.b(x), 1).flatten(1))
+        if self.mode == "view":
+            v = v.view(n, c, 1, 1)
+        elif self.mode == "shape":
+            v = v.reshape(a.shape[0], a.shape[1], 1, 1)
+        elif self.mode == "size_dim":
+            v = v.view(-1, a.size(1), 1, 1)
+        elif self.mode == "view_as":
+            v = v.view_as(a[:, :, :1, :1])
+        elif self.mode == "whole_shape":
+            v = v.view(a[:, :, :1, :1].shape)
+        elif self.mode == "expand_as":
+            v = v.view(n, -1, 1, 1).expand_as(a)
+        elif self.mode == "expand":
+            v = v.view(n, -1, 1, 1).expand(n, c, h, w)
+        elif self.mode == "arithmetic":
+            v = v.view(n, c * 1, 1, 1)
+        return self.head(a) + self.post(v)
+
+
+@pytest.mark.parametrize("mode", ["view", "shape", "size_dim", "view_as", "whole_shape", "expand_as", "expand"])
+def test_size_read_from_another_tensor_couples_its_channels(mode):
+    """Bug: view/reshape/expand/view_as/expand_as with the channel count of another tensor
+    (x.size(1), x.shape[1], view_as(x)) left the two tensors' channels independent, so
+    pruning one of them broke the reshape."""
+    torch.manual_seed(0)
+    model = SizeFromOther(mode)
+    graph = _exact(model, torch.randn(1, 3, 8, 8))
+    fc, a = graph.producers["fc"], graph.producers["a"]
+    assert (fc == a).all(), "fc's channels must follow a's"
+    assert not graph.pinned[a].any()
+
+
+def test_channel_count_from_arithmetic_pins():
+    torch.manual_seed(0)
+    model = SizeFromOther("arithmetic")
+    graph = _exact(model, torch.randn(1, 3, 8, 8))
+    assert graph.pinned[graph.producers["fc"]].all()
+    assert any("channel count taken from elsewhere" in p.reason for p in graph.pins)
+
+
+class ChannelCountInCode(nn.Module):
+    """A channel count read from one tensor and used, through arithmetic or a factory, for another."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.post = nn.Conv2d(8, 4, 1)
+        self.f = nn.Conv2d(3, 6, 3, padding=1)  # free, so the exactness check has work
+        self.g = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        n, c, h, w = a.size()
+        v = F.relu(self.b(x))
+        if self.mode == "arithmetic":
+            v = v.mean((2, 3)).view(n, c * 1, 1, 1)
+        elif self.mode == "factory":
+            v = v + v.new_zeros((n, c, h, w))
+        elif self.mode == "slice":
+            v = v[:, : c // 2]
+            v = torch.cat([v, v], 1)
+        return self.head(a) + self.post(v) + self.g(F.relu(self.f(x)))
+
+
+@pytest.mark.parametrize("mode", ["arithmetic", "factory", "slice"])
+def test_channel_count_computed_in_code_pins_its_source(mode):
+    """Bug: a channel count read with t.size() and used in arithmetic, a tensor factory or a
+    slice pinned the op's inputs but not t, so pruning t changed the count and broke the op."""
+    torch.manual_seed(0)
+    graph = _exact(ChannelCountInCode(mode), torch.randn(1, 3, 8, 8))
+    assert graph.pinned[graph.producers["a"]].all()
+    assert graph.pinned[graph.producers["b"]].all()
+    assert any("channel count is read by" in p.reason for p in graph.pins)
