@@ -111,3 +111,42 @@ def test_channel_count_computed_in_code_pins_its_source(mode):
     assert graph.pinned[graph.producers["a"]].all()
     assert graph.pinned[graph.producers["b"]].all()
     assert any("channel count is read by" in p.reason for p in graph.pins)
+
+
+class FunctionalGroups(nn.Module):
+    """Functional ops whose group count is a literal in the forward."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Parameter(torch.randn(8, 1, 3, 3))
+        self.gw = nn.Parameter(torch.randn(8, 4, 3, 3) * 0.3)
+        self.tw = nn.Parameter(torch.randn(8, 2, 3, 3) * 0.3)
+        self.gn_w = nn.Parameter(torch.rand(8) + 0.5)
+        self.gn_b = nn.Parameter(torch.randn(8))
+        self.head = nn.Conv2d(8, 2, 1)
+        self.f = nn.Conv2d(3, 6, 3, padding=1)  # free, so the exactness check has work
+        self.g = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.mode == "depthwise":
+            y = F.conv2d(y, self.dw, padding=1, groups=8)
+        elif self.mode == "grouped":
+            y = F.conv2d(y, self.gw, padding=1, groups=2)
+        elif self.mode == "transposed":
+            y = F.conv_transpose2d(y, self.tw, padding=1, groups=4)
+        elif self.mode == "group_norm":
+            y = F.group_norm(y, 4, self.gn_w, self.gn_b)
+        return self.head(F.relu(y)) + self.g(F.relu(self.f(x)))
+
+
+@pytest.mark.parametrize("mode", ["depthwise", "grouped", "transposed", "group_norm"])
+def test_functional_group_counts_pin(mode):
+    """Bug: F.conv2d(..., groups=g) and F.group_norm(x, g, ...) were pruned like their modules,
+    but the group count is a literal in the forward, so the pruned model no longer ran."""
+    torch.manual_seed(0)
+    graph = _exact(FunctionalGroups(mode), torch.randn(1, 3, 8, 8))
+    assert graph.pinned[graph.producers["a"]].all()
+    assert any("fixed in code" in p.reason for p in graph.pins)

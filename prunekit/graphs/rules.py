@@ -326,7 +326,9 @@ def conv_function(transposed: bool) -> Callable[[Op], Any]:
         bias_name = _param_name(op, bias_raw)
         if weight_name is None or (bias_raw is not None and bias_name is None):
             return unknown(op)
-        groups = op.value(6 if transposed else 6, "groups", 1)
+        groups = op.value(6, "groups", 1)
+        if groups != 1:  # a literal in the forward: it would not follow the removed channels
+            return pin_all("groups of a functional convolution are fixed in code")(op)
         return _conv_core(op, weight_name.rsplit(".", 1)[0] if weight_name.endswith(".weight") else weight_name,
                           op.value(1, "weight"), bias_raw is not None, groups, transposed,
                           weight_name, bias_name, module=False)
@@ -409,8 +411,8 @@ def prelu_module(op: Op):
     return _holder(op, _owned(op.module, op.name, ("weight",)))
 
 
-def holder_function(param_args: dict[str, int], group_arg: tuple[str, int] | None = None):
-    """Functional BatchNorm / InstanceNorm / GroupNorm / PReLU with get_attr tensors."""
+def holder_function(param_args: dict[str, int]):
+    """Functional BatchNorm / InstanceNorm / PReLU with get_attr tensors."""
 
     def rule(op: Op):
         names = []
@@ -422,16 +424,9 @@ def holder_function(param_args: dict[str, int], group_arg: tuple[str, int] | Non
             if pname is None:
                 return unknown(op)
             names.append(pname)
-        group_size = 1
-        x = op.value(0, "input")
-        if group_arg is not None:
-            groups = op.value(group_arg[1], group_arg[0])
-            if groups == 1:
-                return pin_all("GroupNorm with one group normalises over every channel")(op)
-            group_size = x.shape[1] // groups
         if param_args.get("weight") == 1 and op.value(1, "weight").numel() == 1:  # scalar PReLU
             return passthrough(op)
-        return _holder(op, names, group_size=group_size, module=False)
+        return _holder(op, names, module=False)
 
     return rule
 
@@ -889,7 +884,7 @@ FUNCTION_RULES: dict[Any, Callable[[Op], Any]] = {
     F.linear: linear_function,
     F.batch_norm: holder_function({"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}),
     F.instance_norm: holder_function({"running_mean": 1, "running_var": 2, "weight": 3, "bias": 4}),
-    F.group_norm: holder_function({"weight": 2, "bias": 3}, group_arg=("num_groups", 1)),
+    F.group_norm: pin_all("functional group_norm: num_groups is fixed in code"),
     F.prelu: holder_function({"weight": 1}),
     F.layer_norm: layernorm_function,
     **{f: spatial(1) for f in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
