@@ -150,3 +150,37 @@ def test_functional_group_counts_pin(mode):
     graph = _exact(FunctionalGroups(mode), torch.randn(1, 3, 8, 8))
     assert graph.pinned[graph.producers["a"]].all()
     assert any("fixed in code" in p.reason for p in graph.pins)
+
+
+class TiedWeights(nn.Module):
+    """Two convolutions sharing one weight tensor (their biases are their own)."""
+
+    def __init__(self, same_module: bool = False):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        if same_module:
+            self.c = self.b  # one module under two names
+        else:
+            self.c = nn.Conv2d(8, 8, 3, padding=1)
+            self.c.weight = self.b.weight
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        return self.head(torch.cat([self.b(x), F.relu(self.c(x))], 1))
+
+
+def test_tied_weights_are_cut_once():
+    """Bug: two modules sharing a weight got independent channels, and the shared tensor was
+    cut by whichever name came last, so the pruned model failed on a shape mismatch."""
+    torch.manual_seed(0)
+    graph = _exact(TiedWeights(), torch.randn(1, 3, 8, 8))
+    assert (graph.producers["b"] == graph.producers["c"]).all()
+    assert not graph.pinned[graph.producers["b"]].any()
+
+
+def test_one_module_under_two_names_is_not_pinned():
+    torch.manual_seed(0)
+    graph = _exact(TiedWeights(same_module=True), torch.randn(1, 3, 8, 8))
+    assert not graph.pinned[graph.producers["b"]].any()

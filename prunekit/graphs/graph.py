@@ -209,4 +209,29 @@ def build_graph(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     inputs = as_inputs(example_inputs)
     graphs = trace_both_modes(model, leaf_modules)
     state = propagate(model, graphs, inputs)
+    _unite_shared_tensors(model, state)
     return ChannelGraph(model, graphs, state)
+
+
+def _unite_shared_tensors(model: nn.Module, state: ChannelState) -> None:
+    """A tensor registered under several names (tied weights) is cut once, so its names must agree.
+
+    The slices of every name are united position by position; a name in another
+    module that never sliced that dim would break, so those channels are pinned.
+    """
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names[id(t)].append(name)
+    for aliases in names.values():
+        if len(aliases) < 2:
+            continue
+        owners = {a: model.get_submodule(a.rpartition(".")[0]) for a in aliases}
+        for dim in sorted({d for (n, d) in state.slices if n in owners}):
+            sliced = [a for a in aliases if (a, dim) in state.slices]
+            first = state.slices[(sliced[0], dim)]
+            for a in sliced[1:]:
+                state.unite_vectors(first, state.slices[(a, dim)])
+            cut_in = {id(owners[a]) for a in sliced}
+            missing = [a for a in aliases if id(owners[a]) not in cut_in]
+            if missing:
+                state.pin(first, f"tensor shared with '{missing[0]}', which does not follow the channels")
