@@ -105,6 +105,9 @@ def model_options(input_shape_required: bool = True) -> Callable:
             spec = ModelSpec(model, builder, kwargs, trusted, input_shape, tuple(leaf))
             return fn(*args, spec=spec, **rest)
 
+        if hasattr(wrapper, "__click_params__"):  # options declared below this decorator: keep, don't share
+            wrapper.__click_params__ = list(wrapper.__click_params__)
+
         options = [
             click.argument("model", metavar="MODEL"),
             click.option("--input-shape", "-i", required=input_shape_required, metavar="SHAPE",

@@ -385,9 +385,9 @@ def render_model_report(data: dict, console) -> None:
     from rich.table import Table
 
     totals = data["totals"]
-    title = f"{data['model']}  ·  input {_inputs_text(data['input_shapes'])}"
+    title = f"{data['model']}  |  input {_inputs_text(data['input_shapes'])}"
     if data.get("depth"):
-        title += f"  ·  depth {data['depth']}"
+        title += f"  |  depth {data['depth']}"
     table = Table(title=title, box=box.SIMPLE_HEAD, show_footer=True, title_justify="left",
                   footer_style="bold")
     table.add_column("Layer", footer="Total", overflow="fold")
@@ -430,9 +430,9 @@ def render_compare_report(data: dict, console) -> None:
     from rich.table import Table
 
     t = data["totals"]
-    title = f"{data['models'][0]} before and after  ·  input {_inputs_text(data['input_shapes'])}"
+    title = f"{data['models'][0]} before and after  |  input {_inputs_text(data['input_shapes'])}"
     if data.get("depth"):
-        title += f"  ·  depth {data['depth']}"
+        title += f"  |  depth {data['depth']}"
     table = Table(title=title, box=box.SIMPLE_HEAD, show_footer=True, title_justify="left",
                   footer_style="bold")
     table.add_column("Layer", footer="Total", overflow="fold")
