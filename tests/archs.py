@@ -503,6 +503,28 @@ class SoftmaxNet(nn.Module):
         return probs, logp
 
 
+class AttentionNet(nn.Module):
+    """Matrix products (bmm, @, einsum) are not channel-wise: their operands pin, and costs still count them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 8)
+        self.q = nn.Conv2d(8, 4, 1)
+        self.k = nn.Conv2d(8, 4, 1)
+        self.v = nn.Conv2d(8, 8, 1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)  # free
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        q, k, v = self.q(x).flatten(2), self.k(x).flatten(2), self.v(x).flatten(2)
+        attn = torch.softmax(torch.bmm(q.transpose(1, 2), k), dim=-1)        # (N, HW, HW)
+        out = (v @ attn.transpose(1, 2)).view_as(x)
+        g = torch.einsum("nchw,nc->nhw", x, x.mean((2, 3))).unsqueeze(1)     # (N, 1, H, W): broadcast
+        y = self.mix(x + out) * torch.sigmoid(g)
+        return self.head(F.relu(y))
+
+
 # ---------------------------------------------------------------------------
 # Output structures
 
@@ -715,6 +737,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("shuffle", ShuffleNet, _img(),
          pins=("PixelShuffle", "channel shuffle", "reshapes channels", "hard-coded channel count")),
     Arch("softmax", SoftmaxNet, _img(), pins=("mixes channels",)),
+    Arch("attention", AttentionNet, _img(h=8, w=8), pins=("op not understood",)),
     Arch("dict_out", DictOut, _img()),
     Arch("namedtuple_out", NamedTupleOut, _img()),
     Arch("tuple_out", TupleOut, lambda n: (torch.randn(n, 3, 16, 16), torch.randn(n, 2, 16, 16))),

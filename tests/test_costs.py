@@ -1,0 +1,102 @@
+"""Analytic costs agree with fvcore, before and after pruning.
+
+The cost model prices a removal from kept channel counts alone; fvcore
+counts the pruned model by tracing it. They must agree (FLOPs within 1%,
+parameters exactly) on the whole battery and on the zoo models.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit
+from archs import ARCHS, build, example
+from helpers import pick_units
+from prunekit.costs import CONVENTION, CostModel, fvcore_counts
+from prunekit.surgery import apply_removal
+from prunekit.zoo import resnet_small, small_cnn, unet
+
+NAMES = sorted(ARCHS)
+
+
+def _close(analytic: int, reference: int, what: str) -> None:
+    assert abs(analytic - reference) <= 0.01 * max(reference, 1), f"{what}: analytic {analytic} vs fvcore {reference}"
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check(model, x, leaf_modules=(), fraction=1 / 3, seed=0):
+    model.eval()
+    graph = prunekit.build_graph(model, x, leaf_modules=leaf_modules)
+    costs = CostModel(model, graph)
+
+    flops, _ = fvcore_counts(model, x)
+    _close(costs.flops(), flops, "original FLOPs")
+    assert costs.params() == _params(model)
+    assert prunekit.count_flops_params(model, x, graph=graph) == {"flops": costs.flops(), "params": costs.params()}
+    assert sum(costs.flops_by_layer().values()) == costs.flops()
+    assert sum(costs.params_by_layer().values()) == costs.params()
+
+    units = pick_units(graph, fraction=fraction, seed=seed)
+    mask = graph.removal_mask(units)
+    pruned = apply_removal(model, graph, mask).eval()
+    flops_after, _ = fvcore_counts(pruned, x)
+    _close(costs.flops(mask), flops_after, "pruned FLOPs (priced from the original's graph)")
+    assert costs.params(mask) == _params(pruned)
+    # and the pruned model, counted from scratch
+    counted = prunekit.count_flops_params(pruned, x, graph=prunekit.build_graph(pruned, x, leaf_modules))
+    _close(counted["flops"], flops_after, "pruned FLOPs (counted on the pruned model)")
+    assert counted["params"] == _params(pruned)
+    assert costs.flops(mask) < costs.flops() or not units
+    assert costs.params(mask) < costs.params()
+    # the layer table adds up to the totals
+    rows = costs.layers(mask)
+    assert sum(r.flops for r in rows) == costs.flops(mask)
+    assert sum(r.params for r in rows) == costs.params(mask)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_costs_match_fvcore_on_the_battery(name):
+    model, arch = build(name)
+    _check(model, example(arch), arch.leaf_modules)
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv3d", "separable2d", "zoo_unet_bilinear", "functional"])
+def test_costs_match_fvcore_after_heavy_pruning(name):
+    model, arch = build(name, seed=2)
+    _check(model, example(arch), arch.leaf_modules, fraction=2 / 3, seed=2)
+
+
+@pytest.mark.parametrize("builder, shape", [
+    (lambda: unet(), (1, 3, 64, 64)),
+    (lambda: unet(upsampling="bilinear", depth=3), (1, 3, 32, 48)),
+    (lambda: unet(batchnorm=False, depth=2), (2, 3, 32, 32)),
+    (lambda: resnet_small(), (2, 3, 32, 32)),
+    (lambda: small_cnn(), (1, 1, 28, 28)),
+], ids=["unet", "unet_bilinear", "unet_no_bn_batch2", "resnet_small", "small_cnn"])
+def test_costs_match_fvcore_on_the_zoo(builder, shape):
+    torch.manual_seed(0)
+    _check(builder(), torch.randn(*shape))
+
+
+def test_cost_model_prices_without_tracing():
+    """Pricing many removals reuses one graph: no forward pass, only kept counts."""
+    model, arch = build("zoo_resnet_small")
+    x = example(arch)
+    graph = prunekit.build_graph(model, x)
+    costs = CostModel(model, graph)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        prices = [costs.flops(graph.removal_mask(pick_units(graph, seed=s))) for s in range(20)]
+    finally:
+        hook.remove()
+    assert not calls
+    assert all(p < costs.flops() for p in prices)
+
+
+def test_convention_is_stated():
+    assert "fused multiply-add" in CONVENTION and "fvcore" in CONVENTION
