@@ -283,3 +283,66 @@ def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------- prune and demo
+
+
+@main.command()
+@click.argument("model", metavar="MODEL")
+@click.option("--config", "-c", "config_path", required=True, metavar="CONFIG", help="The YAML pruning config.")
+@click.option("--output", "-o", "run_dir", required=True, metavar="RUN_DIR",
+              help="Run directory: checkpoint, model.pt, manifest.json, reports and plots.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool, quiet: bool) -> None:
+    """Prune MODEL until the config's FLOPs and parameter targets hold.
+
+    MODEL is a state_dict for the config's model.builder (or a whole pickled
+    module when model.trusted_pickle is true). Loads the pruned model later
+    with prunekit.load_pruned(RUN_DIR), no pickle involved.
+    """
+    import torch
+
+    from .config import load_config
+    from .io import load_model
+    from .pruner import prune as run_prune
+
+    config = load_config(config_path)
+    if config.input_shape is None:
+        raise PrunekitError(f"config '{config_path}' needs input_shape, e.g. [1, 3, 256, 256].")
+    if config.model.builder is None and not config.model.trusted_pickle:
+        raise PrunekitError(f"config '{config_path}' needs model.builder (or model.trusted_pickle: true "
+                            f"for a whole pickled module).")
+    net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
+                     trusted=config.model.trusted_pickle)
+    torch.manual_seed(config.seed)
+    example = torch.rand(config.input_shape)
+    try:
+        result = run_prune(net, example, config, run_dir=run_dir, resume=resume, force=force, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"\nInterrupted; continue with: prunekit prune {model} --config {config_path} "
+                   f"-o {run_dir} --resume", err=True)
+        sys.exit(130)
+    o, f = result.original, result.final
+    status = "targets met" if result.targets_met else "targets NOT met"
+    click.echo(f"FLOPs {o['flops']:,} -> {f['flops']:,} ({f['flops'] / o['flops']:.1%}), "
+               f"parameters {o['params']:,} -> {f['params']:,} ({f['params'] / o['params']:.1%}); {status}.")
+    click.echo(f"Best model: step {result.best_step}; written to {run_dir} (model.pt, manifest.json, report.md).")
+    if not result.targets_met:
+        raise CliError(result.message)
+
+
+@main.command()
+@click.option("--output", "-o", "out_dir", default="out/demo", show_default=True, metavar="DIR",
+              help="Where the trained model, config and run directory go.")
+@click.option("--iterations", default=400, show_default=True, type=click.IntRange(1),
+              help="Training iterations before pruning.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def demo(out_dir: str, iterations: int, quiet: bool) -> None:
+    """Train the reference U-Net on real nuclei tiles, prune it to half its FLOPs with
+    IPAD, fine-tune, and print FLOPs, parameters and IoU before and after."""
+    from .demo import run_demo
+
+    run_demo(out_dir, train_iterations=iterations, progress=not quiet, echo=click.echo)

@@ -104,7 +104,7 @@ def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             advance(loss=losses[-1])
     model.eval()
     return losses

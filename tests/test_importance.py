@@ -1,0 +1,127 @@
+"""Scorers: IPAD's ADC against a hand computation, norms, custom scorers, unit combination."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.importance import SCORERS, score_units, unit_scores
+from prunekit.importance.activations import activation_deviation, ipad
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    m.bn.running_mean.uniform_(-1, 1)  # BN must not affect IPAD: it reads the raw conv output
+    return m
+
+
+def _hand_adc(model, batches, norm):
+    """ADC by explicit loops over images and filters."""
+    maps = []
+    with torch.no_grad():
+        for batch in batches:
+            for image in batch:
+                maps.append(model.conv(image[None])[0].double().numpy())
+    f = np.mean(maps, axis=0)  # (C, H, W): each filter's map averaged over all images
+    f_bar = f.mean(axis=0)
+    out = []
+    for k in range(f.shape[0]):
+        diff = f[k] - f_bar
+        out.append(np.abs(diff).mean() if norm == 1 else np.sqrt((diff ** 2).sum()) / diff.size)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("norm", [1, 2])
+def test_ipad_matches_hand_computation_over_all_batches(norm):
+    model = _model()
+    batches = [torch.randn(3, 2, 5, 5), torch.randn(2, 2, 5, 5) * 3 + 1]
+    graph = prunekit.build_graph(model, batches[0][:1])
+    scores = ipad(model, graph, batches, norm=norm)
+    expected = 10 * _hand_adc(model, batches, norm)
+    assert np.allclose(scores["conv"].numpy(), expected, rtol=1e-5)
+    last_only = 10 * _hand_adc(model, batches[1:], norm)
+    assert not np.allclose(expected, last_only, rtol=1e-3)  # the first batch counts too
+
+
+def test_ipad_omega_mixes_in_filter_norm():
+    model = _model()
+    batches = [torch.randn(4, 2, 5, 5)]
+    graph = prunekit.build_graph(model, batches[0][:1])
+    omega = 0.3
+    scores = ipad(model, graph, batches, norm=1, omega=omega)["conv"].numpy()
+    w = model.conv.weight.detach().double().flatten(1)
+    n_l = w.shape[1]  # C_in * kh * kw
+    expected = omega / n_l * w.abs().sum(1).numpy() + (1 - omega) * 10 * _hand_adc(model, batches, 1)
+    assert np.allclose(scores, expected, rtol=1e-5)
+
+
+def test_activation_deviation_small_example():
+    maps = torch.tensor([[[1.0, 3.0]], [[3.0, 5.0]]], dtype=torch.float64)  # two filters, 1x2 maps
+    # mean map = [2, 4]; |F_0 - mean| = [1, 1]; |F_1 - mean| = [1, 1]
+    assert activation_deviation(maps, 1).tolist() == [1.0, 1.0]
+    assert torch.allclose(activation_deviation(maps, 2), torch.tensor([2 ** 0.5 / 2] * 2, dtype=torch.float64))
+
+
+def test_weight_scorers():
+    model = _model()
+    graph = prunekit.build_graph(model, torch.randn(1, 2, 5, 5))
+    l1 = SCORERS["l1"](model, graph)["conv"]
+    assert torch.allclose(l1, model.conv.weight.abs().sum((1, 2, 3)))
+    l2 = SCORERS["l2"](model, graph)["conv"]
+    assert torch.allclose(l2, model.conv.weight.flatten(1).norm(dim=1))
+    bn = SCORERS["bn_scale"](model, graph)["conv"]
+    assert torch.allclose(bn, model.bn.weight.abs())
+
+
+def test_scores_normalised_per_layer_and_pinned_units_infinite():
+    model = _model()
+    graph = prunekit.build_graph(model, torch.randn(1, 2, 5, 5))
+    scores = unit_scores(graph, {"conv": [1.0, 2.0, 3.0, 6.0]})
+    conv_units = graph.producers["conv"]
+    assert np.allclose(scores[conv_units], [1 / 3, 2 / 3, 1.0, 2.0])  # divided by the layer's mean
+    assert np.isinf(scores[graph.producers["head"]]).all()  # output channels are pinned
+
+
+def test_custom_scorer_as_callable_and_by_path():
+    model = _model()
+    graph = prunekit.build_graph(model, torch.randn(1, 2, 5, 5))
+    calls = []
+
+    def reverse(model, graph, batches):
+        calls.append(len(list(batches)))
+        return {"conv": torch.tensor([4.0, 3.0, 2.0, 1.0])}
+
+    scores = score_units(model, graph, reverse, [torch.randn(1, 2, 5, 5)])
+    assert calls == [1]
+    units = graph.producers["conv"]
+    assert np.argsort(scores[units]).tolist() == [3, 2, 1, 0]
+    by_path = score_units(model, graph, "tests.test_importance:constant_scorer", [])
+    assert np.isfinite(by_path[units]).all()
+
+
+def constant_scorer(model, graph, batches, **options):
+    return {name: torch.ones(len(units)) for name, units in graph.producers.items()}
+
+
+def test_bad_scorer_output_is_one_sentence():
+    model = _model()
+    graph = prunekit.build_graph(model, torch.randn(1, 2, 5, 5))
+    with pytest.raises(prunekit.PrunekitError, match="returned 2 scores for 'conv', which has 4 output channels"):
+        score_units(model, graph, lambda m, g, b: {"conv": [1.0, 2.0]})
+    with pytest.raises(prunekit.PrunekitError, match="'nope', which is not a producer"):
+        score_units(model, graph, lambda m, g, b: {"nope": [1.0]})
+    with pytest.raises(prunekit.PrunekitError, match="importance method 'magic' is unknown"):
+        score_units(model, graph, "magic")
