@@ -21,38 +21,41 @@ from .trainer import evaluate, finetune
 from .zoo import unet
 
 UNET_KWARGS = {"in_channels": 1, "num_classes": 2, "width": 16, "depth": 3}
+TILE = 64  # 48 training and 16 test tiles of 64x64 from the 512x512 image
+NUCLEI = "prunekit.datasets:nuclei_tiles"
 
 
 def demo_config(train_iterations: int = 40, final_iterations: int = 120) -> dict:
     return {
         "model": {"builder": "prunekit.zoo:unet", "kwargs": dict(UNET_KWARGS)},
-        "input_shape": [1, 1, 128, 128],
+        "input_shape": [1, 1, TILE, TILE],
         "targets": {"flops": 0.5, "params": 1.0, "stop_when": "both", "priority": "flops"},
         "importance": {"method": "ipad", "norm": 1, "omega": 0.0},
         "limits": {"default": 0.75, "layers": {"out": 0.0}, "round_to": 1},
         "schedule": {"steps": 4,
-                     "finetune": {"iterations": train_iterations, "lr": 1e-3, "batch_size": 4},
-                     "final_finetune": {"iterations": final_iterations, "lr": 5e-4, "batch_size": 4}},
-        "data": {"calibration": {"factory": "prunekit.datasets:nuclei_tiles", "kwargs": {"split": "train"}},
-                 "train": {"factory": "prunekit.datasets:nuclei_tiles", "kwargs": {"split": "train"}},
-                 "val": {"factory": "prunekit.datasets:nuclei_tiles", "kwargs": {"split": "test"}}},
+                     "finetune": {"iterations": train_iterations, "lr": 1e-3},
+                     "final_finetune": {"iterations": final_iterations, "lr": 5e-4}},
+        "data": {"calibration": {"factory": NUCLEI, "kwargs": {"split": "train", "tile": TILE, "batch_size": 8}},
+                 "train": {"factory": NUCLEI, "kwargs": {"split": "train", "tile": TILE, "batch_size": 8}},
+                 "val": {"factory": NUCLEI, "kwargs": {"split": "test", "tile": TILE, "batch_size": 8}}},
         "keep_best": 3,
         "seed": 0,
     }
 
 
-def run_demo(out_dir="out/demo", train_iterations: int = 400, force: bool = True, progress: bool = True,
+def run_demo(out_dir="out/demo", train_iterations: int = 300, force: bool = True, progress: bool = True,
              echo=print) -> dict:
     """Train, prune, fine-tune, report. Returns the before/after numbers."""
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    train, test = nuclei_tiles("train"), nuclei_tiles("test")
+    train = nuclei_tiles("train", tile=TILE, batch_size=8)
+    test = nuclei_tiles("test", tile=TILE, batch_size=8)
     model = unet(**UNET_KWARGS)
-    echo(f"Training the reference U-Net on 12 nuclei tiles ({train_iterations} iterations)...")
+    echo(f"Training the reference U-Net on 48 nuclei tiles of {TILE}x{TILE} ({train_iterations} iterations)...")
     finetune(model, train, train_iterations, lr=2e-3, seed=0, show_progress=progress, description="train")
-    example = torch.zeros(1, 1, 128, 128)
+    example = torch.zeros(1, 1, TILE, TILE)
     before = {**count_flops_params(model, example), "iou": evaluate(model, test)}
     atomic_save_torch(model.state_dict(), out / "unet.pt")
     config = demo_config()
