@@ -127,8 +127,10 @@ class CostModel:
         self._unit_cache: dict[int, np.ndarray] = {}
         self._terms: list[tuple[str, str, fx.Node, Callable]] = []
         self._constant: dict[str, int] = defaultdict(int)
+        live = _reaching_output(graph.fx_graph)
         for node in graph.fx_graph.nodes:
-            self._compile(model, node)
+            if node in live:  # a value nothing reads is not counted, as fvcore's traced graph drops it
+                self._compile(model, node)
         self._params = []  # (owner, shape, {dim: units})
         sliced: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
         for (name, dim), units in graph.slices.items():
@@ -291,6 +293,18 @@ class CostModel:
         for owner in sorted(set(params) - seen):  # parameters never called in eval (aux heads)
             rows.append(LayerCost(owner, self.module_types.get(owner, ""), (), params[owner], 0))
         return rows
+
+
+def _reaching_output(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value reaches the model's output."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
 
 
 class _Call(nn.Module):

@@ -184,3 +184,36 @@ def test_one_module_under_two_names_is_not_pinned():
     torch.manual_seed(0)
     graph = _exact(TiedWeights(same_module=True), torch.randn(1, 3, 8, 8))
     assert not graph.pinned[graph.producers["b"]].any()
+
+
+class DeadBranch(nn.Module):
+    """A branch whose value nothing reads: eager runs it, fvcore's traced graph drops it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.unused = nn.Conv2d(8, 8, 3, padding=1)
+        self.unused_bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        self.unused_bn(self.unused(x))
+        return self.head(x)
+
+
+def test_costs_skip_values_nothing_reads():
+    """Bug: the analytic FLOPs counted convolutions and norms whose output is never used,
+    so they disagreed with fvcore (and the report) on models with a dead branch."""
+    from prunekit.costs import CostModel, fvcore_counts
+
+    torch.manual_seed(0)
+    model = DeadBranch().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    flops, _ = fvcore_counts(model, x)
+    assert prunekit.count_flops_params(model, x)["flops"] == flops
+    mask = graph.removal_mask(graph.units_for({"a": [0, 1]}))
+    pruned = prunekit.remove_channels(model, x, {"a": [0, 1]}, graph=graph)
+    assert CostModel(model, graph).flops(mask) == fvcore_counts(pruned, x)[0]
+    assert prunekit.count_flops_params(model, x)["params"] == sum(p.numel() for p in model.parameters())
