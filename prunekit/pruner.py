@@ -266,10 +266,9 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
     if resume:
         step, current, history, candidates = _load_checkpoint(run)
         run.log(f"resuming after step {step}")
-    elif run.run_dir is not None and run.run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run.run_dir) if run.run_dir.is_dir() else run.run_dir.unlink()
+    elif run.run_dir is not None:
+        _clear_run_dir(run.run_dir)
+        _save_checkpoint(run, 0, current, history, candidates)  # resumable from the first step on
     message = ""
     try:
         while True:
@@ -336,6 +335,20 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
 
         write_outputs(result, run.original, run.graph0, final_graph, run.inputs)
     return result
+
+
+def _clear_run_dir(path: Path) -> None:
+    """--force replaces an earlier run, and nothing that is not one."""
+    import shutil
+
+    if not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if not path.is_dir() or not ((path / CHECKPOINT).exists() or (path / "manifest.json").exists()):
+        raise RunDirError(f"'{path}' is not a prunekit run directory; --force only replaces earlier runs, "
+                          f"so choose a new or empty directory.")
+    shutil.rmtree(path)
 
 
 def _unreachable(run: _Run, flops: int, params: int) -> str:
