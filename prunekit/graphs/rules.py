@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torchvision.ops import stochastic_depth
 
 from .state import Chan, ChannelState
 
@@ -917,6 +918,7 @@ FUNCTION_RULES: dict[Any, Callable[[Op], Any]] = {
     F.pixel_shuffle: pin_all("pixel shuffle moves channels into space"),
     F.pixel_unshuffle: pin_all("pixel unshuffle moves space into channels"),
     getattr: no_channels, len: no_channels, torch.numel: no_channels,
+    stochastic_depth: passthrough,  # drops whole samples, never channels
 }
 
 _UNARY_METHODS = [
@@ -945,6 +947,10 @@ METHOD_RULES: dict[str, Callable[[Op], Any]] = {
 }
 
 _SIZED_RESHAPES = {"view", "reshape", torch.reshape, "view_as", "reshape_as"}
+
+
+# module rules whose output has the input's shape (see trace._meta_result)
+SHAPE_KEEPING_RULES = {passthrough, batchnorm_module, prelu_module, groupnorm_module, layernorm_module}
 
 
 def rule_for(node: fx.Node, module: nn.Module | None) -> Callable[[Op], Any]:

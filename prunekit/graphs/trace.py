@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import PrunekitError
-from .rules import Op, is_leaf_type, rule_for
+from .rules import SHAPE_KEEPING_RULES, Op, elementwise, is_leaf_type, passthrough, rule_for
 from .state import ChannelState
 
 
@@ -91,6 +91,8 @@ def trace_both_modes(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list
     consistent in either mode.
     """
     graphs = [trace(model, leaf_modules, training=False)]
+    if not _reads_training_flag(model, leaf_modules):
+        return graphs
     try:
         train_graph = trace(model, leaf_modules, training=True)
     except UntraceableModelError:
@@ -98,6 +100,26 @@ def trace_both_modes(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list
     if _signature(train_graph) != _signature(graphs[0]):
         graphs.append(train_graph)
     return graphs
+
+
+_READS_TRAINING: dict[type, bool] = {}
+
+
+def _reads_training_flag(model: nn.Module, leaf_modules: Iterable[str]) -> bool:
+    """Whether any traced-through forward may branch on ``self.training``."""
+    leaves = set(leaf_modules)
+    for name, m in model.named_modules():
+        if name in leaves or is_leaf_type(m) or m.__module__.startswith("torch.nn"):
+            continue
+        cls = type(m)
+        if cls not in _READS_TRAINING:
+            try:
+                _READS_TRAINING[cls] = "training" in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                _READS_TRAINING[cls] = True  # no source: assume it might
+        if _READS_TRAINING[cls]:
+            return True
+    return False
 
 
 def _shape_of(value):
@@ -117,12 +139,15 @@ class ChannelProp(fx.Interpreter):
         self.chans: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
+        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+        rule = rule_for(n, module)
         with self._set_current_node(n):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            out = getattr(self, n.op)(n.target, args, kwargs)
-        module = self.fetch_attr(n.target) if n.op == "call_module" else None
+            out = _meta_result(n, rule, args)
+            if out is None:
+                out = getattr(self, n.op)(n.target, args, kwargs)
         op = Op(n, args, kwargs, out, module, self.state, self.chans)
-        chan = rule_for(n, module)(op)
+        chan = rule(op)
         self.chans[n] = chan
         n.meta["prunekit_shape"] = _shape_of(out)
         n.meta["prunekit_chan"] = chan
@@ -130,6 +155,26 @@ class ChannelProp(fx.Interpreter):
             # what fvcore would count inside an op we do not model: priced once, by shape
             n.meta["prunekit_call"] = _shapes_only((args, kwargs))
         return out
+
+
+def _meta_result(n: fx.Node, rule, args: tuple):
+    """The output of a shape-keeping op on meta tensors, without running it.
+
+    Several such ops (BatchNorm, hardswish...) have slow Python meta kernels,
+    and only the shape matters here.
+    """
+    if n.op not in ("call_module", "call_function") or not args:
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not tensors or any(t.device.type != "meta" for t in tensors) or not isinstance(args[0], torch.Tensor):
+        return None
+    if rule in SHAPE_KEEPING_RULES and (n.op == "call_module" or rule is passthrough):
+        return torch.empty_like(args[0])
+    if rule is elementwise and n.op == "call_function" and len({t.dtype for t in tensors}) == 1 \
+            and n.target not in (torch.where,):
+        return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=tensors[0].dtype,
+                           device="meta")
+    return None
 
 
 def _opaque_compute(n: fx.Node, module: nn.Module | None) -> bool:
