@@ -8,7 +8,6 @@ costs, the surgery and the scorers read what it records.
 
 from __future__ import annotations
 
-import copy
 import inspect
 from contextlib import contextmanager
 from typing import Any, Iterable, NamedTuple
@@ -230,14 +229,20 @@ def _run(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelStat
     return state
 
 
-def _on_meta(model: nn.Module) -> nn.Module:
-    """A structural copy whose tensors live on the meta device: shapes, no data."""
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = b.to("meta")
-    return copy.deepcopy(model, memo)
+def _on_meta(module: nn.Module) -> nn.Module:
+    """A structural copy whose tensors live on the meta device: shapes, no data.
+
+    Module objects and their tensor tables are new; other attributes are
+    shared with the original (the copy is read-only and short-lived), which
+    is much cheaper than a deepcopy.
+    """
+    copied = module.__class__.__new__(module.__class__)
+    copied.__dict__ = module.__dict__.copy()
+    copied._parameters = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
+                          for k, p in module._parameters.items()}
+    copied._buffers = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
+    copied._modules = {k: None if m is None else _on_meta(m) for k, m in module._modules.items()}
+    return copied
 
 
 def propagate(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelState:
