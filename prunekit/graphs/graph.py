@@ -72,8 +72,12 @@ class ChannelGraph:
     def __init__(self, model: nn.Module, graphs: list[fx.Graph], state: ChannelState):
         self.fx_graph = graphs[0]  # eval mode: the one costs are counted on
         self.fx_graphs = graphs
-        roots = np.fromiter((state.find(a) for a in range(len(state.parent))), dtype=np.int64,
-                            count=len(state.parent))
+        roots = np.asarray(state.parent, dtype=np.int64)
+        while True:  # pointer jumping: every atom ends at its class's root
+            jumped = roots[roots]
+            if np.array_equal(jumped, roots):
+                break
+            roots = jumped
         _, self.unit_of_atom = np.unique(roots, return_inverse=True)
         self.num_units = int(self.unit_of_atom.max()) + 1 if len(roots) else 0
         self.unit_pin: dict[int, str] = {}
@@ -129,15 +133,23 @@ class ChannelGraph:
 
     def units_for(self, selection: Mapping[str, Iterable[int]]) -> np.ndarray:
         """The units holding the given producer channels; pinned ones raise."""
-        chosen = set()
+        chosen = []
         for name, indices in selection.items():
-            for index in indices:
-                unit = self.unit_of(name, int(index))
-                if self.pinned[unit]:
-                    raise PinnedChannelError(
-                        f"channel {index} of '{name}' cannot be removed: {self.unit_pin[unit]}.")
-                chosen.add(unit)
-        return np.array(sorted(chosen), dtype=np.int64)
+            indices = np.asarray(list(indices), dtype=np.int64)
+            if name not in self.producers or indices.size == 0:
+                self.unit_of(name, 0) if indices.size else None  # raises the helpful error
+                continue
+            units = self.producers[name]
+            bad = indices[(indices < 0) | (indices >= len(units))]
+            if bad.size:
+                self.unit_of(name, int(bad[0]))
+            picked = units[indices]
+            pinned = np.flatnonzero(self.pinned[picked])
+            if pinned.size:
+                index, unit = int(indices[pinned[0]]), int(picked[pinned[0]])
+                raise PinnedChannelError(f"channel {index} of '{name}' cannot be removed: {self.unit_pin[unit]}.")
+            chosen.append(picked)
+        return np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
     def removal_mask(self, units: Sequence[int] | np.ndarray) -> np.ndarray:
         mask = np.zeros(self.num_units, dtype=bool)

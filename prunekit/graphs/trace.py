@@ -8,7 +8,9 @@ costs, the surgery and the scorers read what it records.
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 from contextlib import contextmanager
 from typing import Any, Iterable, NamedTuple
 
@@ -112,12 +114,24 @@ def _reads_training_flag(model: nn.Module, leaf_modules: Iterable[str]) -> bool:
             continue
         cls = type(m)
         if cls not in _READS_TRAINING:
-            try:
-                _READS_TRAINING[cls] = "training" in inspect.getsource(cls.forward)
-            except (OSError, TypeError):
-                _READS_TRAINING[cls] = True  # no source: assume it might
+            _READS_TRAINING[cls] = _branches_on_training(cls)
         if _READS_TRAINING[cls]:
             return True
+    return False
+
+
+def _branches_on_training(cls: type) -> bool:
+    """Whether a class's code has a condition that reads ``.training``."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return True  # no source: assume it might
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.Assert, ast.BoolOp)):
+            tests = [node.test] if not isinstance(node, ast.BoolOp) else node.values
+            for test in tests:
+                if any(isinstance(n, ast.Attribute) and n.attr == "training" for n in ast.walk(test)):
+                    return True
     return False
 
 
