@@ -167,20 +167,24 @@ def zero_units(model: nn.Module, graph, units: Iterable[int]) -> nn.Module:
 
 
 def pick_units(graph, fraction: float = 1 / 3, seed: int = 0) -> list[int]:
-    """A seeded random ``fraction`` of the prunable units that leaves every layer some channels."""
+    """A seeded random ``fraction`` of the prunable units, skipping any that would empty a layer."""
     prunable = np.flatnonzero(~graph.pinned)
     if prunable.size == 0:
         return []
     rng = np.random.default_rng(seed)
-    chosen = list(rng.permutation(prunable)[:max(1, int(round(prunable.size * fraction)))])
+    target = max(1, int(round(prunable.size * fraction)))
     arrays = [u for u in graph.widths.values() if u.size] + [u for u in graph.producers.values() if u.size]
-    while True:
-        mask = graph.removal_mask(chosen) if chosen else np.zeros(graph.num_units, dtype=bool)
-        empty = next((u for u in arrays if mask[u].all()), None)
-        if empty is None:
-            return sorted(int(u) for u in chosen)
-        drop = next(u for u in reversed(chosen) if u in set(empty.tolist()))
-        chosen.remove(drop)
+    mask = np.zeros(graph.num_units, dtype=bool)
+    chosen: list[int] = []
+    for unit in rng.permutation(prunable):
+        if len(chosen) == target:
+            break
+        mask[unit] = True
+        if any(mask[u].all() for u in arrays):
+            mask[unit] = False
+            continue
+        chosen.append(int(unit))
+    return sorted(chosen)
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
