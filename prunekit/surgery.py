@@ -26,6 +26,29 @@ def kept(units: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~removed[units])
 
 
+def copy_module(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy(module, memo)``, minus its generic machinery.
+
+    Same result for ordinary modules (the state is the deep-copied
+    ``__dict__``, as nn.Module pickles itself), several times faster on big
+    models; classes with their own ``__deepcopy__`` still get it.
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    if hasattr(module, "__deepcopy__"):
+        return copy.deepcopy(module, memo)
+    copied = module.__class__.__new__(module.__class__)
+    memo[id(module)] = copied
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            state[key] = {n: None if m is None else copy_module(m, memo) for n, m in value.items()}
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    copied.__setstate__(state)
+    return copied
+
+
 def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict) -> None:
     """Make the module's size attributes match its new tensors."""
     cin, cout = widths.get("in"), widths.get("out")
@@ -68,7 +91,7 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) ->
             if isinstance(original, nn.Parameter):
                 value = nn.Parameter(value, requires_grad=original.requires_grad)
             memo[id(original)] = value
-    pruned = copy.deepcopy(model, memo)
+    pruned = copy_module(model, memo)
     per_module: dict[str, dict[str, int]] = defaultdict(dict)
     for (name, role), units in graph.widths.items():
         per_module[name][role] = int((~removed[units]).sum())

@@ -182,7 +182,7 @@ def _meta_result(n: fx.Node, rule, args: tuple):
     if not tensors or any(t.device.type != "meta" for t in tensors) or not isinstance(args[0], torch.Tensor):
         return None
     if rule in SHAPE_KEEPING_RULES and (n.op == "call_module" or rule is passthrough):
-        return torch.empty_like(args[0])
+        return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
     if rule is elementwise and n.op == "call_function" and len({t.dtype for t in tensors}) == 1 \
             and n.target not in (torch.where,):
         return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=tensors[0].dtype,
