@@ -10,7 +10,7 @@ ordinary module of the same class.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Mapping
 
 import numpy as np
@@ -43,6 +43,8 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
     for key, value in module.__dict__.items():
         if key == "_modules":
             state[key] = {n: None if m is None else copy_module(m, memo) for n, m in value.items()}
+        elif type(value) in (dict, OrderedDict) and not value:
+            state[key] = type(value)()  # the many empty hook tables
         else:
             state[key] = copy.deepcopy(value, memo)
     copied.__setstate__(state)

@@ -251,11 +251,12 @@ def _on_meta(module: nn.Module) -> nn.Module:
     is much cheaper than a deepcopy.
     """
     copied = module.__class__.__new__(module.__class__)
-    copied.__dict__ = module.__dict__.copy()
-    copied._parameters = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
-                          for k, p in module._parameters.items()}
-    copied._buffers = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
-    copied._modules = {k: None if m is None else _on_meta(m) for k, m in module._modules.items()}
+    state = module.__dict__.copy()
+    state["_parameters"] = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
+                            for k, p in module._parameters.items()}
+    state["_buffers"] = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
+    state["_modules"] = {k: None if m is None else _on_meta(m) for k, m in module._modules.items()}
+    object.__setattr__(copied, "__dict__", state)  # skips nn.Module.__setattr__'s checks
     return copied
 
 
