@@ -156,17 +156,37 @@ def load_cli_model(spec: ModelSpec):
 
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
     example = _example(spec)
-    model = load_model(spec.path, builder=spec.builder, kwargs=spec.kwargs, trusted=spec.trusted)
+    run_dir = _run_dir_of(spec.path)
+    if run_dir is not None and spec.builder is None:  # a pruned model, rebuilt from its manifest
+        from .artifacts import load_pruned
+
+        model = load_pruned(run_dir)
+    else:
+        model = load_model(spec.path, builder=spec.builder, kwargs=spec.kwargs, trusted=spec.trusted)
     _check_leaves(model, spec.leaf)
     return model, example
 
 
-def load_compare_model(path: str, spec: ModelSpec):
-    """The model to compare with: a whole pickled module (with --trusted) is used as it is;
-    a weights file is loaded with the same builder and kwargs as MODEL."""
-    from .io import load_model
-    from .errors import UsageError
+def _run_dir_of(path: str) -> Path | None:
+    """The prunekit run directory that ``path`` is, or whose model.pt it is."""
+    candidate = Path(path)
+    run_dir = candidate if candidate.is_dir() else candidate.parent
+    if (run_dir / "manifest.json").is_file() and (candidate.is_dir() or candidate.name == "model.pt"):
+        return run_dir
+    return None
 
+
+def load_compare_model(path: str, spec: ModelSpec, base=None):
+    """The model to compare with: a prunekit run directory (or its model.pt) is rebuilt from
+    its manifest without pickle; a whole pickled module (with --trusted) is used as it is;
+    a weights file is loaded with the same builder and kwargs as MODEL."""
+    from .artifacts import load_pruned
+    from .errors import UsageError
+    from .io import load_model
+
+    run_dir = _run_dir_of(path)
+    if run_dir is not None:
+        return load_pruned(run_dir, model=base)
     if spec.trusted:
         try:
             return load_model(path, trusted=True)  # a whole module keeps its own (pruned) widths
@@ -247,7 +267,7 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: boo
     if compare is None:
         data = rep.model_report(model, example, depth, leaf_modules=spec.leaf)
     else:
-        other = load_compare_model(compare, spec)
+        other = load_compare_model(compare, spec, base=model)
         data = rep.compare_report(model, other, example, depth, leaf_modules=spec.leaf)
     if as_json:
         echo_json(data)

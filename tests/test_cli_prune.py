@@ -105,3 +105,18 @@ def test_unreachable_target_exits_2_with_best_model(files, tmp_path):
     assert result.exit_code == 2
     assert "limits stop pruning" in result.output
     assert (out / "model.pt").is_file()  # the best model it reached is kept
+
+
+def test_report_reads_run_directories(files, tmp_path):
+    weights, config_path, _ = files
+    out = tmp_path / "run"
+    assert run("prune", weights, "--config", config_path, "-o", out, "-q").exit_code == 0
+    kwargs = json.dumps(KWARGS)
+    compared = run("report", weights, "-i", "1,1,32,32", "-b", "prunekit.zoo:unet", "-k", kwargs,
+                   "--compare", out, "--json")
+    assert compared.exit_code == 0, compared.output
+    data = json.loads(compared.output)
+    assert data["totals"]["flops_ratio"] <= 0.5
+    alone = run("report", out / "model.pt", "-i", "1,1,32,32", "--json")
+    assert alone.exit_code == 0, alone.output
+    assert json.loads(alone.output)["totals"]["flops"] == data["totals"]["after"]["flops"]
