@@ -357,7 +357,7 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
 @main.command()
 @click.option("--output", "-o", "out_dir", default="out/demo", show_default=True, metavar="DIR",
               help="Where the trained model, config and run directory go.")
-@click.option("--iterations", default=300, show_default=True, type=click.IntRange(1),
+@click.option("--iterations", default=200, show_default=True, type=click.IntRange(1),
               help="Training iterations before pruning.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def demo(out_dir: str, iterations: int, quiet: bool) -> None:

@@ -10,7 +10,7 @@ def test_defaults_and_example_configs_load():
     cfg = load_config({})
     assert cfg.importance.method == "ipad" and cfg.targets.stop_when == "both"
     unet = load_config("configs/unet.yaml")
-    assert unet.model.builder == "prunekit.zoo:unet" and unet.limits.layers == {"out": 0.0}
+    assert unet.model.builder == "prunekit.zoo:unet" and unet.limits.layers["out"] == 0.0
     resnet = load_config("configs/resnet.yaml")
     assert resnet.limits.round_to == 8 and resnet.targets.params == 0.6
 
