@@ -25,8 +25,9 @@ __all__ = ["KINDS", "RandomDAG", "random_dag"]
 KINDS = (
     "conv", "dw", "dw_mult", "grouped", "conv_t", "bn", "gn", "inorm", "act", "prelu", "pool", "up",
     "add", "sub", "mul", "gate", "se", "scale", "cat", "chunk", "split", "spatial_mean", "interp",
+    "mlp_last", "stack", "se_fc",
 )
-WEIGHTS = (8, 2, 1, 2, 2, 4, 1, 1, 4, 1, 2, 1, 3, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1)
+WEIGHTS = (8, 2, 1, 2, 2, 4, 1, 1, 4, 1, 2, 1, 3, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 1, 1)
 
 
 @dataclass
@@ -87,6 +88,13 @@ class RandomDAG(nn.Module):
                 y = a - a.mean(3, keepdim=True) if step.arg else a * a.amax((2, 3), keepdim=True)
             elif k == "interp":
                 y = F.interpolate(a, scale_factor=2, mode=step.arg)
+            elif k == "mlp_last":  # channels-last MLP: permute, Linear over channels, permute back
+                y = self.layers[key](a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            elif k == "stack":
+                y = torch.stack([a, values[step.inputs[1]]], dim=step.arg).amax(step.arg)
+            elif k == "se_fc":  # squeeze-excite with Linear layers and None-indexing back to a map
+                s = self.layers[key](a.mean((2, 3)))
+                y = a * torch.sigmoid(s)[:, :, None, None]
             else:
                 raise ValueError(k)
             values.append(y)
@@ -231,6 +239,17 @@ def random_dag(seed: int, max_steps: int = 12):
             add(kind, [i], (c - 1, s))
         elif kind == "spatial_mean":
             add(kind, [i], (c, s), arg=rng.random() < 0.5)
+        elif kind == "mlp_last":
+            hidden, cout = rng.choice([4, 8]), rng.choice([c, 2, 4])
+            add(kind, [i], (cout, s), nn.Sequential(nn.Linear(c, hidden), nn.GELU(), nn.Linear(hidden, cout)))
+        elif kind == "stack":
+            j = pick(lambda t: t == (c, s), exclude=(i,))
+            if j is None:
+                j = conv_from(pick(lambda t: t[1] == s), c)
+            add(kind, [i, j], (c, s), arg=rng.choice([0, 2, -1]))
+        elif kind == "se_fc":
+            hidden = max(1, c // 2)
+            add(kind, [i], (c, s), nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, c)))
 
     # a last conv + activation, so that every model has a free producer, then the heads:
     # on that last value always (never a raw feature map), and sometimes on others

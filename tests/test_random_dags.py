@@ -5,7 +5,7 @@ transposed), norms, activations, pooling, upsampling, residual adds, gates,
 concatenations, chunks and Linear heads, with one to three outputs; a
 seeded random third of its prunable units is zeroed and cut, and the
 outputs must not move. Every tenth seed also runs the pruned model in
-train mode, every fifth checks the analytic costs against fvcore.
+train mode, and another tenth checks the analytic costs against fvcore.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_random_dag_is_exact(seed):
     pruned = assert_exact(model, graph, x, units)
     if seed % 10 == 0:
         assert_train_mode_runs(model, pruned, torch.cat([x, x]))
-    if seed % 5 == 0:
+    if seed % 10 == 5:
         mask = graph.removal_mask(units)
         costs = CostModel(model, graph)
         flops, _ = fvcore_counts(pruned, x)
