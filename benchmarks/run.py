@@ -4,9 +4,11 @@
     python benchmarks/run.py graph_speed         # only these (a name with no file is skipped)
     python benchmarks/run.py graph_speed -- --models resnet50 --repeats 5   # arguments after -- go to each
 
-graph_speed runs first; the others follow in alphabetical order. A missing
-benchmark is reported and skipped; one that fails does not stop the rest,
-but makes the exit status 1.
+Known benchmarks run in this order: graph_speed (channel graph and removal
+speed), flops_target (time to 50% FLOPs), quality (IoU / accuracy at 50%
+FLOPs, --budget small by default); any other file follows in alphabetical
+order. A missing benchmark is reported and skipped; one that fails does not
+stop the rest, but makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-FIRST = ["graph_speed"]  # known benchmarks, in this order; the rest are discovered
+FIRST = ["graph_speed", "flops_target", "quality"]  # known benchmarks, in this order; the rest are discovered
 SKIP = {"run"}
 
 

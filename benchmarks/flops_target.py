@@ -1,0 +1,322 @@
+"""How long it takes to reach 50% of the FLOPs, prunekit next to Torch-Pruning's iterative recipe.
+
+    python benchmarks/flops_target.py                                  # resnet50, densenet121, unet; 1 run each
+    python benchmarks/flops_target.py --models resnet50 unet --repeats 3 --json out/flops_target.json
+
+prunekit: ``prunekit.prune(model, x, CONFIG, progress=False)`` with the
+config below (L1 filter norms, 8 geometric steps, no fine-tuning): it prices
+every candidate removal analytically and cuts until the FLOPs target holds.
+
+Torch-Pruning (optional, ``pip install --no-deps torch-pruning==1.6.1``): its
+own recipe for a FLOPs target, many tiny steps and a recount after each::
+
+    base_macs, _ = tp.utils.count_ops_and_params(model, x)
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  iterative_steps=400, pruning_ratio=0.9, ignored_layers=[classifier])
+    for _ in range(400):
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(model, x)
+        if macs <= 0.5 * base_macs:
+            break
+
+Both are timed from the unpruned model to the pruned one (model building and
+the deep copy are not timed). The FLOPs ratio of each result is measured
+with fvcore (``prunekit.costs.fvcore_counts``) on the original and the
+pruned model, outside the timing, and both pruned models are run once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+try:
+    import prunekit
+except ImportError:  # run from a checkout without an editable install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import prunekit
+
+from prunekit.costs import fvcore_counts
+
+try:
+    import torch_pruning as tp
+except ImportError:
+    tp = None
+
+MODELS = ["resnet50", "densenet121", "unet"]
+FLOPS_TARGET = 0.5
+TOLERANCE = 0.01  # "within 1% of the target": final FLOPs ratio in [0.49, 0.50]
+SPEEDUP_TARGET = 20.0  # TP seconds / prunekit seconds >= this
+
+TP_STEPS = 400
+TP_RATIO = 0.9  # TP's per-layer ratio after all 400 steps; 50% FLOPs is reached long before
+
+
+def prunekit_config(last_layer: str) -> dict:
+    """The exact prunekit config: 50% FLOPs, parameters free, L1 norms, 8 steps, no fine-tuning."""
+    return {
+        "targets": {"flops": FLOPS_TARGET, "params": 1.0},
+        "importance": {"method": "l1"},
+        "schedule": {"steps": 8},
+        "limits": {"default": 0.9, "layers": {last_layer: 0}},
+    }
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
+def build_model(name: str) -> tuple[nn.Module, torch.Tensor, str]:
+    """The model (eval mode, random weights, seed 0), its example input, and the name of its last layer."""
+    torch.manual_seed(0)
+    if name == "unet":
+        from prunekit.zoo import unet
+
+        return unet().eval(), torch.randn(1, 3, 256, 256), "out"
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return model, torch.randn(1, 3, 224, 224), last
+
+
+# -- one timed run of each tool ----------------------------------------------------
+
+
+def run_prunekit(model: nn.Module, x: torch.Tensor, last: str) -> dict:
+    config = prunekit_config(last)
+    t0 = clock()
+    result = prunekit.prune(model, x, config, progress=False)
+    seconds = clock() - t0
+    return {"seconds": seconds, "model": result.model, "steps": len(result.history),
+            "analytic_ratio": result.final["flops"] / result.original["flops"], "message": result.message}
+
+
+def run_tp(model: nn.Module, x: torch.Tensor, last: str, time_limit: float | None) -> dict:
+    """TP's recipe on ``model`` (modified in place); stops early, unfinished, past ``time_limit`` seconds."""
+    ignored = [model.get_submodule(last)]
+    t0 = clock()
+    base_macs, _ = tp.utils.count_ops_and_params(model, x)
+    pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  iterative_steps=TP_STEPS, pruning_ratio=TP_RATIO, ignored_layers=ignored)
+    steps, macs, reached = 0, base_macs, False
+    for _ in range(TP_STEPS):
+        pruner.step()
+        steps += 1
+        macs, _ = tp.utils.count_ops_and_params(model, x)
+        if macs <= FLOPS_TARGET * base_macs:
+            reached = True
+            break
+        if time_limit is not None and clock() - t0 > time_limit:
+            break
+    seconds = clock() - t0
+    return {"seconds": seconds, "model": model, "steps": steps, "tp_ratio": macs / base_macs, "finished": reached}
+
+
+def check_runs(original: nn.Module, pruned: nn.Module, x: torch.Tensor, who: str) -> None:
+    pruned.eval()
+    with torch.no_grad():
+        want, got = original(x), pruned(x)
+    if got.shape != want.shape:
+        raise RuntimeError(f"{who}: pruned model returns {tuple(got.shape)}, the original {tuple(want.shape)}")
+
+
+def within(ratio: float) -> bool:
+    return FLOPS_TARGET - TOLERANCE <= ratio <= FLOPS_TARGET + 1e-9
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def bench_model(name: str, repeats: int, use_tp: bool, tp_time_limit: float | None) -> dict:
+    model, x, last = build_model(name)
+    base_flops = fvcore_counts(model, x)[0]
+    base_params = params(model)
+    row: dict = {"model": name, "input": list(x.shape), "last_layer": last, "fvcore_flops": base_flops,
+                 "params": base_params, "config": prunekit_config(last)}
+
+    runs = []
+    for _ in range(repeats):
+        gc.collect()
+        runs.append(run_prunekit(model, x, last))  # prune() deep-copies: the model is not changed
+    pruned = runs[-1]["model"]
+    check_runs(model, pruned, x, "prunekit")
+    ratio = fvcore_counts(pruned, x)[0] / base_flops
+    seconds = [r["seconds"] for r in runs]
+    row["prunekit"] = {"seconds": seconds, "best": min(seconds), "median": statistics.median(seconds),
+                       "steps": runs[-1]["steps"], "message": runs[-1]["message"],
+                       "analytic_ratio": runs[-1]["analytic_ratio"], "fvcore_ratio": ratio,
+                       "params_ratio": params(pruned) / base_params, "within_1pct": within(ratio)}
+    del runs, pruned
+
+    if use_tp:
+        runs = []
+        for _ in range(repeats):
+            m = copy.deepcopy(model)
+            gc.collect()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                runs.append(run_tp(m, x, last, tp_time_limit))
+        pruned = runs[-1]["model"]
+        check_runs(model, pruned, x, "Torch-Pruning")
+        ratio = fvcore_counts(pruned, x)[0] / base_flops
+        seconds = [r["seconds"] for r in runs]
+        finished = all(r["finished"] for r in runs)
+        row["tp"] = {"seconds": seconds, "best": min(seconds), "median": statistics.median(seconds),
+                     "steps": runs[-1]["steps"], "tp_ratio": runs[-1]["tp_ratio"], "finished": finished,
+                     "fvcore_ratio": ratio, "params_ratio": params(pruned) / base_params,
+                     "within_1pct": within(ratio) and finished}
+        # an unfinished TP run (--tp-time-limit) makes the speed-up a lower bound
+        row["speedup"] = row["tp"]["best"] / row["prunekit"]["best"]
+        row["speedup_is_lower_bound"] = not finished
+        del runs, pruned
+    return row
+
+
+# -- printing ----------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> str:
+    have_tp = any("tp" in r for r in rows)
+    header = ["model", "pk s", "pk steps", "pk FLOPs", "pk params", "pk 1%"]
+    if have_tp:
+        header += ["TP s", "TP steps", "TP FLOPs", "TP params", "TP 1%", "TP/pk", "target"]
+    body = []
+    for r in rows:
+        pk = r["prunekit"]
+        cells = [r["model"], f"{pk['best']:.2f}", pk["steps"], f"{pk['fvcore_ratio']:.2%}",
+                 f"{pk['params_ratio']:.1%}", "yes" if pk["within_1pct"] else "NO"]
+        if have_tp and "tp" in r:
+            t = r["tp"]
+            bound = ">=" if r["speedup_is_lower_bound"] else ""
+            cells += [f"{bound}{t['best']:.1f}", t["steps"], f"{t['fvcore_ratio']:.2%}",
+                      f"{t['params_ratio']:.1%}",
+                      ("yes" if t["within_1pct"] else "NO") if t["finished"] else "unfinished",
+                      f"{bound}{r['speedup']:.1f}x", "ok" if r["speedup"] >= SPEEDUP_TARGET else
+                      ("?" if r["speedup_is_lower_bound"] else "MISSED")]
+        elif have_tp:
+            cells += ["-"] * 7
+        body.append(cells)
+    runs = "1 run" if repeats == 1 else f"best of {repeats} runs"
+    title = (f"Time to {FLOPS_TARGET:.0%} of the FLOPs, no fine-tuning: {clock_name}-clock seconds, {runs}; "
+             f"targets: TP/pk >= {SPEEDUP_TARGET:.0f}x, FLOPs within 1% "
+             f"([{FLOPS_TARGET - TOLERANCE:.2f}, {FLOPS_TARGET:.2f}])")
+    notes = ["pk = prunekit.prune, config {targets: {flops: 0.5, params: 1.0}, importance: {method: l1}, "
+             "schedule: {steps: 8}, limits: {default: 0.9, layers: {<last layer>: 0}}}.",
+             "FLOPs / params = pruned / original, FLOPs counted by fvcore (1 multiply-add = 1 flop); "
+             "1% = FLOPs ratio in [0.49, 0.50]."]
+    if have_tp:
+        notes.append(f"TP = Torch-Pruning MetaPruner(MagnitudeImportance(p=1), iterative_steps={TP_STEPS}, "
+                     f"pruning_ratio={TP_RATIO}, last layer ignored), step() + count_ops_and_params "
+                     "until MACs <= 50%; TP steps = step() calls; TP/pk = TP seconds / prunekit seconds.")
+        if any(r.get("speedup_is_lower_bound") for r in rows):
+            notes.append("'>=': TP stopped at --tp-time-limit before reaching the target, so its time "
+                         "and the speed-up are lower bounds.")
+    elif tp is None:
+        notes.append("Torch-Pruning is not installed (pip install --no-deps torch-pruning==1.6.1): prunekit only.")
+    else:
+        notes.append("Torch-Pruning skipped (--no-tp): prunekit only.")
+    return "\n".join([title, "", _table(header, body, set(range(1, len(header)))), "", *notes])
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def environment() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torch_pruning": _dist_version("torch-pruning") if tp is not None else None,
+            "fvcore": _dist_version("fvcore"), "prunekit": prunekit.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average": _load()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS, metavar="NAME",
+                        help=f"subset of {', '.join(MODELS)} (any torchvision classifier name works)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each tool (default 1; best is shown)")
+    parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when it is installed")
+    parser.add_argument("--tp-time-limit", type=float, metavar="SECONDS",
+                        help="stop a Torch-Pruning run after this long (its time is then a lower bound)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: time.perf_counter (default); cpu: process CPU time, steadier when other "
+                             "jobs share the machine (use with --threads 1)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="save all results here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    global clock
+    clock = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    use_tp = tp is not None and not args.no_tp
+
+    env = environment()
+    print(f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs (load {env['load_average']}), "
+          f"prunekit {env['prunekit']}, Torch-Pruning {env['torch_pruning'] or 'not installed'}"
+          f"{' (skipped)' if tp is not None and not use_tp else ''}", flush=True)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for name in args.models:
+            print(f"  {name} ...", flush=True)
+            row = bench_model(name, args.repeats, use_tp, args.tp_time_limit)
+            pk = row["prunekit"]
+            line = f"    prunekit {pk['best']:.2f} s, FLOPs {pk['fvcore_ratio']:.2%}"
+            if "tp" in row:
+                line += f"; TP {row['tp']['best']:.1f} s ({row['tp']['steps']} steps), FLOPs {row['tp']['fvcore_ratio']:.2%}"
+            print(line, flush=True)
+            rows.append(row)
+    print()
+    print(format_results(rows, args.repeats, args.clock))
+    env["load_average_after"] = _load()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"environment": env, "clock": args.clock, "repeats": args.repeats,
+                                         "flops_target": FLOPS_TARGET, "speedup_target": SPEEDUP_TARGET,
+                                         "models": rows}, indent=2))
+        print(f"\nsaved {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
