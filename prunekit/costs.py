@@ -2,8 +2,8 @@
 
 Convention (fvcore's): **one fused multiply-add counts as one flop**, and only
 the ops fvcore's FlopCountAnalysis counts are counted: convolutions, linear
-and matrix products, normalisation layers, 2d nearest/bilinear upsampling and
-2d adaptive average pooling. Element-wise ops, activations and max pooling
+and matrix products, normalisation layers, 2d nearest/bilinear upsampling,
+2d adaptive average pooling and grid sampling. Element-wise ops, activations and max pooling
 count zero. Multiply by two for the "multiplies and adds separately" count.
 
 A :class:`CostModel` is compiled once from a channel graph; pricing a
@@ -114,6 +114,10 @@ def _adaptive_avg_pool2d(kept: Kept, node: fx.Node, removed) -> int:
     return math.prod(x) if len(x) == 4 else 0
 
 
+def _grid_sample(kept: Kept, node: fx.Node, removed) -> int:
+    return math.prod(kept(node)) * 4  # fvcore: 4 per output element
+
+
 def _has(node: fx.Node, index: int, keyword: str) -> bool:
     value = node.args[index] if index < len(node.args) else node.kwargs.get(keyword)
     return value is not None
@@ -166,7 +170,8 @@ class CostModel:
             elif isinstance(m, nn.Linear):
                 flops = _linear(self._weight_shape(f"{name}.weight"))
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
-                flops = _scaled_input(2 if m.affine else 1)
+                # without running statistics it normalises with the batch's, even in eval
+                flops = _scaled_input((5 if m.affine else 4) if m.running_mean is None else (2 if m.affine else 1))
             elif isinstance(m, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
                 flops = _scaled_input(5 if m.affine else 4)
             elif isinstance(m, nn.LayerNorm):
@@ -208,6 +213,9 @@ class CostModel:
         if t is torch.einsum:
             return _einsum
         if t is F.batch_norm:
+            training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+            if training is True:  # batch statistics: priced like the other norms
+                return _scaled_input(5 if _has(node, 3, "weight") else 4)
             return _scaled_input(2 if _has(node, 3, "weight") else 1)
         if t is F.group_norm:
             return _scaled_input(5 if _has(node, 2, "weight") else 4)
@@ -223,6 +231,8 @@ class CostModel:
             return _upsample("bilinear")
         if t is F.adaptive_avg_pool2d:
             return _adaptive_avg_pool2d
+        if t is F.grid_sample:
+            return _grid_sample
         return None
 
     # -- evaluate --------------------------------------------------------

@@ -217,3 +217,45 @@ def test_costs_skip_values_nothing_reads():
     pruned = prunekit.remove_channels(model, x, {"a": [0, 1]}, graph=graph)
     assert CostModel(model, graph).flops(mask) == fvcore_counts(pruned, x)[0]
     assert prunekit.count_flops_params(model, x)["params"] == sum(p.numel() for p in model.parameters())
+
+
+class BatchStatsAndGridSample(nn.Module):
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, track_running_stats=False)
+        self.bn_plain = nn.BatchNorm2d(8, affine=False, track_running_stats=False)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        if self.mode == "bn":
+            y = self.bn(y)
+        elif self.mode == "bn_no_affine":
+            y = self.bn_plain(y)
+        elif self.mode == "functional_bn":
+            y = F.batch_norm(y, None, None, training=True)
+        elif self.mode == "grid_sample":
+            grid = torch.linspace(-1, 1, 6).view(1, 6, 1, 1).expand(1, 6, 6, 2)
+            y = F.grid_sample(y, grid, align_corners=False)
+        return self.head(F.relu(y))
+
+
+@pytest.mark.parametrize("mode", ["bn", "bn_no_affine", "functional_bn", "grid_sample"])
+def test_costs_of_batch_statistics_and_grid_sample_match_fvcore(mode):
+    """Bug: a BatchNorm without running statistics (it uses batch statistics even in eval,
+    which fvcore prices like the other norms) and F.grid_sample (4 per output element in
+    fvcore) were priced differently by the analytic cost model."""
+    from prunekit.costs import CostModel, fvcore_counts
+
+    torch.manual_seed(0)
+    model = BatchStatsAndGridSample(mode).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    assert prunekit.count_flops_params(model, x, graph=graph)["flops"] == fvcore_counts(model, x)[0]
+    if mode != "grid_sample":  # grid_sample pins its input; the others prune
+        pruned = prunekit.remove_channels(model, x, {"c": [1, 4]}, graph=graph)
+        mask = graph.removal_mask(graph.units_for({"c": [1, 4]}))
+        assert CostModel(model, graph).flops(mask) == fvcore_counts(pruned, x)[0]
+        assert_exact(model, graph, x, graph.units_for({"c": [1, 4]}))
