@@ -114,6 +114,15 @@ def _adaptive_avg_pool2d(kept: Kept, node: fx.Node, removed) -> int:
     return math.prod(x) if len(x) == 4 else 0
 
 
+def _computed_weight(make: Callable, weight: fx.Node):
+    """A conv or linear whose weight is computed in the forward: its weight's shape is read as traced."""
+
+    def flops(kept: Kept, node: fx.Node, removed) -> int:
+        return make(lambda _removed: kept(weight))(kept, node, removed)
+
+    return flops
+
+
 def _grid_sample(kept: Kept, node: fx.Node, removed) -> int:
     return math.prod(kept(node)) * 4  # fvcore: 4 per output element
 
@@ -197,13 +206,17 @@ class CostModel:
         t = node.target
         if t in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
             w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            transposed = t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
             if isinstance(w, fx.Node) and w.op == "get_attr":
-                transposed = t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
                 return _conv(transposed, self._weight_shape(str(w.target)))
+            if isinstance(w, fx.Node):  # a weight computed in the forward (weight standardisation...)
+                return _computed_weight(lambda shape: _conv(transposed, shape), w)
         if t is F.linear:
             w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
             if isinstance(w, fx.Node) and w.op == "get_attr":
                 return _linear(self._weight_shape(str(w.target)))
+            if isinstance(w, fx.Node):
+                return _computed_weight(_linear, w)
         if t in (torch.matmul, operator.matmul, torch.mm):
             return _matmul
         if t is torch.bmm:

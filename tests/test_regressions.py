@@ -259,3 +259,45 @@ def test_costs_of_batch_statistics_and_grid_sample_match_fvcore(mode):
         mask = graph.removal_mask(graph.units_for({"c": [1, 4]}))
         assert CostModel(model, graph).flops(mask) == fvcore_counts(pruned, x)[0]
         assert_exact(model, graph, x, graph.units_for({"c": [1, 4]}))
+
+
+class StdConv(nn.Conv2d):
+    """Weight standardisation: the weight is computed in the forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ComputedWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.std = StdConv(8, 8, 3, padding=1)
+        self.t = nn.Parameter(torch.randn(8, 4, 2, 2) * 0.3)
+        self.lw = nn.Parameter(torch.randn(5, 4) * 0.3)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)  # free
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.std(self.a(x)))
+        y = F.conv_transpose2d(y, self.t * 0.5, stride=2)
+        z = F.linear(y.mean((2, 3)), self.lw * 1.0)
+        return self.head(F.relu(self.b(x))), z
+
+
+def test_costs_count_convolutions_with_computed_weights():
+    """Bug: F.conv2d / F.conv_transpose2d / F.linear whose weight is computed in the forward
+    (weight standardisation, a scaled parameter) were priced at zero FLOPs."""
+    from prunekit.costs import CostModel, fvcore_counts
+
+    torch.manual_seed(0)
+    model = ComputedWeights().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    assert prunekit.count_flops_params(model, x, graph=graph)["flops"] == fvcore_counts(model, x)[0]
+    assert graph.pinned[graph.producers["a"]].all()  # the computed weight's channels are not followed
+    units = graph.units_for({"b": [0, 3]})
+    pruned = assert_exact(model, graph, x, units)
+    assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]
