@@ -20,7 +20,7 @@ from .pruner import prune
 from .trainer import evaluate, finetune
 from .zoo import unet
 
-UNET_KWARGS = {"in_channels": 1, "num_classes": 2, "width": 16, "depth": 3}
+UNET_KWARGS = {"in_channels": 1, "num_classes": 2, "width": 8, "depth": 3}
 TILE = 64  # 48 training and 16 test tiles of 64x64 from the 512x512 image
 NUCLEI = "prunekit.datasets:nuclei_tiles"
 

@@ -35,6 +35,7 @@ from .errors import PrunekitError
 from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import resolve_scorer, score_units
+from .io import atomic_save_torch, resolve_callable
 from .planner import Planner
 from .surgery import apply_removal
 from .trainer import evaluate, finetune, loss_for, main_output, task_of
@@ -101,26 +102,22 @@ class _Run:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         if self.run_dir is not None:
-            exists = self.run_dir.exists() and any(self.run_dir.iterdir()) if self.run_dir.is_dir() else \
-                self.run_dir.exists()
             if resume and not (self.run_dir / CHECKPOINT).is_file():
                 raise RunDirError(f"cannot resume: '{self.run_dir}' holds no {CHECKPOINT}.")
-            if exists and not resume and not force:
-                raise RunDirError(f"run directory '{self.run_dir}' already exists; pass --force to overwrite "
-                                  f"it or --resume to continue it.")
+            if _occupied(self.run_dir) and not resume:
+                if not force:
+                    raise RunDirError(f"run directory '{self.run_dir}' already exists; pass --force to overwrite "
+                                      f"it or --resume to continue it.")
+                if not _is_run_dir(self.run_dir):
+                    raise RunDirError(f"'{self.run_dir}' is not a prunekit run directory; --force only replaces "
+                                      f"earlier runs, so choose a new or empty directory.")
         elif resume:
             raise RunDirError("resuming needs the run directory of the interrupted run.")
         self.scorer = resolve_scorer(cfg.importance.method)
-        self.validate_fn = None
-        if cfg.validate:
-            from .io import resolve_callable
-
-            self.validate_fn = resolve_callable(cfg.validate)
+        self.validate_fn = resolve_callable(cfg.validate) if cfg.validate else None
         self.finetune_fn = None
         for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune):
             if ft is not None and ft.function:
-                from .io import resolve_callable
-
                 self.finetune_fn = resolve_callable(ft.function)
         shape = cfg.input_shape or list(self.inputs[0].shape)
         self.calibration = load_batches(cfg.data.calibration, shape, "calibration")
@@ -216,8 +213,6 @@ def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
 
 
 def _save_checkpoint(run: _Run, step: int, model: nn.Module, history, candidates) -> None:
-    from .io import atomic_save_torch
-
     run.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "fingerprint": run.fingerprint(),
@@ -337,18 +332,20 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
     return result
 
 
+def _occupied(path: Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / CHECKPOINT).exists() or (path / "manifest.json").exists())
+
+
 def _clear_run_dir(path: Path) -> None:
-    """--force replaces an earlier run, and nothing that is not one."""
+    """--force replaces an earlier run (checked to be one before anything started)."""
     import shutil
 
-    if not path.exists():
-        return
-    if path.is_dir() and not any(path.iterdir()):
-        return
-    if not path.is_dir() or not ((path / CHECKPOINT).exists() or (path / "manifest.json").exists()):
-        raise RunDirError(f"'{path}' is not a prunekit run directory; --force only replaces earlier runs, "
-                          f"so choose a new or empty directory.")
-    shutil.rmtree(path)
+    if _occupied(path):
+        shutil.rmtree(path)
 
 
 def _unreachable(run: _Run, flops: int, params: int) -> str:
