@@ -154,8 +154,9 @@ class CostModel:
 
     # -- compile ---------------------------------------------------------
 
-    def _weight_shape(self, tensor: str) -> Callable[[np.ndarray], tuple]:
-        shape = self.graph.tensor_shapes[tensor]
+    def _weight_shape(self, tensor: str, value: torch.Tensor | None = None) -> Callable[[np.ndarray], tuple]:
+        # a weight recomputed by a hook (weight_norm, spectral_norm) is no parameter: read its value's shape
+        shape = self.graph.tensor_shapes[tensor] if value is None else tuple(value.shape)
         dims = {dim: units for (name, dim), units in self.graph.slices.items() if name == tensor}
 
         def kept_shape(removed: np.ndarray) -> tuple:
@@ -175,9 +176,9 @@ class CostModel:
             m = model.get_submodule(node.target)
             name = str(node.target)
             if isinstance(m, nn.modules.conv._ConvNd):
-                flops = _conv(m.transposed, self._weight_shape(f"{name}.weight"))
+                flops = _conv(m.transposed, self._weight_shape(f"{name}.weight", m.weight))
             elif isinstance(m, nn.Linear):
-                flops = _linear(self._weight_shape(f"{name}.weight"))
+                flops = _linear(self._weight_shape(f"{name}.weight", m.weight))
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
                 # without running statistics it normalises with the batch's, even in eval
                 flops = _scaled_input((5 if m.affine else 4) if m.running_mean is None else (2 if m.affine else 1))

@@ -93,6 +93,12 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) ->
             if isinstance(original, nn.Parameter):
                 value = nn.Parameter(value, requires_grad=original.requires_grad)
             memo[id(original)] = value
+    # a weight recomputed by a hook (old-style weight_norm, spectral_norm) is no leaf, which
+    # deepcopy refuses; the copy's hook recomputes it before every forward
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
     pruned = copy_module(model, memo)
     per_module: dict[str, dict[str, int]] = defaultdict(dict)
     for (name, role), units in graph.widths.items():

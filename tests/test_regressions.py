@@ -301,3 +301,46 @@ def test_costs_count_convolutions_with_computed_weights():
     units = graph.units_for({"b": [0, 3]})
     pruned = assert_exact(model, graph, x, units)
     assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]
+
+
+class HookedWeights(nn.Module):
+    """Old-style weight_norm / spectral_norm: the weight is a plain attribute a hook recomputes."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.a = wrap(nn.Conv2d(3, 8, 3, padding=1))
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = wrap(nn.Linear(8, 4))
+
+    def forward(self, x):
+        y = F.relu(self.c(F.relu(self.b(F.relu(self.a(x))))))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_weights_recomputed_by_hooks(wrap):
+    """Bug: a conv or linear under old-style weight_norm / spectral_norm had its hook-computed
+    weight sliced (KeyError in the cost model and the surgery), and the surgery's deep copy
+    failed on the non-leaf weight. Now such layers pin and the rest prunes."""
+    from prunekit.costs import CostModel, fvcore_counts
+    from prunekit.surgery import apply_removal
+
+    from helpers import assert_close_nested, zero_units
+
+    torch.manual_seed(0)
+    model = HookedWeights(getattr(torch.nn.utils, wrap)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    assert "a" not in graph.producers and "fc" not in graph.producers  # opaque: nothing is sliced
+    assert not any(name.startswith(("a.", "fc.")) for name, _ in graph.slices)
+    assert any("computed by a hook" in p.reason for p in graph.pins)
+    assert prunekit.count_flops_params(model, x, graph=graph)["flops"] == fvcore_counts(model, x)[0]
+    units = graph.units_for({"b": [1, 2]})
+    zero_units(model, graph, units)  # in place: such a model cannot be deep-copied by torch itself
+    expected = model(x).detach()  # with autograd on, as after a training step: the weight is no leaf
+    pruned = apply_removal(model, graph, graph.removal_mask(units)).eval()
+    with torch.no_grad():
+        assert_close_nested(pruned(x), expected)
+    assert pruned.b.out_channels == 6 and pruned.c.in_channels == 6
+    assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]

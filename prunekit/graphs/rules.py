@@ -312,8 +312,15 @@ def _conv_core(op: Op, name: str, weight: torch.Tensor, has_bias: bool, groups: 
     return Chan(1, out_atoms)
 
 
+def _hooked_weight(m: nn.Module) -> bool:
+    """The weight is recomputed by a hook (old-style weight_norm, spectral_norm): nothing to slice."""
+    return "weight" not in m._parameters and "weight" not in m._buffers
+
+
 def conv_module(op: Op):
     m = op.module
+    if _hooked_weight(m):
+        return pin_all("weight computed by a hook (weight_norm or spectral_norm)")(op)
     transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
     name = op.name
     return _conv_core(op, name, m.weight, m.bias is not None, m.groups, transposed,
@@ -359,6 +366,8 @@ def _linear_core(op: Op, name: str, weight_name: str, bias_name: str | None, mod
 
 
 def linear_module(op: Op):
+    if _hooked_weight(op.module):
+        return pin_all("weight computed by a hook (weight_norm or spectral_norm)")(op)
     name = op.name
     return _linear_core(op, name, f"{name}.weight", f"{name}.bias" if op.module.bias is not None else None, True)
 
