@@ -30,7 +30,7 @@ from torch import nn
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
 from .config import Config, load_config, to_dict
 from .costs import CostModel
-from .data import Batches, load_batches
+from .data import load_batches
 from .errors import PrunekitError
 from .graphs import build_graph
 from .graphs.graph import as_inputs
