@@ -208,13 +208,13 @@ class CostModel:
         if t in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
             w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
             transposed = t in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
-            if isinstance(w, fx.Node) and w.op == "get_attr":
+            if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) in self.graph.tensor_shapes:
                 return _conv(transposed, self._weight_shape(str(w.target)))
-            if isinstance(w, fx.Node):  # a weight computed in the forward (weight standardisation...)
+            if isinstance(w, fx.Node):  # computed in the forward (weight standardisation...) or a constant
                 return _computed_weight(lambda shape: _conv(transposed, shape), w)
         if t is F.linear:
             w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-            if isinstance(w, fx.Node) and w.op == "get_attr":
+            if isinstance(w, fx.Node) and w.op == "get_attr" and str(w.target) in self.graph.tensor_shapes:
                 return _linear(self._weight_shape(str(w.target)))
             if isinstance(w, fx.Node):
                 return _computed_weight(_linear, w)

@@ -344,3 +344,43 @@ def test_weights_recomputed_by_hooks(wrap):
         assert_close_nested(pruned(x), expected)
     assert pruned.b.out_channels == 6 and pruned.c.in_channels == 6
     assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]
+
+
+class PlainTensorWeights(nn.Module):
+    """Functional ops reading tensors that are neither parameters nor buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.sobel = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]]).expand(4, 1, 3, 3).clone()  # plain
+        self.stats = torch.rand(4) + 0.5  # plain attributes, not buffers
+        self.centre = torch.randn(4) * 0.1
+        self.proj = torch.randn(3, 4)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)  # free
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        edges = F.conv2d(self.a(x), self.sobel, padding=1, groups=4)
+        edges = F.batch_norm(edges, self.centre, self.stats, training=False)
+        mixed = F.conv2d(edges, torch.ones(3, 4, 1, 1))  # a constant made in the forward
+        z = F.linear(mixed.mean((2, 3)), self.proj.t())
+        return self.head(F.relu(self.b(x))) * z.sum()
+
+
+def test_tensors_that_are_not_parameters_are_not_cut():
+    """Bug: F.conv2d / F.batch_norm / F.linear reading a plain tensor attribute or a constant made
+    in the forward (torch.fx lifts it to '_tensor_constantN') sliced that tensor like a parameter:
+    KeyError in the cost model and in the surgery."""
+    from prunekit.costs import CostModel, fvcore_counts
+
+    torch.manual_seed(0)
+    model = PlainTensorWeights().eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    registered = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    assert all(name in registered for name, _ in graph.slices)
+    assert any("constant of the forward" in p.reason for p in graph.pins)
+    assert prunekit.count_flops_params(model, x, graph=graph)["flops"] == fvcore_counts(model, x)[0]
+    units = graph.units_for({"b": [0, 3]})
+    pruned = assert_exact(model, graph, x, units)
+    assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]

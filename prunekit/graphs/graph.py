@@ -222,7 +222,17 @@ def build_graph(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     graphs = trace_both_modes(model, leaf_modules)
     state = propagate(model, graphs, inputs)
     _unite_shared_tensors(model, state)
+    _pin_unregistered(model, state)
     return ChannelGraph(model, graphs, state)
+
+
+def _pin_unregistered(model: nn.Module, state: ChannelState) -> None:
+    """A tensor a functional op reads that is no parameter or buffer (a constant torch.fx lifted
+    from the forward, a plain tensor attribute) cannot be cut: its channels are pinned."""
+    registered = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    registered.update(n for n, _ in model.named_buffers(remove_duplicate=False))
+    for key in [k for k in state.slices if k[0] not in registered]:
+        state.pin(state.slices.pop(key), f"'{key[0]}' is a constant of the forward, not a parameter or buffer")
 
 
 def _unite_shared_tensors(model: nn.Module, state: ChannelState) -> None:
