@@ -384,3 +384,20 @@ def test_tensors_that_are_not_parameters_are_not_cut():
     units = graph.units_for({"b": [0, 3]})
     pruned = assert_exact(model, graph, x, units)
     assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]
+
+
+def test_train_only_branch_in_an_inherited_forward():
+    """Bug: the check for forwards that branch on self.training read only the model's own class
+    source, so a subclass inheriting such a forward lost its train-only aux head from the graph
+    and the pruned model failed in train mode."""
+    from _inherited_forward import InheritsTrainAux
+
+    from helpers import randomize_norms
+
+    torch.manual_seed(0)
+    model = randomize_norms(InheritsTrainAux()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    graph = prunekit.build_graph(model, x)
+    assert len(graph.fx_graphs) == 2 and "aux.conv" in graph.producers
+    pruned = assert_exact(model, graph, x, graph.units_for({"b.0": [1, 2]}))
+    assert_train_mode_runs(model, pruned, torch.randn(2, 3, 16, 16))

@@ -113,8 +113,9 @@ def _reads_training_flag(model: nn.Module, leaf_modules: Iterable[str]) -> bool:
         if name in leaves or is_leaf_type(m) or m.__module__.startswith("torch.nn"):
             continue
         cls = type(m)
-        if cls not in _READS_TRAINING:
-            _READS_TRAINING[cls] = _branches_on_training(cls)
+        if cls not in _READS_TRAINING:  # an inherited forward counts too: look at every base class
+            _READS_TRAINING[cls] = any(_branches_on_training(k) for k in cls.__mro__
+                                       if k is not object and not k.__module__.startswith(("torch.nn", "builtins")))
         if _READS_TRAINING[cls]:
             return True
     return False
