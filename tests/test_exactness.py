@@ -141,6 +141,7 @@ def test_callers_model_is_not_modified(name):
     ids = {k: id(v) for k, v in model.state_dict(keep_vars=True).items()}
     modes = [m.training for m in model.modules()]
     attrs = [(type(m), dict(vars(m))) for m in model.modules()]
+    keys = [set(vars(m)) for m in model.modules()]
     graph = prunekit.build_graph(model, x, leaf_modules=arch.leaf_modules)
     chosen = {p: idx[: max(1, len(idx) // 2)] for p, idx in graph.prunable_channels().items()}
     try:
@@ -155,6 +156,7 @@ def test_callers_model_is_not_modified(name):
         assert id(v) == ids[k], f"{k} was replaced"
         assert torch.equal(v.detach(), before[k]), f"{k} was modified"
     assert [m.training for m in model.modules()] == modes
+    assert [set(vars(m)) for m in model.modules()] == keys, "attributes were added or removed"
     for (t, d), m in zip(attrs, model.modules()):
         assert type(m) is t
         for key in ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",

@@ -401,3 +401,19 @@ def test_train_only_branch_in_an_inherited_forward():
     assert len(graph.fx_graphs) == 2 and "aux.conv" in graph.producers
     pruned = assert_exact(model, graph, x, graph.units_for({"b.0": [1, 2]}))
     assert_train_mode_runs(model, pruned, torch.randn(2, 3, 16, 16))
+
+
+def test_tracing_leaves_no_constants_on_the_callers_model():
+    """Bug: torch.fx stores tensors made in the forward on the traced module, so build_graph
+    added '_tensor_constant0'... attributes to the caller's model (one more set per call)."""
+    torch.manual_seed(0)
+    model = PlainTensorWeights().eval()
+    x = torch.randn(1, 3, 8, 8)
+    before = {name: set(vars(m)) for name, m in model.named_modules()}
+    for _ in range(2):
+        graph = prunekit.build_graph(model, x)
+        prunekit.count_flops_params(model, x, graph=graph)
+        smaller = prunekit.remove_channels(model, x, {"b": [1]}, graph=graph)
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before
+    assert not any(k.startswith("_tensor_constant") for k in vars(smaller))
+    assert smaller(x).shape == model(x).shape

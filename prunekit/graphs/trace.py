@@ -63,10 +63,17 @@ def training_mode(model: nn.Module, training: bool):
 
 def trace(model: nn.Module, leaf_modules: Iterable[str] = (), training: bool = False) -> fx.Graph:
     tracer = PrunekitTracer(leaf_modules)
+    before = set(model.__dict__)
     with training_mode(model, training):
         try:
-            return tracer.trace(model)
+            graph = tracer.trace(model)
+            # torch.fx stores tensors made in the forward on the traced module ('_tensor_constant0'...):
+            # they go with the graph, so the caller's model is left as it was
+            graph.prunekit_constants = {k: model.__dict__.pop(k) for k in list(model.__dict__) if k not in before}
+            return graph
         except Exception as exc:
+            for k in [k for k in model.__dict__ if k not in before]:
+                del model.__dict__[k]
             scope = getattr(exc, "prunekit_scope", None)
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if scope and scope[0]:
@@ -147,10 +154,16 @@ def _shape_of(value):
 class ChannelProp(fx.Interpreter):
     """Runs a traced graph once, recording shapes and channel vectors on each node."""
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, state: ChannelState):
+    def __init__(self, model: nn.Module, graph: fx.Graph, state: ChannelState, meta: bool = False):
         super().__init__(model, graph=graph)
         self.state = state
         self.chans: dict[fx.Node, Any] = {}
+        self.constants = {k: v.to("meta") if meta else v for k, v in getattr(graph, "prunekit_constants", {}).items()}
+
+    def fetch_attr(self, target: str):
+        if target in self.constants:
+            return self.constants[target]
+        return super().fetch_attr(target)
 
     def run_node(self, n: fx.Node) -> Any:
         module = self.fetch_attr(n.target) if n.op == "call_module" else None
@@ -237,10 +250,10 @@ def materialize(value, made: dict | None = None):
     return value
 
 
-def _run(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelState:
+def _run(model: nn.Module, graphs: list[fx.Graph], inputs: tuple, meta: bool = False) -> ChannelState:
     state = ChannelState()
     for graph in graphs:
-        ChannelProp(model, graph, state).run(*inputs)
+        ChannelProp(model, graph, state, meta).run(*inputs)
     return state
 
 
@@ -269,7 +282,7 @@ def propagate(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> Channe
     with torch.no_grad(), training_mode(model, False):
         try:
             meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-            return _run(_on_meta(model), graphs, meta_inputs)
+            return _run(_on_meta(model), graphs, meta_inputs, meta=True)
         except Exception:
             for graph in graphs:
                 for node in graph.nodes:
