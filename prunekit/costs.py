@@ -104,6 +104,8 @@ def _upsample(mode: str | None):
         m = mode or node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest")
         if len(out) != 4:
             return 0
+        if m == "area":  # runs adaptive_avg_pool2d, which fvcore counts by its input
+            return math.prod(kept(node.args[0]))
         return math.prod(out) * {"nearest": 1, "bilinear": 4}.get(m, 0)
 
     return flops

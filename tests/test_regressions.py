@@ -417,3 +417,33 @@ def test_tracing_leaves_no_constants_on_the_callers_model():
     assert {name: set(vars(m)) for name, m in model.named_modules()} == before
     assert not any(k.startswith("_tensor_constant") for k in vars(smaller))
     assert smaller(x).shape == model(x).shape
+
+
+class AreaResize(nn.Module):
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Upsample(scale_factor=0.5, mode="area")
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.interpolate(y, size=(3, 3), mode="area") if self.functional else self.down(y)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("functional", [True, False])
+def test_area_resize_costs_match_fvcore(functional):
+    """Bug: F.interpolate / nn.Upsample with mode='area' run adaptive_avg_pool2d, which fvcore
+    counts (one per input element); the analytic model priced it at zero."""
+    from prunekit.costs import CostModel, fvcore_counts
+
+    torch.manual_seed(0)
+    model = AreaResize(functional).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    assert prunekit.count_flops_params(model, x, graph=graph)["flops"] == fvcore_counts(model, x)[0]
+    units = graph.units_for({"a": [0, 5]})
+    pruned = assert_exact(model, graph, x, units)
+    assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]
