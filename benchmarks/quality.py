@@ -106,7 +106,6 @@ def data_sources(task: str, budget: dict) -> dict:
 
 def prunekit_config(task: str, budget: dict, method: str, seed: int) -> dict:
     """The exact prunekit config of one run; only ``importance.method`` and ``seed`` vary."""
-    batch = UNET_BATCH if task == "unet" else FMNIST_BATCH
     return {
         "targets": {"flops": FLOPS_TARGET, "params": 1.0, "stop_when": "both", "priority": "flops"},
         "importance": {"method": method, "norm": 1, "omega": 0.0, "combine": "mean"},
@@ -114,9 +113,9 @@ def prunekit_config(task: str, budget: dict, method: str, seed: int) -> dict:
         "schedule": {
             "steps": STEPS,
             "finetune": {"iterations": budget["step_iterations"], "lr": LR[task], "weight_decay": 0.0,
-                         "batch_size": batch, "augment": True},
+                         "augment": True},
             "final_finetune": {"iterations": budget["final_iterations"], "lr": FINAL_LR[task],
-                               "weight_decay": 0.0, "batch_size": batch, "augment": True},
+                               "weight_decay": 0.0, "augment": True},
         },
         "data": data_sources(task, budget),
         "validate": None,

@@ -46,6 +46,9 @@ class ImportanceConfig:
     norm: int = 1  # ipad / l1 / l2: the p of the norms
     omega: float = 0.0  # ipad: weight of the filter-norm term
     combine: Literal["mean", "sum", "max"] = "mean"  # how coupled producers' scores make a unit's
+    # per-layer normalisation before the global ranking: "rank" (position within the layer, 0..1)
+    # or "mean" (score / the layer's mean score)
+    normalize: Literal["rank", "mean"] = "rank"
     kwargs: dict = field(default_factory=dict)  # extra options for a custom scorer
 
 
@@ -61,7 +64,6 @@ class Finetune:
     iterations: int = 200
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 8
     task: Literal["auto", "classification", "segmentation"] = "auto"
     augment: bool = True
     function: Optional[str] = None  # package.module:fn(model, train_batches, iterations) replaces the trainer
@@ -131,7 +133,6 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 for _prefix in ("schedule.finetune", "schedule.final_finetune"):
     _CHECKS[f"{_prefix}.iterations"] = (lambda v: v >= 0, "an integer >= 0")
     _CHECKS[f"{_prefix}.lr"] = (lambda v: v > 0, "a positive number")
-    _CHECKS[f"{_prefix}.batch_size"] = (lambda v: v >= 1, "an integer >= 1")
 for _prefix in ("data.calibration", "data.train", "data.val"):
     _CHECKS[f"{_prefix}.batch_size"] = (lambda v: v >= 1, "an integer >= 1")
 

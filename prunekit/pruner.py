@@ -265,9 +265,11 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
         _clear_run_dir(run.run_dir)
         _save_checkpoint(run, 0, current, history, candidates)  # resumable from the first step on
     message = ""
+    graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
     try:
         while True:
-            graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
+            if graph is None:
+                graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
             costs = CostModel(current, graph)
             flops, params = costs.flops(), costs.params()
             if run.meets(flops, params):
@@ -277,13 +279,14 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
             _seed(cfg.seed + step)
             started = time.perf_counter()
             scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
-                                 cfg.importance.combine)
+                                 cfg.importance.combine, cfg.importance.normalize)
             plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.goal(step))
             if plan.units.size == 0:
                 step -= 1
                 message = _unreachable(run, flops, params)
                 break
             current = apply_removal(current, graph, graph.removal_mask(plan.units))
+            graph = None
             run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
             metric = run.metric(current)
             record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,

@@ -89,9 +89,11 @@ def test_weight_scorers():
 def test_scores_normalised_per_layer_and_pinned_units_infinite():
     model = _model()
     graph = prunekit.build_graph(model, torch.randn(1, 2, 5, 5))
-    scores = unit_scores(graph, {"conv": [1.0, 2.0, 3.0, 6.0]})
     conv_units = graph.producers["conv"]
-    assert np.allclose(scores[conv_units], [1 / 3, 2 / 3, 1.0, 2.0])  # divided by the layer's mean
+    by_mean = unit_scores(graph, {"conv": [1.0, 2.0, 3.0, 6.0]}, normalize="mean")
+    assert np.allclose(by_mean[conv_units], [1 / 3, 2 / 3, 1.0, 2.0])  # divided by the layer's mean
+    scores = unit_scores(graph, {"conv": [5.0, 2.0, 9.0, 1.0]})
+    assert np.allclose(scores[conv_units], [2 / 3, 1 / 3, 1.0, 0.0])  # rank within the layer
     assert np.isinf(scores[graph.producers["head"]]).all()  # output channels are pinned
 
 

@@ -154,7 +154,7 @@ def test_finetune_validate_keep_best_and_outputs(tmp_path):
     model = make_unet()
     x = torch.rand(1, 1, 32, 32)
     cfg = unet_config(
-        schedule={"steps": 2, "finetune": {"iterations": 3, "batch_size": 4}},
+        schedule={"steps": 2, "finetune": {"iterations": 3}},
         data={"calibration": {"factory": "tests.test_pruner:seg_batches"},
               "train": {"factory": "tests.test_pruner:seg_batches"},
               "val": {"factory": "tests.test_pruner:seg_batches", "kwargs": {"seed": 5}}},
@@ -181,7 +181,7 @@ class Interrupt(Exception):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
-    cfg = unet_config(schedule={"steps": 3, "finetune": {"iterations": 2, "batch_size": 4}},
+    cfg = unet_config(schedule={"steps": 3, "finetune": {"iterations": 2}},
                       data={"calibration": {"factory": "tests.test_pruner:seg_batches"},
                             "train": {"factory": "tests.test_pruner:seg_batches"}})
     x = torch.rand(1, 1, 32, 32)

@@ -9,9 +9,10 @@ built-ins receive ``norm``, ``omega``, ``seed`` and, when training data is
 configured, ``loss_batches`` and ``loss_fn``. Producers missing from the
 mapping are never pruned.
 
-Scores are normalised per layer (divided by the layer's mean) so layers of
-different scale compete fairly, then combined over the producers a unit
-couples (mean by default) into one score per unit.
+Scores are normalised per layer (by default to their rank within the layer,
+0..1; or divided by the layer's mean) so layers of different scale compete
+fairly, then combined over the producers a unit couples (mean by default)
+into one score per unit.
 """
 
 from __future__ import annotations
@@ -63,8 +64,25 @@ def _call(scorer: Callable, model, graph, batches, options: dict):
     return scorer(model, graph, batches, **accepted)
 
 
+def _normalised(s: np.ndarray, how: str) -> np.ndarray:
+    """Per-layer scores on a common scale.
+
+    "rank": each filter's position in its layer, 0 (least important) to 1, so
+    every layer offers its weakest filters first and no layer is emptied just
+    because its scores are spread wide. "mean": score / the layer's mean.
+    """
+    if how == "rank":
+        if len(s) == 1:
+            return np.zeros(1)
+        ranks = np.empty(len(s))
+        ranks[np.argsort(s, kind="stable")] = np.arange(len(s))
+        return ranks / (len(s) - 1)
+    scale = np.abs(s).mean()
+    return s / scale if scale > 0 else s
+
+
 def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str = "mean",
-                source: str = "scorer") -> np.ndarray:
+                source: str = "scorer", normalize: str = "rank") -> np.ndarray:
     """One score per unit: per-layer normalised producer scores, combined; +inf when unscored or pinned."""
     if not isinstance(scores, Mapping):
         raise PrunekitError(f"{source} must return a mapping of producer name to scores, got {type(scores).__name__}.")
@@ -81,8 +99,7 @@ def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str 
                                 f"which has {len(units)} output channels.")
         if not np.isfinite(s).all():
             raise PrunekitError(f"{source} returned a score that is not finite for '{name}'.")
-        scale = np.abs(s).mean()
-        s = s / scale if scale > 0 else s
+        s = _normalised(s, normalize)
         np.add.at(total, units, s)
         np.add.at(count, units, 1)
         np.maximum.at(peak, units, s)
@@ -94,7 +111,7 @@ def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str 
 
 
 def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable = (),
-                options: dict | None = None, combine: str = "mean") -> np.ndarray:
+                options: dict | None = None, combine: str = "mean", normalize: str = "rank") -> np.ndarray:
     """Run a scorer on ``model`` and return one score per unit of ``graph``."""
     scorer = resolve_scorer(method)
     name = method if isinstance(method, str) else getattr(scorer, "__name__", "scorer")
@@ -102,4 +119,4 @@ def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable
         raw = _call(scorer, model, graph, batches, dict(options or {}))
     except ValueError as exc:
         raise PrunekitError(f"importance '{name}': {exc}") from None
-    return unit_scores(graph, raw, combine, source=f"importance '{name}'")
+    return unit_scores(graph, raw, combine, source=f"importance '{name}'", normalize=normalize)
