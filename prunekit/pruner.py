@@ -37,6 +37,7 @@ from .graphs.graph import as_inputs
 from .importance import resolve_scorer, score_units
 from .io import atomic_save_torch, resolve_callable
 from .planner import Planner
+from .progress import progress_bar
 from .surgery import apply_removal
 from .trainer import evaluate, finetune, loss_for, main_output, task_of
 
@@ -158,9 +159,8 @@ class _Run:
 
     def calibration_inputs(self):
         source = self.calibration or self.train
-        if source is not None:
-            return list(source.inputs())
-        return list(self.inputs)
+        inputs = list(source.inputs()) if source is not None else list(self.inputs)
+        return _Shown(inputs, "calibration", self.progress)
 
     def scoring_options(self, step: int) -> dict:
         cfg = self.config.importance
@@ -202,6 +202,22 @@ class _Run:
     def log(self, text: str) -> None:
         if self.progress:
             print(text, file=sys.stderr, flush=True)
+
+
+class _Shown:
+    """A re-iterable list of batches with a progress bar on every pass."""
+
+    def __init__(self, items: list, label: str, enabled: bool):
+        self.items, self.label, self.enabled = items, label, enabled
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        with progress_bar(self.label, len(self.items), self.enabled) as advance:
+            for item in self.items:
+                yield item
+                advance()
 
 
 def _state_copy(model: nn.Module) -> dict:

@@ -231,3 +231,23 @@ def test_bad_inputs_leave_no_run_dir(tmp_path):
         prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32),
                        unet_config(data={"calibration": {"images": str(tmp_path / "missing")}}), run_dir=run)
     assert not run.exists()
+
+
+def test_taylor_uses_the_training_loss():
+    model = make_unet()
+    x = torch.rand(1, 1, 32, 32)
+    cfg = unet_config(importance={"method": "taylor"},
+                      data={"calibration": {"factory": "tests.test_pruner:seg_batches"},
+                            "train": {"factory": "tests.test_pruner:seg_batches"}})
+    result = prunekit.prune(model, x, cfg, progress=False)
+    assert result.targets_met
+    graph = prunekit.build_graph(model, x)
+    from prunekit.importance.activations import taylor
+    from prunekit.trainer import loss_for
+
+    scores = taylor(model, graph, [], loss_batches=seg_batches(), loss_fn=loss_for("segmentation"))
+    assert set(scores) >= {"enc1.block.0", "dec1.block.3"}
+    assert all((s >= 0).all() and s.shape == (len(graph.producers[n]),) for n, s in scores.items())
+    assert any(s.max() > 0 for s in scores.values())
+    with pytest.raises(prunekit.PrunekitError, match="needs a loss"):
+        prunekit.prune(model, x, unet_config(importance={"method": "taylor"}), progress=False)
