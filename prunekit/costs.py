@@ -140,7 +140,7 @@ class CostModel:
     def __init__(self, model: nn.Module, graph: ChannelGraph):
         self.graph = graph
         self._unit_cache: dict[int, np.ndarray] = {}
-        self._terms: list[tuple[str, str, fx.Node, Callable]] = []
+        self._terms: list[tuple[str, fx.Node, Callable]] = []  # (owning module, node, flop count)
         self._constant: dict[str, int] = defaultdict(int)
         live = _reaching_output(graph.fx_graph)
         for node in graph.fx_graph.nodes:
@@ -203,7 +203,7 @@ class CostModel:
         elif node.op == "call_method" and node.target == "bmm":
             flops = _bmm
         if flops is not None:
-            self._terms.append((self._owner(node), node.target if node.op != "call_module" else "", node, flops))
+            self._terms.append((self._owner(node), node, flops))
 
     def _function_flops(self, node: fx.Node):
         t = node.target
@@ -283,7 +283,7 @@ class CostModel:
         removed = self._mask(removed)
         kept = self._kept_fn(removed)
         out: dict[str, int] = defaultdict(int, self._constant)
-        for owner, _, node, fn in self._terms:
+        for owner, node, fn in self._terms:
             out[owner] += int(fn(kept, node, removed))
         return dict(out)
 
