@@ -327,18 +327,28 @@ def conv_module(op: Op):
                       f"{name}.weight", f"{name}.bias", module=True)
 
 
+def _weight_and_bias(op: Op) -> tuple[str, str | None] | None:
+    """Qualified names of a functional layer's weight and bias; None unless both come
+    straight from the model's tensors (a computed weight cannot be sliced)."""
+    weight_name = _param_name(op, op.raw(1, "weight"))
+    bias_raw = op.raw(2, "bias")
+    bias_name = _param_name(op, bias_raw)
+    if weight_name is None or (bias_raw is not None and bias_name is None):
+        return None
+    return weight_name, bias_name
+
+
 def conv_function(transposed: bool) -> Callable[[Op], Any]:
     def rule(op: Op):
-        weight_name = _param_name(op, op.raw(1, "weight"))
-        bias_raw = op.raw(2, "bias")
-        bias_name = _param_name(op, bias_raw)
-        if weight_name is None or (bias_raw is not None and bias_name is None):
+        names = _weight_and_bias(op)
+        if names is None:
             return unknown(op)
+        weight_name, bias_name = names
         groups = op.value(6, "groups", 1)
         if groups != 1:  # a literal in the forward: it would not follow the removed channels
             return pin_all("groups of a functional convolution are fixed in code")(op)
         return _conv_core(op, weight_name.rsplit(".", 1)[0] if weight_name.endswith(".weight") else weight_name,
-                          op.value(1, "weight"), bias_raw is not None, groups, transposed,
+                          op.value(1, "weight"), bias_name is not None, groups, transposed,
                           weight_name, bias_name, module=False)
 
     return rule
@@ -373,12 +383,10 @@ def linear_module(op: Op):
 
 
 def linear_function(op: Op):
-    weight_name = _param_name(op, op.raw(1, "weight"))
-    bias_raw = op.raw(2, "bias")
-    bias_name = _param_name(op, bias_raw)
-    if weight_name is None or (bias_raw is not None and bias_name is None):
+    names = _weight_and_bias(op)
+    if names is None:
         return unknown(op)
-    return _linear_core(op, weight_name, weight_name, bias_name, False)
+    return _linear_core(op, names[0], names[0], names[1], False)
 
 
 def _holder(op: Op, tensors: list[str], group_size: int = 1, module: bool = True):
