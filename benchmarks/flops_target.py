@@ -30,31 +30,16 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 import warnings
-from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-try:
-    import prunekit
-except ImportError:  # run from a checkout without an editable install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import prunekit
-
+from common import CLOCKS, add_threads_clock_json, apply_threads_clock, check_runs, environment, \
+    environment_line, load_average, params, prunekit, save_json, table, tp
 from prunekit.costs import fvcore_counts
-
-try:
-    import torch_pruning as tp
-except ImportError:
-    tp = None
 
 MODELS = ["resnet50", "densenet121", "unet"]
 FLOPS_TARGET = 0.5
@@ -75,7 +60,6 @@ def prunekit_config(last_layer: str) -> dict:
     }
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
@@ -126,20 +110,8 @@ def run_tp(model: nn.Module, x: torch.Tensor, last: str, time_limit: float | Non
     return {"seconds": seconds, "model": model, "steps": steps, "tp_ratio": macs / base_macs, "finished": reached}
 
 
-def check_runs(original: nn.Module, pruned: nn.Module, x: torch.Tensor, who: str) -> None:
-    pruned.eval()
-    with torch.no_grad():
-        want, got = original(x), pruned(x)
-    if got.shape != want.shape:
-        raise RuntimeError(f"{who}: pruned model returns {tuple(got.shape)}, the original {tuple(want.shape)}")
-
-
 def within(ratio: float) -> bool:
     return FLOPS_TARGET - TOLERANCE <= ratio <= FLOPS_TARGET + 1e-9
-
-
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def bench_model(name: str, repeats: int, use_tp: bool, tp_time_limit: float | None) -> dict:
@@ -190,17 +162,6 @@ def bench_model(name: str, repeats: int, use_tp: bool, tp_time_limit: float | No
 # -- printing ----------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> str:
     have_tp = any("tp" in r for r in rows)
     header = ["model", "pk s", "pk steps", "pk FLOPs", "pk params", "pk 1%"]
@@ -241,31 +202,7 @@ def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> 
         notes.append("Torch-Pruning is not installed (pip install --no-deps torch-pruning==1.6.1): prunekit only.")
     else:
         notes.append("Torch-Pruning skipped (--no-tp): prunekit only.")
-    return "\n".join([title, "", _table(header, body, set(range(1, len(header)))), "", *notes])
-
-
-def _dist_version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def environment() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_pruning": _dist_version("torch-pruning") if tp is not None else None,
-            "fvcore": _dist_version("fvcore"), "prunekit": prunekit.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_average": _load()}
+    return "\n".join([title, "", table(header, body, set(range(1, len(header)))), "", *notes])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,24 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when it is installed")
     parser.add_argument("--tp-time-limit", type=float, metavar="SECONDS",
                         help="stop a Torch-Pruning run after this long (its time is then a lower bound)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall: time.perf_counter (default); cpu: process CPU time, steadier when other "
-                             "jobs share the machine (use with --threads 1)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="save all results here")
+    add_threads_clock_json(parser, "save all results here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     global clock
-    clock = CLOCKS[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = apply_threads_clock(args)
     use_tp = tp is not None and not args.no_tp
 
-    env = environment()
-    print(f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs (load {env['load_average']}), "
-          f"prunekit {env['prunekit']}, Torch-Pruning {env['torch_pruning'] or 'not installed'}"
-          f"{' (skipped)' if tp is not None and not use_tp else ''}", flush=True)
+    env = environment(fvcore=True)
+    print(f"{environment_line(env)}{' (skipped)' if tp is not None and not use_tp else ''}", flush=True)
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -308,13 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     print()
     print(format_results(rows, args.repeats, args.clock))
-    env["load_average_after"] = _load()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "clock": args.clock, "repeats": args.repeats,
-                                         "flops_target": FLOPS_TARGET, "speedup_target": SPEEDUP_TARGET,
-                                         "models": rows}, indent=2))
-        print(f"\nsaved {args.json}")
+    env["load_average_after"] = load_average()
+    save_json(args.json, {"environment": env, "clock": args.clock, "repeats": args.repeats,
+                          "flops_target": FLOPS_TARGET, "speedup_target": SPEEDUP_TARGET, "models": rows})
     return 0
 
 

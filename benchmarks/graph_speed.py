@@ -21,34 +21,20 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import os
-import platform
 import statistics
 import sys
-import time
 import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-try:
-    import prunekit
-except ImportError:  # run from a checkout without an editable install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import prunekit
-
-try:
-    import torch_pruning as tp
-except ImportError:
-    tp = None
+from common import CLOCKS, add_threads_clock_json, apply_threads_clock, check_runs, environment, \
+    environment_line, load_average, prunekit, save_json, table, tp
 
 MODELS = ["resnet50", "densenet121", "mobilenet_v3_large", "efficientnet_b0", "unet"]
 SCALING = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 TARGET = 0.5  # prunekit total <= TARGET x Torch-Pruning's time
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]  # --clock cpu: this process's CPU time, steadier on a shared machine
 
 
@@ -105,14 +91,6 @@ def timed(fn: Callable[[], tuple], repeats: int, warmup: int = 1) -> list[tuple]
 
 def stats(seconds: list[float]) -> dict[str, float]:
     return {"best": min(seconds), "median": statistics.median(seconds), "runs": seconds}
-
-
-def check_runs(original: nn.Module, pruned: nn.Module, x: torch.Tensor, who: str) -> None:
-    pruned.eval()
-    with torch.no_grad():
-        want, got = original(x), pruned(x)
-    if got.shape != want.shape:
-        raise RuntimeError(f"{who}: pruned model returns {tuple(got.shape)}, the original {tuple(want.shape)}")
 
 
 def flops_params(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
@@ -183,17 +161,6 @@ def bench_scaling(names: list[str], repeats: int) -> list[dict]:
 # -- printing ----------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> str:
     have_tp = any("tp" in r for r in rows)
     header = ["model", "nodes", "pk build", "pk remove", "pk total", "pk total med"]
@@ -225,7 +192,7 @@ def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> 
     else:
         notes.append("Torch-Pruning is not installed (pip install --no-deps torch-pruning==1.6.1): prunekit only.")
     notes.append("FLOPs kept = pruned / original FLOPs, all counted by prunekit.count_flops_params.")
-    return "\n".join([title, "", _table(header, body, set(range(1, len(header)))), "", *notes])
+    return "\n".join([title, "", table(header, body, set(range(1, len(header)))), "", *notes])
 
 
 def format_scaling(rows: list[dict], repeats: int, clock_name: str = "wall") -> str:
@@ -238,31 +205,8 @@ def format_scaling(rows: list[dict], repeats: int, clock_name: str = "wall") -> 
                else "NOT constant: look for superlinear work")
     return "\n".join([f"Grouping scales linearly: build_graph {clock_name}-clock time per graph node "
                       f"(best of {repeats}, med = median)", "",
-                      _table(header, body, set(range(1, len(header)))), "",
+                      table(header, body, set(range(1, len(header)))), "",
                       f"us/node max/min = {spread:.2f} ({verdict})"])
-
-
-def environment() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_pruning": _dist_version("torch-pruning") if tp is not None else None,
-            "prunekit": prunekit.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": _load()}
-
-
-def _dist_version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)  # torch_pruning.__version__ still says 1.6.0 in the 1.6.1 wheel
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,22 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (default 3)")
     parser.add_argument("--scaling", nargs="*", default=SCALING, metavar="NAME",
                         help="models for the per-node check (default resnet18..152; give none to skip)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall: time.perf_counter (default); cpu: process CPU time, steadier when other "
-                             "jobs share the machine (use with --threads 1)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="save all timings here")
+    add_threads_clock_json(parser, "save all timings here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     global clock
-    clock = CLOCKS[args.clock]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    clock = apply_threads_clock(args)
 
     env = environment()
-    print(f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs (load {env['load_average']}), "
-          f"prunekit {env['prunekit']}, Torch-Pruning {env['torch_pruning'] or 'not installed'}", flush=True)
+    print(environment_line(env), flush=True)
     rows, scaling = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torchvision / torch.jit deprecation chatter
@@ -300,12 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             print(flush=True)
             scaling = bench_scaling(args.scaling, args.repeats)
             print(format_scaling(scaling, args.repeats, args.clock))
-    env["load_average_after"] = _load()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "clock": args.clock, "repeats": args.repeats,
-                                         "target": TARGET, "models": rows, "scaling": scaling}, indent=2))
-        print(f"\nsaved {args.json}")
+    env["load_average_after"] = load_average()
+    save_json(args.json, {"environment": env, "clock": args.clock, "repeats": args.repeats, "target": TARGET,
+                          "models": rows, "scaling": scaling})
     return 0
 
 

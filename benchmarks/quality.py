@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -46,21 +45,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
-try:
-    import prunekit
-except ImportError:  # run from a checkout without an editable install
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import prunekit
-
+from common import dist_version, environment_line, load_average, params, prunekit, save_json, table, tp
 from prunekit.costs import fvcore_counts
 from prunekit.trainer import evaluate, finetune
-
-try:
-    import torch_pruning as tp
-except ImportError:
-    tp = None
 
 FLOPS_TARGET = 0.5
 STEPS = 4
@@ -194,10 +182,6 @@ def run_tp_l2(task, budget, seed, pretrained, x, train):
     return model.eval()
 
 
-def params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def bench_task(task: str, budget_name: str, methods: list[str], seeds: list[int]) -> dict:
     budget = BUDGETS[budget_name][task]
     model, x, train, test = load_task(task, budget)
@@ -243,17 +227,6 @@ def bench_task(task: str, budget_name: str, methods: list[str], seeds: list[int]
 # -- printing ----------------------------------------------------------------------
 
 
-def _table(header: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 def _mean(runs: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in runs)
 
@@ -280,23 +253,7 @@ def format_task(result: dict, seeds: list[int]) -> str:
     title = (f"{result['task']}: {what}; pretrained {b['pretrain']} iterations, then {STEPS} steps to "
              f"{FLOPS_TARGET:.0%} FLOPs with {b['step_iterations']} fine-tune iterations each + "
              f"{b['final_iterations']} final" + (f"; mean of seeds {seeds}" if several else f"; seed {seeds[0]}"))
-    return "\n".join([title, "", _table(header, body, set(range(1, len(header))))])
-
-
-def _dist_version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _load() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
+    return "\n".join([title, "", table(header, body, set(range(1, len(header))))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,12 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         methods.remove("tp-l2")
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "prunekit": prunekit.__version__,
-           "torch_pruning": _dist_version("torch-pruning") if tp is not None else None,
-           "fvcore": _dist_version("fvcore"), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "machine": platform.machine(), "load_average": _load()}
-    print(f"torch {env['torch']}, {env['threads']} threads on {env['cpus']} CPUs (load {env['load_average']}), "
-          f"prunekit {env['prunekit']}, Torch-Pruning {env['torch_pruning'] or 'not installed'}; "
-          f"budget {args.budget}", flush=True)
+           "torch_pruning": dist_version("torch-pruning") if tp is not None else None,
+           "fvcore": dist_version("fvcore"), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "machine": platform.machine(), "load_average": load_average()}
+    print(f"{environment_line(env)}; budget {args.budget}", flush=True)
     started = time.perf_counter()
     results = []
     with warnings.catch_warnings():
@@ -340,12 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"FLOPs / params = result / pretrained (FLOPs counted by fvcore). Every method starts from the same "
           f"pretrained weights and uses the same fine-tune iterations and seeds; no validation data steers "
           f"pruning. seconds = pruning + fine-tuning, wall clock. Total {total:.0f} s.")
-    env["load_average_after"] = _load()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "budget": args.budget, "seeds": args.seeds,
-                                         "total_seconds": total, "tasks": results}, indent=2, default=str))
-        print(f"\nsaved {args.json}")
+    env["load_average_after"] = load_average()
+    save_json(args.json, {"environment": env, "budget": args.budget, "seeds": args.seeds, "total_seconds": total,
+                          "tasks": results}, default=str)
     return 0
 
 

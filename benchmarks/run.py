@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FIRST = ["graph_speed", "flops_target", "quality"]  # known benchmarks, in this order; the rest are discovered
-SKIP = {"run"}
+SKIP = {"run", "common"}  # run.py itself and what the benchmarks share (common.py)
 
 
 def available() -> list[str]:
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     names = argv or available()
     if str(HERE.parent) not in sys.path:
         sys.path.insert(0, str(HERE.parent))  # the checkout's prunekit when it is not installed
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))  # `import common`, as when a benchmark runs as a script
     failed = []
     for name in names:
         name = name.removesuffix(".py")

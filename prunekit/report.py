@@ -379,19 +379,24 @@ def _fvcore_line(fv: dict | None, analytic: int, label: str = "") -> str | None:
     return text + "."
 
 
-def render_model_report(data: dict, console) -> None:
-    """Draw :func:`model_report` data: one row per layer (or block), then the totals."""
+def _layer_table(title: str, data: dict):
+    """The per-layer table both model reports draw: ``title`` (plus the depth), then Layer and Type columns."""
     from rich import box
     from rich.table import Table
 
-    totals = data["totals"]
-    title = f"{data['model']}  |  input {_inputs_text(data['input_shapes'])}"
     if data.get("depth"):
         title += f"  |  depth {data['depth']}"
     table = Table(title=title, box=box.SIMPLE_HEAD, show_footer=True, title_justify="left",
                   footer_style="bold")
     table.add_column("Layer", footer="Total", overflow="fold")
     table.add_column("Type", footer="")
+    return table
+
+
+def render_model_report(data: dict, console) -> None:
+    """Draw :func:`model_report` data: one row per layer (or block), then the totals."""
+    totals = data["totals"]
+    table = _layer_table(f"{data['model']}  |  input {_inputs_text(data['input_shapes'])}", data)
     table.add_column("Output", footer="")
     table.add_column("Params", justify="right", footer=_count(totals["params"]))
     table.add_column("FLOPs", justify="right", footer=human(totals["flops"]))
@@ -426,17 +431,8 @@ def render_model_report(data: dict, console) -> None:
 
 def render_compare_report(data: dict, console) -> None:
     """Draw :func:`compare_report` data: before, after and after/before per layer."""
-    from rich import box
-    from rich.table import Table
-
     t = data["totals"]
-    title = f"{data['models'][0]} before and after  |  input {_inputs_text(data['input_shapes'])}"
-    if data.get("depth"):
-        title += f"  |  depth {data['depth']}"
-    table = Table(title=title, box=box.SIMPLE_HEAD, show_footer=True, title_justify="left",
-                  footer_style="bold")
-    table.add_column("Layer", footer="Total", overflow="fold")
-    table.add_column("Type", footer="")
+    table = _layer_table(f"{data['models'][0]} before and after  |  input {_inputs_text(data['input_shapes'])}", data)
     table.add_column("Params before", justify="right", footer=_count(t["before"]["params"]))
     table.add_column("after", justify="right", footer=_count(t["after"]["params"]))
     table.add_column("ratio", justify="right", footer=_ratio_text(t["params_ratio"]))
