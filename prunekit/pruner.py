@@ -330,7 +330,10 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
         model_out, best_step = current, 0
     if cfg.schedule.final_finetune is not None:
         run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
-    final_graph = build_graph(model_out, run.inputs, cfg.model.leaf_modules)
+    if graph is not None and (best is None or best.step == step):
+        final_graph = graph  # the loop's last graph already describes this model's structure
+    else:
+        final_graph = build_graph(model_out, run.inputs, cfg.model.leaf_modules)
     final_costs = CostModel(model_out, final_graph)
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
     result = PruneResult(

@@ -86,22 +86,18 @@ class ChannelState:
             self.pin_reason.setdefault(a, reason)
 
     def add_slice(self, tensor: str, dim: int, atoms: tuple[int, ...]) -> None:
-        """``tensor`` keeps, along ``dim``, the positions whose atom survives.
-
-        A tensor reached twice (a module called on two inputs) must see the
-        same channels both times, so the two vectors are united.
-        """
-        key = (tensor, dim)
-        seen = self.slices.get(key)
-        if seen is None:
-            self.slices[key] = atoms
-        else:
-            self.unite_vectors(seen, atoms)
+        """``tensor`` keeps, along ``dim``, the positions whose atom survives."""
+        self._record(self.slices, (tensor, dim), atoms)
 
     def add_width(self, module: str, role: str, atoms: tuple[int, ...]) -> None:
-        key = (module, role)
-        seen = self.widths.get(key)
+        """``module``'s input or output width is the count of these atoms that survive."""
+        self._record(self.widths, (module, role), atoms)
+
+    def _record(self, table: dict, key: tuple, atoms: tuple[int, ...]) -> None:
+        # reached twice (a module called on two inputs, tied weights): both
+        # vectors must lose the same positions, so they are united
+        seen = table.get(key)
         if seen is None:
-            self.widths[key] = atoms
+            table[key] = atoms
         else:
             self.unite_vectors(seen, atoms)
