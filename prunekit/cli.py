@@ -19,15 +19,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 
 __all__ = ["main", "ModelSpec", "model_options", "load_cli_model", "load_compare_model", "CliError",
            "make_console", "echo_json", "write_text_file"]
@@ -52,19 +52,23 @@ class PrunekitGroup(click.Group):
             raise CliError(_sentence(str(exc))) from None
 
 
-_LEAF_HINT = re.compile(r"leaf_modules=\['([^']+)'\]")
-
-
 def _sentence(text: str) -> str:
-    """One line ending in a single full stop (a quoted message may bring its own); a hint to
-    mark a module as a leaf names the command-line flag."""
+    """One line ending in a single full stop (a quoted message may bring its own)."""
     text = " ".join(text.split()) or "unknown error."
     if text.endswith("..") and not text.endswith("..."):
         text = text.rstrip(".") + "."
-    leaf = _LEAF_HINT.search(text)
-    if leaf and "--leaf" not in text:
-        text = text.rstrip(".") + f"; on the command line, pass --leaf {leaf.group(1)}."
     return text
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """prunekit's own warnings as one line on stderr; others as Python shows them."""
+    if issubclass(category, PrunekitWarning):
+        click.echo(f"Warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
 
 
 @click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,6 +80,7 @@ def main() -> None:
     (--builder package.module:function, --kwargs as a JSON object), or a whole
     pickled module, which is read only with --trusted (unpickling runs code).
     """
+    warnings.showwarning = _show_warning
 
 
 # --------------------------------------------------------------------------- shared model options

@@ -26,7 +26,8 @@ from torch import fx, nn
 
 from .graphs import ChannelGraph, build_graph
 from .graphs.graph import as_inputs
-from .graphs.trace import materialize, training_mode
+from .graphs.trace import training_mode
+from .graphs.walk import materialize
 
 CONVENTION = "1 fused multiply-add = 1 flop (fvcore's convention); multiply by 2 to count multiplies and adds"
 

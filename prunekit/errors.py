@@ -7,7 +7,7 @@ prints it without a traceback and exits with code 2.
 
 from __future__ import annotations
 
-__all__ = ["PrunekitError", "UsageError"]
+__all__ = ["PrunekitError", "PrunekitWarning", "UsageError"]
 
 
 class PrunekitError(Exception):
@@ -18,3 +18,7 @@ class PrunekitError(Exception):
 
 class UsageError(PrunekitError):
     """A bad argument or option value (shape string, builder spec, kwargs)."""
+
+
+class PrunekitWarning(UserWarning):
+    """Work goes on, but the user should know (a module traced as an opaque leaf)."""

@@ -19,6 +19,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
 from .config import Config, load_config, to_dict
 from .costs import CostModel
 from .data import load_batches
-from .errors import PrunekitError
+from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import resolve_scorer, score_units
@@ -133,6 +134,9 @@ class _Run:
         self.original = model
         self.original_widths = module_widths(model)
         self.graph0 = build_graph(model, self.inputs, cfg.model.leaf_modules)
+        for fallback in self.graph0.fallbacks:
+            warnings.warn(f"{fallback.describe()}; {self.graph0.fallback_cost(fallback)} channels pinned.",
+                          PrunekitWarning, stacklevel=3)
         costs = CostModel(model, self.graph0)
         self.flops0, self.params0 = costs.flops(), costs.params()
         self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}

@@ -106,7 +106,26 @@ def _fvcore(model: nn.Module, example_inputs, analytic_flops: int) -> dict:
 def _costs(model: nn.Module, example_inputs, leaf_modules: Iterable[str], graph: ChannelGraph | None):
     graph = graph if graph is not None else build_graph(model, example_inputs, leaf_modules)
     costs = CostModel(model, graph)
-    return costs.layers(), costs.flops(), costs.params(), costs.module_types
+    return costs.layers(), costs.flops(), costs.params(), costs.module_types, graph
+
+
+def tracing_report(graph: ChannelGraph) -> dict:
+    """What tracing could not follow: modules left opaque (why, where, what it cost), and
+    what was specialised to the example input."""
+    return {
+        "fallbacks": [{"module": f.module, "type": f.type, "reason": f.reason, "location": f.location,
+                       "pinned_channels": graph.fallback_cost(f)} for f in graph.fallbacks],
+        "notes": list(graph.notes),
+    }
+
+
+def render_tracing(data: dict, console) -> None:
+    for f in data.get("fallbacks", []):
+        where = f" at {f['location']}" if f["location"] else ""
+        console.print(_txt(f"Traced as an opaque leaf: '{f['module'] or '(whole model)'}' ({f['type']}): "
+                           f"{f['reason']}{where}; {f['pinned_channels']} channels pinned.", "yellow"))
+    for note in data.get("notes", []):
+        console.print(_txt(f"Note: {note}.", "dim"))
 
 
 def model_report(model: nn.Module, example_inputs, depth: int | None = None, *,
@@ -121,7 +140,7 @@ def model_report(model: nn.Module, example_inputs, depth: int | None = None, *,
     """
     check_depth(depth)
     inputs = as_inputs(example_inputs)
-    layers, flops, params, types = _costs(model, inputs, leaf_modules, graph)
+    layers, flops, params, types, graph = _costs(model, inputs, leaf_modules, graph)
     rows = _aggregate(layers, depth, types)
     for row in rows:
         row["flops_share"] = 100.0 * row["flops"] / flops if flops else 0.0
@@ -134,6 +153,7 @@ def model_report(model: nn.Module, example_inputs, depth: int | None = None, *,
         "rows": rows,
         "totals": {"flops": flops, "params": params, "flops_x2": 2 * flops, "flops_x2_note": FLOPS_X2_NOTE},
         "fvcore": _fvcore(model, inputs, flops) if fvcore else None,
+        "tracing": tracing_report(graph),
     }
 
 
@@ -228,6 +248,7 @@ def graph_report(graph: ChannelGraph) -> dict:
             "pinned_units": g.size - len(g.prunable_units),
             "status": _status(len(g.prunable_units), g.size),
             "reasons": list(g.reasons),
+            "granularity": list(g.granularity),
         })
     pins = [{"source": p.source, "channels": int(p.channels), "reason": p.reason} for p in graph.pins]
     pinned_units = int(graph.pinned.sum())
@@ -245,6 +266,7 @@ def graph_report(graph: ChannelGraph) -> dict:
             "pinned_units": pinned_units,
             "pinned_channels": sum(p["channels"] for p in pins),
         },
+        "tracing": tracing_report(graph),
     }
 
 
@@ -427,6 +449,7 @@ def render_model_report(data: dict, console) -> None:
     line = _fvcore_line(data["fvcore"], totals["flops"])
     if line:
         console.print(_txt(line, "dim"))
+    render_tracing(data["tracing"], console)
 
 
 def render_compare_report(data: dict, console) -> None:
@@ -484,6 +507,8 @@ def render_graph_report(data: dict, console) -> None:
     styles = {"prunable": "green", "partly pinned": "yellow", "pinned": "red"}
     for g in data["groups"]:
         status = g["status"] if not g["reasons"] else f"{g['status']}: " + "; ".join(g["reasons"])
+        if g["granularity"]:
+            status += "\n" + "; ".join(g["granularity"])
         table.add_row(
             _txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["size"])),
             _txt(_count(g["prunable_units"])), _txt(", ".join(g["consumers"]) or "-"),
@@ -498,6 +523,7 @@ def render_graph_report(data: dict, console) -> None:
         for p in data["pins"]:
             pins.add_row(_txt(p["source"]), _txt(_count(p["channels"])), _txt(p["reason"], "dim"))
         console.print(pins)
+    render_tracing(data["tracing"], console)
     t = data["totals"]
     console.print(_txt(
         f"{t['groups']} groups over {t['producers']} producers ({t['pinned_groups']} pinned); "

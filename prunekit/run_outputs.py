@@ -16,6 +16,7 @@ from torch import nn
 from .config import to_dict
 from .costs import CONVENTION, CostModel
 from .graphs import ChannelGraph
+from .report import tracing_report
 from .io import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
 
 
@@ -81,6 +82,13 @@ def render_markdown(report: dict) -> str:
         metric = "" if s["metric"] is None else f"{s['metric']:.4f}"
         lines.append(f"| {s['step']} | {s['flops_ratio']:.1%} | {s['params_ratio']:.1%} | {s['removed_units']} "
                      f"| {metric} | {s['seconds']:.1f} |")
+    tracing = report.get("tracing", {})
+    if tracing.get("fallbacks") or tracing.get("notes"):
+        lines += ["", "## Tracing", ""]
+        lines += [f"- `{f['module'] or '(whole model)'}` ({f['type']}) traced as an opaque leaf: {f['reason']}"
+                  + (f" at `{f['location']}`" if f["location"] else "") + f"; {f['pinned_channels']} channels pinned"
+                  for f in tracing.get("fallbacks", [])]
+        lines += [f"- Note: {n}" for n in tracing.get("notes", [])]
     lines += ["", "## Layers", "", "| layer | type | channels | params | FLOPs |", "|---|---|---:|---:|---:|"]
     for row in report["layers"]:
         if row["channels_before"] is None and not row["params_before"] and not row["flops_before"]:
@@ -148,6 +156,7 @@ def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph
     run_dir = Path(result.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     report = build_report(result, layer_rows(original, graph0, result.model, final_graph))
+    report["tracing"] = tracing_report(graph0)
     atomic_save_torch(result.model.state_dict(), run_dir / "model.pt")
     save_json(run_dir / "manifest.json", result.manifest)
     save_json(run_dir / "report.json", report)

@@ -51,12 +51,12 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
     return copied
 
 
-def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict) -> None:
+def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict, grouping: str) -> None:
     """Make the module's size attributes match its new tensors."""
     cin, cout = widths.get("in"), widths.get("out")
     if isinstance(module, nn.modules.conv._ConvNd):
         groups = original.get("groups", 1)
-        if groups > 1:  # depthwise or whole groups removed
+        if groups > 1 and grouping != "positions":  # depthwise or whole groups removed
             module.groups = groups * cin // original["in_channels"]
         module.in_channels = cin
         module.out_channels = cout if cout is not None else cin
@@ -104,7 +104,8 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) ->
     for (name, role), units in graph.widths.items():
         per_module[name][role] = int((~removed[units]).sum())
     for name, widths in per_module.items():
-        _fix_attributes(pruned.get_submodule(name), widths, graph.original_attrs.get(name, {}))
+        _fix_attributes(pruned.get_submodule(name), widths, graph.original_attrs.get(name, {}),
+                        graph.grouping.get(name, ("", 1))[0])
     return pruned
 
 

@@ -126,7 +126,8 @@ def zero_roles(model: nn.Module, graph) -> dict[tuple[str, int], bool]:
             if attr == "bias":
                 zero = True
             elif attr == "weight":
-                out_dim = 0 if (module.groups != 1 or not module.transposed) else 1
+                # a transposed conv's outputs are dim 1, unless only dim 0 is cut (depthwise, whole groups)
+                out_dim = 1 if module.transposed and (tensor, 1) in graph.slices else 0
                 zero = dim == out_dim
         elif isinstance(module, nn.Linear):
             zero = attr == "bias" or (attr == "weight" and dim == 0)

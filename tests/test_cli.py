@@ -260,15 +260,21 @@ def untraceable(tmp_path, monkeypatch):
     return path
 
 
-def test_leaf_makes_an_untraceable_model_work(untraceable):
+def test_an_untraceable_module_becomes_a_leaf_and_is_reported(untraceable):
     args = (untraceable, "--builder", "pk_cli_untraceable:net", "--input-shape", "1,3,8,8")
-    bad = _run("graph", *args)
-    assert bad.exit_code == 2 and "--leaf gate" in bad.stderr
-    data = _json("graph", *args, "--leaf", "gate")
-    conv = next(g for g in data["groups"] if g["producers"] == ["conv"])
-    assert conv["status"] == "pinned" and "gate" in conv["reasons"][0]
-    report = _json("report", *args, "--leaf", "gate")
-    assert report["totals"]["params"] == 3 * 8 * 9 + 8 + 8 * 2 + 2
+    for named in ((), ("--leaf", "gate")):
+        data = _json("graph", *args, *named)
+        conv = next(g for g in data["groups"] if g["producers"] == ["conv"])
+        assert conv["status"] == "pinned" and "gate" in conv["reasons"][0]
+        report = _json("report", *args, *named)
+        assert report["totals"]["params"] == 3 * 8 * 9 + 8 + 8 * 2 + 2
+    fallbacks = _json("graph", *args)["tracing"]["fallbacks"]
+    assert [(f["module"], f["type"]) for f in fallbacks] == [("gate", "Gate")]
+    assert "tensor data" in fallbacks[0]["reason"] and fallbacks[0]["location"].endswith(".py:" + str(
+        UNTRACEABLE.splitlines().index(next(l for l in UNTRACEABLE.splitlines() if "if x.sum()" in l)) + 1))
+    assert fallbacks[0]["pinned_channels"] == 16
+    shown = _run("graph", *args)
+    assert shown.exit_code == 0 and "opaque leaf: 'gate' (Gate)" in " ".join(shown.output.split())
 
 
 # --------------------------------------------------------------------------- bad input

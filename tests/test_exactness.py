@@ -12,6 +12,7 @@ and that the caller's model is never modified.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 import prunekit
-from archs import ARCHS, WithUntraceable, build, example
+from archs import ARCHS, DataDependent, WithUntraceable, build, example
 from helpers import (
     as_tuple,
     assert_attributes_consistent,
@@ -240,17 +241,27 @@ def test_train_only_branch_is_in_the_graph():
     assert out.shape == (2, 3) and aux.shape == (2, 3)
 
 
-def test_untraceable_module_is_named_and_can_be_a_leaf():
+def test_a_module_that_branches_on_data_becomes_an_opaque_leaf():
+    """No error: the smallest module whose code branches on tensor data is traced as one op,
+    named with the statement that branches; the rest of the model is prunable and exact."""
     torch.manual_seed(0)
     model = WithUntraceable().eval()
     x = torch.randn(1, 3, 16, 16)
-    with pytest.raises(prunekit.UntraceableModelError) as info:
-        prunekit.build_graph(model, x)
-    message = str(info.value)
-    assert "'gate'" in message and "leaf" in message and "\n" not in message
-    assert isinstance(info.value, prunekit.PrunekitError)
-    graph = prunekit.build_graph(model, x, leaf_modules=["gate"])
-    # the leaf's inputs and outputs are pinned; the rest is prunable and exact
+    graph = prunekit.build_graph(model, x)
+    assert [(f.module, f.type) for f in graph.fallbacks] == [("gate", "DataDependent")]
+    fallback = graph.fallbacks[0]
+    assert "tensor data" in fallback.reason
+    line = inspect.getsourcelines(DataDependent.forward)[1] + 1  # the `if x.sum() > 0:` line
+    assert fallback.location == f"tests/archs.py:{line}"
+    assert graph.fallback_cost(fallback) == 8 + 8  # its input and its output channels
+    _assert_gate_is_opaque(model, graph, x)
+    # naming the leaf up front gives the same graph and no fallback
+    named = prunekit.build_graph(model, x, leaf_modules=["gate"])
+    assert named.fallbacks == [] and named.num_units == graph.num_units
+    _assert_gate_is_opaque(model, named, x)
+
+
+def _assert_gate_is_opaque(model, graph, x):
     with pytest.raises(prunekit.PinnedChannelError):
         graph.coupled_channels("a.0", 0)
     assert "gate.conv" not in graph.producers

@@ -18,7 +18,8 @@ from torch import fx, nn
 
 from ..errors import PrunekitError
 from .state import ChannelState
-from .trace import propagate, trace_both_modes
+from .trace import UNTRACEABLE, Fallback, Traced, trace_both_modes
+from .walk import walk
 
 
 class PinnedChannelError(PrunekitError):
@@ -43,6 +44,7 @@ class Group:
     units: tuple[int, ...]
     prunable_units: tuple[int, ...]
     reasons: tuple[str, ...]
+    granularity: tuple[str, ...] = ()  # how grouped convolutions among its layers are cut
 
     @property
     def size(self) -> int:
@@ -69,9 +71,14 @@ class ChannelGraph:
     produces or reads it. Units are numbered ``0..num_units-1``.
     """
 
-    def __init__(self, model: nn.Module, graphs: list[fx.Graph], state: ChannelState):
-        self.fx_graph = graphs[0]  # eval mode: the one costs are counted on
-        self.fx_graphs = graphs
+    def __init__(self, model: nn.Module, traces: list[Traced], state: ChannelState):
+        self.fx_graph = traces[0].graph  # eval mode: the one costs are counted on
+        self.fx_graphs = [t.graph for t in traces]
+        # modules traced as opaque leaves because their code could not be traced, and
+        # what was specialised to the example input (branches on data at the top level)
+        self.fallbacks: list[Fallback] = list(dict.fromkeys(f for t in traces for f in t.fallbacks))
+        self.notes: list[str] = list(dict.fromkeys(n for t in traces for n in t.notes))
+        self.grouping = dict(state.grouping)
         roots = np.asarray(state.parent, dtype=np.int64)
         while True:  # pointer jumping: every atom ends at its class's root
             jumped = roots[roots]
@@ -187,7 +194,9 @@ class ChannelGraph:
             users = sorted(set().union(*(consumers[u] for u in units)) - set(producers))
             reasons = tuple(sorted({self.unit_pin[u] for u in units if self.pinned[u]}))
             prunable = tuple(u for u in units if not self.pinned[u])
-            out.append(Group(producers, tuple(users), tuple(units), prunable, reasons))
+            granularity = tuple(_granularity(m, *self.grouping[m]) for m in (*producers, *users)
+                                if m in self.grouping)
+            out.append(Group(producers, tuple(users), tuple(units), prunable, reasons, granularity))
         out.sort(key=lambda g: (not g.prunable, g.producers))
         return out
 
@@ -198,10 +207,23 @@ class ChannelGraph:
             counts[(self._state.source[atom][0], reason)] += 1
         return [Pin(src, n, reason) for (src, reason), n in sorted(counts.items())]
 
+    def fallback_cost(self, fallback: Fallback) -> int:
+        """How many channels a fallback leaf pinned (those not pinned for another reason first)."""
+        reason = f"{UNTRACEABLE} ({fallback.type} '{fallback.module}')"
+        return sum(1 for r in self._state.pin_reason.values() if r == reason)
+
     def __repr__(self) -> str:
         prunable = int((~self.pinned).sum())
         return (f"ChannelGraph({len(self.producers)} producers, {self.num_units} units, "
                 f"{prunable} prunable, {len(self.groups)} groups)")
+
+
+def _granularity(name: str, kind: str, groups: int) -> str:
+    if kind == "depthwise":
+        return f"'{name}' is depthwise: each channel goes with its filter"
+    if kind == "positions":
+        return f"'{name}' keeps its {groups} groups: channel j of every group goes together"
+    return f"'{name}' loses whole groups (of {groups})"
 
 
 def _distance(a: str, b: str) -> int:
@@ -219,11 +241,13 @@ def build_graph(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     The model is not modified.
     """
     inputs = as_inputs(example_inputs)
-    graphs = trace_both_modes(model, leaf_modules)
-    state = propagate(model, graphs, inputs)
+    traces = trace_both_modes(model, inputs, leaf_modules)
+    state = ChannelState()
+    for traced in traces:
+        walk(traced, state)
     _unite_shared_tensors(model, state)
     _pin_unregistered(model, state)
-    return ChannelGraph(model, graphs, state)
+    return ChannelGraph(model, traces, state)
 
 
 def _pin_unregistered(model: nn.Module, state: ChannelState) -> None:

@@ -285,25 +285,36 @@ def _conv_core(op: Op, name: str, weight: torch.Tensor, has_bias: bool, groups: 
         chan = Chan(1, state.new_atoms(f"input of {name}", cin, pin="untracked input"))
     in_atoms = chan.atoms
     out_dim_w, in_dim_w = (1, 0) if transposed else (0, 1)
+    kind = "conv_transpose" if transposed else "conv"
+    cin_g, cout_g = cin // groups, cout // groups
     if groups == 1:
-        out_atoms = state.producer_atoms(name, cout, "conv_transpose" if transposed else "conv",
-                                         (weight_name, out_dim_w))
+        out_atoms = state.producer_atoms(name, cout, kind, (weight_name, out_dim_w))
         state.add_slice(weight_name, in_dim_w, in_atoms)
         state.add_slice(weight_name, out_dim_w, out_atoms)
     elif groups == cin == cout:
-        # depthwise: a per-channel holder, like BatchNorm
+        # depthwise: each channel keeps its unit, and this layer owns a filter of it
         out_atoms = in_atoms
+        state.shared_producer(name, in_atoms, "depthwise", (weight_name, 0))
         state.add_slice(weight_name, 0, in_atoms)
+        state.grouping[name] = ("depthwise", groups)
+    elif cin_g > 1 and cout_g > 1:
+        # grouped: channel j of every group leaves together, so the groups stay and each shrinks
+        out_atoms = state.producer_atoms(name, cout, kind, (weight_name, out_dim_w))
+        for atoms, size in ((in_atoms, cin_g), (out_atoms, cout_g)):
+            for g in range(1, groups):
+                state.unite_vectors(atoms[:size], atoms[g * size:(g + 1) * size])
+        state.add_slice(weight_name, in_dim_w, in_atoms if transposed else in_atoms[:cin_g])
+        state.add_slice(weight_name, out_dim_w, out_atoms[:cout_g] if transposed else out_atoms)
+        state.grouping[name] = ("positions", groups)
     else:
-        # grouped: channels leave one whole group at a time
-        out_atoms = state.producer_atoms(name, cout, "conv_transpose" if transposed else "conv",
-                                         (weight_name, out_dim_w))
-        cin_g, cout_g = cin // groups, cout // groups
+        # one channel per group on a side (depthwise with a multiplier): whole groups leave
+        out_atoms = state.producer_atoms(name, cout, kind, (weight_name, out_dim_w))
         for g in range(groups):
             members = in_atoms[g * cin_g:(g + 1) * cin_g] + out_atoms[g * cout_g:(g + 1) * cout_g]
             for a in members[1:]:
                 state.unite(members[0], a)
         state.add_slice(weight_name, 0, in_atoms if transposed else out_atoms)
+        state.grouping[name] = ("whole", groups)
     if has_bias and bias_name:
         state.add_slice(bias_name, 0, out_atoms)
     if module:
@@ -838,6 +849,16 @@ def interpolate(op: Op):
     return spatial(None)(op)
 
 
+def attribute(op: Op):
+    """getattr on a tensor: .T / .mT transpose, .data is the same channels, anything else has none."""
+    name = op.value(1)
+    if name in ("T", "mT"):
+        return permute(op)
+    if name in ("data", "real"):
+        return passthrough(op)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # The tables
 
@@ -885,12 +906,15 @@ _UNARY_FUNCTIONS = [
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
     torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.dropout, torch.log, torch.sign,
     torch.nan_to_num, torch.erf, operator.neg, operator.pos, torch.clone, torch.detach,
+    torch.isnan, torch.isfinite, torch.isinf, operator.invert, torch.logical_not,
 ]
 _BINARY_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
     operator.imul, operator.itruediv, operator.pow, operator.floordiv, torch.add, torch.sub, torch.mul,
     torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow, torch.where, torch.fmod,
     torch.sub, torch.rsub, torch.multiply, torch.subtract, torch.divide,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
 ]
 
 FUNCTION_RULES: dict[Any, Callable[[Op], Any]] = {
@@ -928,13 +952,13 @@ FUNCTION_RULES: dict[Any, Callable[[Op], Any]] = {
     torch.permute: permute, torch.transpose: permute, torch.swapaxes: permute, torch.movedim: permute,
     torch.moveaxis: permute, torch.t: permute,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce, torch.amin: reduce, torch.max: reduce,
-    torch.min: reduce, torch.std: reduce, torch.var: reduce, torch.logsumexp: reduce, torch.prod: reduce,
+    torch.min: reduce, torch.any: reduce, torch.all: reduce, torch.std: reduce, torch.var: reduce, torch.logsumexp: reduce, torch.prod: reduce,
     torch.pixel_shuffle: pin_all("pixel shuffle moves channels into space"),
     torch.pixel_unshuffle: pin_all("pixel unshuffle moves space into channels"),
     torch.channel_shuffle: pin_all("channel shuffle reorders channels"),
     F.pixel_shuffle: pin_all("pixel shuffle moves channels into space"),
     F.pixel_unshuffle: pin_all("pixel unshuffle moves space into channels"),
-    getattr: no_channels, len: no_channels, torch.numel: no_channels,
+    getattr: attribute, len: no_channels, torch.numel: no_channels,
     stochastic_depth: passthrough,  # drops whole samples, never channels
 }
 
@@ -942,11 +966,11 @@ _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
     "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "contiguous", "float", "half", "double",
     "bfloat16", "to", "type", "type_as", "clone", "detach", "requires_grad_", "square", "log", "sign",
-    "exp_", "hardtanh_", "nan_to_num", "erf", "cpu", "cuda",
+    "exp_", "hardtanh_", "nan_to_num", "erf", "cpu", "cuda", "isnan", "isfinite", "isinf", "logical_not",
 ]
 _BINARY_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum",
-    "pow", "pow_", "rsub", "fmod", "where",
+    "pow", "pow_", "rsub", "fmod", "where", "eq", "ne", "lt", "le", "gt", "ge",
 ]
 
 METHOD_RULES: dict[str, Callable[[Op], Any]] = {
@@ -959,7 +983,7 @@ METHOD_RULES: dict[str, Callable[[Op], Any]] = {
     "permute": permute, "transpose": permute, "t": permute, "swapaxes": permute, "movedim": permute,
     "expand": expand, "expand_as": expand, "repeat": expand,
     "mean": reduce, "sum": reduce, "amax": reduce, "amin": reduce, "max": reduce, "min": reduce,
-    "std": reduce, "var": reduce, "logsumexp": reduce, "prod": reduce,
+    "std": reduce, "var": reduce, "logsumexp": reduce, "prod": reduce, "any": reduce, "all": reduce,
     "size": no_channels, "dim": no_channels, "numel": no_channels,
 }
 
@@ -970,22 +994,27 @@ _SIZED_RESHAPES = {"view", "reshape", torch.reshape, "view_as", "reshape_as"}
 SHAPE_KEEPING_RULES = {passthrough, batchnorm_module, prelu_module, groupnorm_module, layernorm_module}
 
 
-def rule_for(node: fx.Node, module: nn.Module | None) -> Callable[[Op], Any]:
-    if node.op == "call_module":
+def rule_for_target(kind: str, target, module: nn.Module | None) -> Callable[[Op], Any]:
+    if kind == "call_module":
         return MODULE_RULES.get(type(module), unknown)
-    if node.op == "call_function":
-        if node.target is getattr and len(node.args) > 1 and node.args[1] in ("T", "mT"):
-            return permute
-        return FUNCTION_RULES.get(node.target, unknown)
-    if node.op == "call_method":
-        return METHOD_RULES.get(node.target, unknown)
-    if node.op == "placeholder":
+    if kind == "call_function":
+        return FUNCTION_RULES.get(target, unknown)
+    if kind == "call_method":
+        return METHOD_RULES.get(target, unknown)
+    if kind == "placeholder":
         return model_input
-    if node.op == "get_attr":
+    if kind == "get_attr":
         return constant
-    if node.op == "output":
+    if kind == "output":
         return model_output
     return unknown
+
+
+def rule_for(node: fx.Node, module: nn.Module | None) -> Callable[[Op], Any]:
+    leaf = node.meta.get("prunekit_leaf")
+    if leaf is not None:
+        return pin_all(leaf)
+    return rule_for_target(node.op, node.target, module)
 
 
 def is_leaf_type(module: nn.Module) -> bool:

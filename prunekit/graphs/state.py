@@ -38,6 +38,9 @@ class ChannelState:
     slices: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)
     # (module name, "in" | "out") -> atoms; drives attribute updates and widths
     widths: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+    # grouped convolution -> (how it is cut: "depthwise", "positions" (channel j of every
+    # group: the groups stay) or "whole" (whole groups leave), its number of groups)
+    grouping: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def new_atoms(self, label: str, count: int, pin: str | None = None) -> tuple[int, ...]:
         start = len(self.parent)
@@ -57,6 +60,16 @@ class ChannelState:
             self.producer_kind[name] = kind
             self.producer_weight[name] = weight
         return atoms
+
+    def shared_producer(self, name: str, atoms: tuple[int, ...], kind: str, weight: tuple[str, int]) -> None:
+        """A layer that owns per-channel weights of channels another layer made (a depthwise conv):
+        listed as a producer of those same atoms."""
+        if name not in self.producers:
+            self.producers[name] = atoms
+            self.producer_kind[name] = kind
+            self.producer_weight[name] = weight
+        else:
+            self.unite_vectors(self.producers[name], atoms)
 
     def find(self, a: int) -> int:
         parent = self.parent

@@ -1,52 +1,456 @@
-"""Tracing with torch.fx, and the pass that walks the trace once with real values.
+"""The concrete tracer: a torch.fx trace in which every proxy also holds its value.
 
-:class:`ChannelProp` is an :class:`torch.fx.Interpreter` that runs every node
-on the example inputs, records the output shape on ``node.meta`` and applies
-that op's channel rule. It is the only pass that executes the model; the
-costs, the surgery and the scorers read what it records.
+The trace is specialised to the example input. Python's questions about a
+proxy (``if``, ``bool``, ``len``, ``int``, ``range``, iteration,
+``isinstance``, ``.dtype``) are answered from the value the proxy has for that
+input, while tensor ops and size queries are still recorded as nodes, so a
+channel count read from ``x.size(1)`` keeps its provenance. The pruned model is
+always the user's own class, never the trace, so nothing is lost by this.
+
+>>> import torchvision
+>>> traced = trace(torchvision.models.resnet18(), (torch.randn(1, 3, 64, 64),))
+>>> traced.values[next(iter(traced.graph.nodes))].shape
+torch.Size([1, 3, 64, 64])
+
+Values are meta tensors (shapes, no data) unless the model needs real data
+(an op without a meta kernel, ``.item()``, a branch on a value at the top
+level); then the trace is run again on real tensors. A module whose code still
+cannot be traced, or branches on its data, becomes an opaque leaf (its
+channels pinned) and the trace goes on: a model that runs is never refused.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
-import textwrap
+import math
+import operator
+import os
+import traceback
 from contextlib import contextmanager
-from typing import Any, Iterable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import fx, nn
+from torch.fx._symbolic_trace import _orig_module_call
 
 from ..errors import PrunekitError
-from .rules import SHAPE_KEEPING_RULES, Op, elementwise, is_leaf_type, passthrough, rule_for
-from .state import ChannelState
+from .rules import SHAPE_KEEPING_RULES, elementwise, is_leaf_type, passthrough, rule_for_target
 
 
 class UntraceableModelError(PrunekitError):
-    """torch.fx could not trace the model (data-dependent control flow...)."""
+    """Kept for compatibility: tracing now falls back to opaque leaves instead of failing."""
 
 
-class PrunekitTracer(fx.Tracer):
-    """Stops at the layers prunekit understands and at the ones the user names."""
+class ExampleInputError(PrunekitError):
+    """The model does not run on the example inputs (wrong shape or dtype)."""
 
-    def __init__(self, leaf_modules: Iterable[str] = ()):
+
+@dataclass(frozen=True)
+class Fallback:
+    """A submodule traced as one opaque op because its code could not be traced."""
+
+    module: str
+    type: str
+    reason: str
+    location: str  # file:line of the statement that failed
+
+    def describe(self) -> str:
+        where = f" at {self.location}" if self.location else ""
+        return f"'{self.module}' ({self.type}) treated as an opaque leaf: {self.reason}{where}"
+
+
+@dataclass
+class Traced:
+    """One trace: the fx graph, each node's value, and what had to be specialised or left opaque."""
+
+    graph: fx.Graph
+    root: nn.Module  # the (meta or real) copy that was traced; node targets name its submodules
+    values: dict[fx.Node, Any]
+    control: list[fx.Node]  # nodes whose value steered Python (if, int(), range...)
+    leaves: dict[str, str]  # opaque leaf module -> why it is opaque
+    fallbacks: list[Fallback] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    reads_training: bool = False
+    meta: bool = True
+
+    def signature(self) -> list[tuple[str, Any]]:
+        return [(n.op, n.target) for n in self.graph.nodes]
+
+
+# ---------------------------------------------------------------------------
+# The proxy
+
+
+_CONCRETE_ATTRS = {"dtype", "device", "is_cuda", "is_meta", "ndim", "requires_grad", "layout", "is_sparse",
+                   "is_quantized", "is_leaf", "grad_fn", "names", "itemsize"}
+
+
+class ConcreteProxy(fx.Proxy):
+    """An fx proxy that knows its value for the example input."""
+
+    def __init__(self, node: fx.Node, tracer: "ConcreteTracer", value: Any):
+        super().__init__(node, tracer)
+        self.prunekit_value = value
+
+    # isinstance(x, torch.Tensor) in a forward holds for a tensor's proxy (only tensors: torch.fx
+    # itself takes anything that claims to be a tuple or a dict apart)
+    @property
+    def __class__(self):  # noqa: D401
+        value = self.prunekit_value
+        return type(value) if isinstance(value, torch.Tensor) else ConcreteProxy
+
+    def __bool__(self) -> bool:
+        return self.tracer.concretize(self, bool)
+
+    def __int__(self) -> int:
+        return self.tracer.concretize(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.concretize(self, operator.index)
+
+    def __float__(self) -> float:
+        return self.tracer.concretize(self, float)
+
+    def __round__(self, ndigits=None):
+        return self.tracer.concretize(self, lambda v: round(v, ndigits))
+
+    def __floor__(self):
+        return self.tracer.concretize(self, math.floor)
+
+    def __ceil__(self):
+        return self.tracer.concretize(self, math.ceil)
+
+    def __trunc__(self):
+        return self.tracer.concretize(self, math.trunc)
+
+    def __format__(self, spec: str) -> str:
+        return format(self.prunekit_value, spec)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.tracer.concretize(self, lambda v: v), dtype=dtype)
+
+    def __len__(self) -> int:
+        value = self.prunekit_value
+        if isinstance(value, torch.Tensor):
+            return self.tracer.concretize(self.size(0), int)
+        return len(value)
+
+    def __iter__(self):
+        value = self.prunekit_value
+        if isinstance(value, dict):
+            return iter(value)
+        return (self[i] for i in range(len(self)))
+
+    def __contains__(self, item) -> bool:
+        return item in self.prunekit_value
+
+    def keys(self):
+        return self.prunekit_value.keys()
+
+    def __setitem__(self, key, value) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "prunekit_value":
+            raise AttributeError(name)
+        value = self.prunekit_value
+        attr = getattr(value, name)  # an AttributeError here is the model's own
+        if isinstance(value, dict) and name in ("items", "values", "get"):
+            return _DictView(self, name)
+        if name in _CONCRETE_ATTRS or not isinstance(value, torch.Tensor) and not callable(attr):
+            return attr
+        if callable(attr):
+            return _Method(self, name)
+        return self.tracer.create_proxy("call_function", getattr, (self, name), {})  # .shape, .T: recorded
+
+
+class _Method:
+    """A tensor method looked up on a proxy; calling it records the call."""
+
+    def __init__(self, proxy: ConcreteProxy, name: str):
+        self.proxy, self.name = proxy, name
+
+    def __call__(self, *args, **kwargs):
+        return self.proxy.tracer.create_proxy("call_method", self.name, (self.proxy,) + args, kwargs)
+
+
+class _DictView:
+    """items() / values() / get() of a dict-valued proxy, item by item through recorded getitems."""
+
+    def __init__(self, proxy: ConcreteProxy, name: str):
+        self.proxy, self.name = proxy, name
+
+    def __call__(self, *args):
+        keys = list(self.proxy.prunekit_value)
+        if self.name == "items":
+            return [(k, self.proxy[k]) for k in keys]
+        if self.name == "values":
+            return [self.proxy[k] for k in keys]
+        key, default = args[0], args[1] if len(args) > 1 else None
+        return self.proxy[key] if key in keys else default
+
+
+def _unwrap(value):
+    return fx.node.map_aggregate(value, lambda a: a.prunekit_value if isinstance(a, ConcreteProxy) else a)
+
+
+# ---------------------------------------------------------------------------
+# The tracer
+
+
+class _LeafNeeded(Exception):
+    """The module running at ``scope`` must be traced as an opaque leaf."""
+
+    def __init__(self, scope: str, reason: str, location: str):
+        super().__init__(reason)
+        self.scope, self.reason, self.location = scope, reason, location
+
+
+class _RealDataNeeded(Exception):
+    """A top-level branch reads data that meta tensors do not have."""
+
+
+_SIZE_METHODS = {"size", "dim", "numel", "nelement"}
+
+
+class ConcreteTracer(fx.Tracer):
+    """Records the model's ops as an fx graph while computing each one's value."""
+
+    def __init__(self, leaves: dict[str, str], inputs: tuple, meta: bool):
         super().__init__()
-        self.leaf_names = set(leaf_modules)
-        self.scopes: list[tuple[str, str]] = []
+        self.leaves = leaves
+        self.inputs = inputs
+        self.meta = meta
+        self.values: dict[fx.Node, Any] = {}
+        self.data_dependent: set[fx.Node] = set()
+        self.control: list[fx.Node] = []
+        self.notes: list[str] = []
+        self.scopes: list[str] = [""]
+        self.executing = 0  # > 0 while a value is being computed: no recording
+        self.reads_training = False
+        self._next_value: Any = None
+
+    # -- what is a leaf ----------------------------------------------------
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaf_names or is_leaf_type(m) or super().is_leaf_module(m, qualname)
+        return qualname in self.leaves or is_leaf_type(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        self.scopes.append((self.path_of_module(m), type(m).__name__))
+        if self.executing:
+            return forward(*args, **kwargs)
+        name = self.path_of_module(m)
+        if self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        self.scopes.append(name)
         try:
-            result = super().call_module(m, forward, args, kwargs)
+            return super().call_module(m, forward, args, kwargs)
         except Exception as exc:
-            if not hasattr(exc, "prunekit_scope"):
-                exc.prunekit_scope = self.scopes[-1]
+            if not hasattr(exc, "prunekit_scopes"):
+                exc.prunekit_scopes = list(self.scopes)
             raise
-        self.scopes.pop()
-        return result
+        finally:
+            self.scopes.pop()
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        if self.executing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # -- the root's arguments: the example inputs, then the forward's defaults
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        import inspect
+
+        names = [p.name for p in inspect.signature(root_fn).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+        proxies = []
+        for i, value in enumerate(self.inputs):
+            self._next_value = value
+            name = names[i] if i < len(names) else f"input_{i}"
+            proxies.append(super().create_proxy("placeholder", name, (), {}))
+        root = self.root
+
+        def forward():
+            return root_fn(root, *proxies)
+
+        return forward, []
+
+    # -- values ------------------------------------------------------------
+
+    def create_arg(self, a: Any):
+        if isinstance(a, fx.Proxy):  # before torch.fx's tensor checks, which a tensor's proxy passes
+            return a.node
+        return super().create_arg(a)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        self._next_value = self._evaluate(kind, target, args, kwargs)
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
+        if kind in ("call_module",) and target in self.leaves:
+            proxy.node.meta["prunekit_leaf"] = self.leaves[target]
+        if self._reads_data(kind, target, args, kwargs, self._next_value):
+            self.data_dependent.add(proxy.node)
+        return proxy
+
+    def proxy(self, node: fx.Node) -> ConcreteProxy:
+        self.values[node] = self._next_value
+        return ConcreteProxy(node, self, self._next_value)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        if kind == "get_attr":  # a constant or parameter handed to an op directly
+            self.values[node] = self._fetch(target)
+        return node
+
+    def _evaluate(self, kind: str, target, args, kwargs):
+        args, kwargs = _unwrap(args), _unwrap(kwargs)
+        if kind == "get_attr":
+            return self._fetch(target)
+        module = self.root.get_submodule(target) if kind == "call_module" else None
+        if self.meta:
+            shortcut = _meta_result(kind, target, module, args)
+            if shortcut is not None:
+                return shortcut
+        self.executing += 1
+        try:
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if kind == "call_module":
+                return _orig_module_call(module, *args, **kwargs)
+        finally:
+            self.executing -= 1
+        raise AssertionError(f"unexpected node kind {kind}")
+
+    def _fetch(self, target: str):
+        self.executing += 1  # module attribute reads must not be recorded again
+        try:
+            return _fetch(self.root, target)
+        finally:
+            self.executing -= 1
+
+    def _reads_data(self, kind, target, args, kwargs, value) -> bool:
+        """Whether the value depends on tensor data rather than on shapes only."""
+        if kind == "call_method" and target in _SIZE_METHODS:
+            return False
+        if kind == "call_function" and target is getattr and len(args) > 1 and args[1] == "shape":
+            return False
+        if isinstance(value, torch.Tensor):
+            return True
+        found = []
+        fx.node.map_aggregate((args, kwargs), lambda a: found.append(a.node in self.data_dependent)
+                              if isinstance(a, ConcreteProxy) else None)
+        return any(found)
+
+    # -- Python asks a proxy for a concrete answer ----------------------------
+
+    def concretize(self, proxy: ConcreteProxy, convert: Callable):
+        node = proxy.node
+        if node in self.data_dependent:
+            scope = self.scopes[-1]
+            location = user_location(traceback.extract_stack()[:-2])
+            if scope:
+                raise _LeafNeeded(scope, "its code branches on tensor data", location)
+            if self.meta:
+                raise _RealDataNeeded()
+            self.notes.append(f"a branch on tensor data{f' at {location}' if location else ''} "
+                              "was resolved for the example input")
+        self.control.append(node)
+        return convert(proxy.prunekit_value)
+
+    def to_bool(self, obj) -> bool:
+        return self.concretize(obj, bool)
+
+    def iter(self, obj):
+        return iter(obj)
+
+    def keys(self, obj):
+        return obj.prunekit_value.keys()
+
+
+def _fetch(root: nn.Module, target: str):
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _meta_result(kind: str, target, module: nn.Module | None, args: tuple):
+    """The output of a shape-keeping op on meta tensors, without running it.
+
+    Several such ops (BatchNorm, hardswish...) have slow Python meta kernels,
+    and only the shape matters here.
+    """
+    if kind not in ("call_module", "call_function") or not args or not isinstance(args[0], torch.Tensor):
+        return None
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(t.device.type != "meta" for t in tensors):
+        return None
+    rule = rule_for_target(kind, target, module)
+    if rule in SHAPE_KEEPING_RULES and (kind == "call_module" or rule is passthrough):
+        return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
+    if rule is elementwise and kind == "call_function" and len({t.dtype for t in tensors}) == 1 \
+            and target not in (torch.where,):
+        return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=tensors[0].dtype,
+                           device="meta")
+    return None
+
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def user_location(frames) -> str:
+    """``path:line`` of the innermost frame outside torch and prunekit (the model's own code)."""
+    for frame in reversed(list(frames)):
+        path = os.path.abspath(frame.filename)
+        if path.startswith((_HERE, _TORCH)) or "<" in frame.filename:
+            continue
+        parts = path.split(os.sep)
+        return f"{os.sep.join(parts[-2:])}:{frame.lineno}"
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# Copies to trace: the caller's model is never touched
+
+
+def structural_copy(module: nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    """A copy with new module objects and converted tensors (parameters, buffers, tensor attributes).
+
+    Other attributes are shared with the original: the copy is short-lived and
+    only traced, which is much cheaper than a deepcopy.
+    """
+    memo: dict[int, Any] = {}
+
+    def tensor(t):
+        if id(t) not in memo:
+            memo[id(t)] = convert(t)
+        return memo[id(t)]
+
+    def copy(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        copied = m.__class__.__new__(m.__class__)
+        memo[id(m)] = copied
+        state = {k: tensor(v) if isinstance(v, torch.Tensor) else v for k, v in m.__dict__.items()}
+        state["_parameters"] = {k: None if p is None else nn.Parameter(tensor(p.detach()), p.requires_grad)
+                                for k, p in m._parameters.items()}
+        state["_buffers"] = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
+        state["_modules"] = {k: None if c is None else copy(c) for k, c in m._modules.items()}
+        object.__setattr__(copied, "__dict__", state)  # skips nn.Module.__setattr__'s checks
+        return copied
+
+    return copy(module)
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("meta")
+
+
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
 
 
 @contextmanager
@@ -61,238 +465,137 @@ def training_mode(model: nn.Module, training: bool):
             m.training = flag
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[str] = (), training: bool = False) -> fx.Graph:
-    tracer = PrunekitTracer(leaf_modules)
-    before = set(model.__dict__)
-    with training_mode(model, training):
-        try:
-            graph = tracer.trace(model)
-            # torch.fx stores tensors made in the forward on the traced module ('_tensor_constant0'...):
-            # they go with the graph, so the caller's model is left as it was
-            graph.prunekit_constants = {k: model.__dict__.pop(k) for k in list(model.__dict__) if k not in before}
-            return graph
-        except Exception as exc:
-            for k in [k for k in model.__dict__ if k not in before]:
-                del model.__dict__[k]
-            scope = getattr(exc, "prunekit_scope", None)
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if scope and scope[0]:
-                where = f"module '{scope[0]}' ({scope[1]})"
-                hint = f"mark it as a leaf (leaf_modules=['{scope[0]}'], or `leaf_modules:` in the config)"
-            else:
-                where = f"the forward of {type(model).__name__}"
-                hint = "move the data-dependent code into a submodule and mark that module as a leaf"
-            raise UntraceableModelError(
-                f"torch.fx cannot trace {where}: {first_line}; {hint} so prunekit treats it as one opaque op."
-            ) from None
+@contextmanager
+def _watch_training_reads(tracer: ConcreteTracer):
+    """Notes any read of ``module.training`` by traced code (not by the leaves it runs)."""
 
+    def getattribute(self, name):
+        if name == "training" and not tracer.executing:
+            tracer.reads_training = True
+        return object.__getattribute__(self, name)
 
-def _signature(graph: fx.Graph) -> list[tuple[str, Any]]:
-    return [(n.op, n.target) for n in graph.nodes]
-
-
-def trace_both_modes(model: nn.Module, leaf_modules: Iterable[str] = ()) -> list[fx.Graph]:
-    """The eval-mode graph first, then the train-mode one when it differs.
-
-    Train-only branches (GoogLeNet and Inception aux heads) exist only in the
-    train-mode trace; the channel graph unites both, so the pruned model stays
-    consistent in either mode.
-    """
-    graphs = [trace(model, leaf_modules, training=False)]
-    if not _reads_training_flag(model, leaf_modules):
-        return graphs
+    nn.Module.__getattribute__ = getattribute
     try:
-        train_graph = trace(model, leaf_modules, training=True)
-    except UntraceableModelError:
-        return graphs
-    if _signature(train_graph) != _signature(graphs[0]):
-        graphs.append(train_graph)
-    return graphs
+        yield
+    finally:
+        del nn.Module.__getattribute__
 
 
-_READS_TRAINING: dict[type, bool] = {}
+# ---------------------------------------------------------------------------
+# One trace, with fallbacks
 
 
-def _reads_training_flag(model: nn.Module, leaf_modules: Iterable[str]) -> bool:
-    """Whether any traced-through forward may branch on ``self.training``."""
-    leaves = set(leaf_modules)
-    for name, m in model.named_modules():
-        if name in leaves or is_leaf_type(m) or m.__module__.startswith("torch.nn"):
-            continue
-        cls = type(m)
-        if cls not in _READS_TRAINING:  # an inherited forward counts too: look at every base class
-            _READS_TRAINING[cls] = any(_branches_on_training(k) for k in cls.__mro__
-                                       if k is not object and not k.__module__.startswith(("torch.nn", "builtins")))
-        if _READS_TRAINING[cls]:
-            return True
-    return False
+_MAX_FALLBACKS = 64
+UNTRACEABLE = "could not be traced"  # the pin reason of a fallback leaf's channels
 
 
-def _branches_on_training(cls: type) -> bool:
-    """Whether a class's code has a condition that reads ``.training``."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return True  # no source: assume it might
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.Assert, ast.BoolOp)):
-            tests = [node.test] if not isinstance(node, ast.BoolOp) else node.values
-            for test in tests:
-                if any(isinstance(n, ast.Attribute) and n.attr == "training" for n in ast.walk(test)):
-                    return True
-    return False
+def _trace_once(root: nn.Module, inputs: tuple, leaves: dict[str, str], meta: bool) -> Traced:
+    tracer = ConcreteTracer(leaves, inputs, meta)
+    before = set(root.__dict__)
+    with torch.no_grad(), _watch_training_reads(tracer):
+        graph = tracer.trace(root)
+    # torch.fx stows tensors made in the forward on the root ('_tensor_constant0'...): keep them there
+    graph.prunekit_constants = {k: root.__dict__[k] for k in root.__dict__ if k not in before}
+    return Traced(graph, root, tracer.values, tracer.control, dict(leaves), notes=tracer.notes,
+                  reads_training=tracer.reads_training, meta=meta)
 
 
-def _shape_of(value):
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list)):
-        return tuple(_shape_of(v) for v in value)
+def _failure(exc: BaseException) -> tuple[str, str]:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = f"{type(exc).__name__}: {first}" if not isinstance(exc, fx.proxy.TraceError) else first
+    return reason[:200], user_location(traceback.extract_tb(exc.__traceback__))
+
+
+def trace(model: nn.Module, inputs: tuple, leaf_modules: Iterable[str] = (), training: bool = False) -> Traced:
+    """Trace ``model`` on ``inputs`` in eval (or train) mode; the model itself is not modified."""
+    leaves = dict(leaf_modules) if isinstance(leaf_modules, dict) else \
+        {name: "a leaf named by the user" for name in leaf_modules}
+    fallbacks: list[Fallback] = []
+    use_meta, runs = True, False
+    for _ in range(_MAX_FALLBACKS):
+        copy = structural_copy(model, _to_meta if use_meta else _clone)
+        args = tuple(_to_meta(x) if use_meta and isinstance(x, torch.Tensor) else
+                     _clone(x) if isinstance(x, torch.Tensor) else x for x in inputs)
+        with training_mode(copy, training):
+            try:
+                traced = _trace_once(copy, args, leaves, use_meta)
+                traced.fallbacks = fallbacks
+                return traced
+            except _LeafNeeded as need:
+                _add_leaf(model, need.scope, need.reason, need.location, leaves, fallbacks)
+            except Exception as exc:  # noqa: BLE001 - any failure: real data, then a leaf
+                if use_meta:
+                    use_meta = False
+                    continue
+                if not runs:  # a model that fails by itself is the caller's error, not a tracing problem
+                    _check_runs(model, inputs, training)
+                    runs = True
+                scope = _innermost_new_scope(exc, leaves)
+                if scope is None:
+                    return _opaque_model(model, inputs, training, *_failure(exc), fallbacks)
+                _add_leaf(model, scope, *_failure(exc), leaves, fallbacks)
+    raise PrunekitError(f"tracing {type(model).__name__} needed more than {_MAX_FALLBACKS} opaque leaves.")
+
+
+def _add_leaf(model, scope, reason, location, leaves, fallbacks) -> None:
+    kind = type(model.get_submodule(scope)).__name__
+    fallbacks.append(Fallback(scope, kind, reason, location))
+    leaves[scope] = UNTRACEABLE
+
+
+def _innermost_new_scope(exc: BaseException, leaves: dict) -> str | None:
+    for scope in reversed(getattr(exc, "prunekit_scopes", [])):
+        if scope and scope not in leaves:
+            return scope
     return None
 
 
-class ChannelProp(fx.Interpreter):
-    """Runs a traced graph once, recording shapes and channel vectors on each node."""
-
-    def __init__(self, model: nn.Module, graph: fx.Graph, state: ChannelState, meta: bool = False):
-        super().__init__(model, graph=graph)
-        self.state = state
-        self.chans: dict[fx.Node, Any] = {}
-        self.constants = {k: v.to("meta") if meta else v for k, v in getattr(graph, "prunekit_constants", {}).items()}
-
-    def fetch_attr(self, target: str):
-        if target in self.constants:
-            return self.constants[target]
-        return super().fetch_attr(target)
-
-    def run_node(self, n: fx.Node) -> Any:
-        module = self.fetch_attr(n.target) if n.op == "call_module" else None
-        rule = rule_for(n, module)
-        with self._set_current_node(n):
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            out = _meta_result(n, rule, args)
-            if out is None:
-                out = getattr(self, n.op)(n.target, args, kwargs)
-        op = Op(n, args, kwargs, out, module, self.state, self.chans)
-        chan = rule(op)
-        self.chans[n] = chan
-        n.meta["prunekit_shape"] = _shape_of(out)
-        n.meta["prunekit_chan"] = chan
-        if _opaque_compute(n, module):
-            # what fvcore would count inside an op we do not model: priced once, by shape
-            n.meta["prunekit_call"] = _shapes_only((args, kwargs))
-        return out
-
-
-def _meta_result(n: fx.Node, rule, args: tuple):
-    """The output of a shape-keeping op on meta tensors, without running it.
-
-    Several such ops (BatchNorm, hardswish...) have slow Python meta kernels,
-    and only the shape matters here.
-    """
-    if n.op not in ("call_module", "call_function") or not args:
-        return None
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not tensors or any(t.device.type != "meta" for t in tensors) or not isinstance(args[0], torch.Tensor):
-        return None
-    if rule in SHAPE_KEEPING_RULES and (n.op == "call_module" or rule is passthrough):
-        return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
-    if rule is elementwise and n.op == "call_function" and len({t.dtype for t in tensors}) == 1 \
-            and n.target not in (torch.where,):
-        return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=tensors[0].dtype,
-                           device="meta")
-    return None
-
-
-def _opaque_compute(n: fx.Node, module: nn.Module | None) -> bool:
-    if n.op == "call_module":
-        return not is_leaf_type(module) and any(True for _ in module.parameters())
-    if n.op == "call_function":
-        home = (getattr(n.target, "__module__", None) or "").split(".")[0]
-        return inspect.isfunction(n.target) and home not in ("torch", "_operator", "operator", "math", "builtins")
-    return False
-
-
-class TensorSpec(NamedTuple):
-    shape: tuple
-    dtype: torch.dtype
-    ident: int
-
-
-def _shapes_only(value):
-    """Replace tensors by their specs; parameters (real tensors) are kept."""
-    if isinstance(value, torch.Tensor) and not _is_fake(value):
-        return value
-    if isinstance(value, torch.Tensor):
-        return TensorSpec(tuple(value.shape), value.dtype, id(value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(_shapes_only(v) for v in value) if not hasattr(value, "_fields") else value
-    if isinstance(value, dict):
-        return {k: _shapes_only(v) for k, v in value.items()}
-    return value
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"
-
-
-def materialize(value, made: dict | None = None):
-    """Zeros standing for recorded specs; one tensor per original identity."""
-    made = {} if made is None else made
-    if isinstance(value, TensorSpec):
-        if value.ident not in made:
-            made[value.ident] = torch.zeros(value.shape, dtype=value.dtype)
-        return made[value.ident]
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(materialize(v, made) for v in value)
-    if isinstance(value, dict):
-        return {k: materialize(v, made) for k, v in value.items()}
-    return value
-
-
-def _run(model: nn.Module, graphs: list[fx.Graph], inputs: tuple, meta: bool = False) -> ChannelState:
-    state = ChannelState()
-    for graph in graphs:
-        ChannelProp(model, graph, state, meta).run(*inputs)
-    return state
-
-
-def _on_meta(module: nn.Module) -> nn.Module:
-    """A structural copy whose tensors live on the meta device: shapes, no data.
-
-    Module objects and their tensor tables are new; other attributes are
-    shared with the original (the copy is read-only and short-lived), which
-    is much cheaper than a deepcopy.
-    """
-    copied = module.__class__.__new__(module.__class__)
-    state = module.__dict__.copy()
-    state["_parameters"] = {k: None if p is None else nn.Parameter(p.detach().to("meta"), p.requires_grad)
-                            for k, p in module._parameters.items()}
-    state["_buffers"] = {k: None if b is None else b.to("meta") for k, b in module._buffers.items()}
-    state["_modules"] = {k: None if m is None else _on_meta(m) for k, m in module._modules.items()}
-    object.__setattr__(copied, "__dict__", state)  # skips nn.Module.__setattr__'s checks
-    return copied
-
-
-def propagate(model: nn.Module, graphs: list[fx.Graph], inputs: tuple) -> ChannelState:
-    """Walk every graph once, on the meta device when the ops allow it (shapes only).
-
-    Ops without a meta kernel fall back to one real forward pass.
-    """
-    with torch.no_grad(), training_mode(model, False):
+def _check_runs(model: nn.Module, inputs: tuple, training: bool) -> None:
+    copy = structural_copy(model, _clone)
+    with torch.no_grad(), training_mode(copy, training):
         try:
-            meta_inputs = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in inputs)
-            return _run(_on_meta(model), graphs, meta_inputs, meta=True)
-        except Exception:
-            for graph in graphs:
-                for node in graph.nodes:
-                    node.meta.pop("prunekit_call", None)
-        try:
-            return _run(model, graphs, inputs)
-        except Exception as exc:
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExampleInputError(f"the model fails on the example input: {first_line}.") from None
+            copy(*(_clone(x) if isinstance(x, torch.Tensor) else x for x in inputs))
+        except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one sentence
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExampleInputError(f"the model fails on the example input: {first}.") from None
 
 
-class ExampleInputError(PrunekitError):
-    """The model does not run on the example inputs (wrong shape or dtype)."""
+def _opaque_model(model, inputs, training, reason, location, fallbacks) -> Traced:
+    """The whole model as one opaque op: its top-level code could not be traced at all."""
+    copy = structural_copy(model, _clone)
+
+    def whole_model(*args):
+        return copy(*args)
+
+    graph = fx.Graph()
+    values: dict[fx.Node, Any] = {}
+    placeholders = []
+    for i, x in enumerate(inputs):
+        node = graph.placeholder(f"input_{i}")
+        values[node] = x
+        placeholders.append(node)
+    call = graph.call_function(whole_model, tuple(placeholders))
+    with torch.no_grad(), training_mode(copy, training):
+        values[call] = whole_model(*inputs)
+    call.meta["prunekit_leaf"] = UNTRACEABLE
+    graph.output(call)
+    graph.prunekit_constants = {}
+    fallbacks = fallbacks + [Fallback("", type(model).__name__, reason, location)]
+    return Traced(graph, copy, values, [], {"": UNTRACEABLE}, fallbacks, meta=False)
+
+
+def trace_both_modes(model: nn.Module, inputs: tuple, leaf_modules: Iterable[str] = ()) -> list[Traced]:
+    """The eval-mode trace first, then the train-mode one when it differs.
+
+    Train-only branches (aux heads, stochastic depth) exist only in the train
+    trace; the channel graph unites both, so the pruned model stays consistent
+    in either mode. The train trace is taken whenever traced code read a
+    ``.training`` flag.
+    """
+    traces = [trace(model, inputs, leaf_modules, training=False)]
+    if not traces[0].reads_training:
+        return traces
+    train = trace(model, inputs, traces[0].leaves, training=True)
+    if train.signature() != traces[0].signature() or train.leaves != traces[0].leaves:
+        traces.append(train)
+    return traces
