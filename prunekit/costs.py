@@ -27,7 +27,7 @@ from torch import fx, nn
 from .graphs import ChannelGraph, build_graph
 from .graphs.graph import as_inputs
 from .graphs.trace import training_mode
-from .graphs.walk import materialize
+from .graphs.walk import materialize, reaching_output
 
 CONVENTION = "1 fused multiply-add = 1 flop (fvcore's convention); multiply by 2 to count multiplies and adds"
 
@@ -143,7 +143,7 @@ class CostModel:
         self._unit_cache: dict[int, np.ndarray] = {}
         self._terms: list[tuple[str, fx.Node, Callable]] = []  # (owning module, node, flop count)
         self._constant: dict[str, int] = defaultdict(int)
-        live = _reaching_output(graph.fx_graph)
+        live = reaching_output(graph.fx_graph)
         for node in graph.fx_graph.nodes:
             if node in live:  # a value nothing reads is not counted, as fvcore's traced graph drops it
                 self._compile(model, node)
@@ -320,18 +320,6 @@ class CostModel:
         for owner in sorted(set(params) - seen):  # parameters never called in eval (aux heads)
             rows.append(LayerCost(owner, self.module_types.get(owner, ""), (), params[owner], 0))
         return rows
-
-
-def _reaching_output(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes whose value reaches the model's output."""
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    live, stack = set(), [output]
-    while stack:
-        node = stack.pop()
-        if node not in live:
-            live.add(node)
-            stack.extend(node.all_input_nodes)
-    return live
 
 
 class _Call(nn.Module):

@@ -712,6 +712,121 @@ class WithUntraceable(nn.Module):
 
 
 # ---------------------------------------------------------------------------
+# Python control flow that only a concrete trace follows
+
+
+class ShapeChecks(nn.Module):
+    """An input-size check that raises, an assert on shapes, padding computed with int() and %,
+    and a resize guarded by a comparison of spatial sizes (segmentation_models_pytorch's pattern)."""
+
+    def __init__(self, output_stride: int = 4):
+        super().__init__()
+        self.output_stride = output_stride
+        self.enc = cbr(3, 8)
+        self.down = cbr(8, 12, stride=2)
+        self.dec = cbr(12 + 8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if h % self.output_stride != 0 or w % self.output_stride != 0:
+            raise RuntimeError(f"input size {h}x{w} must be divisible by {self.output_stride}")
+        assert x.dim() == 4, "expects N, C, H, W"
+        skip = self.enc(x)
+        y = self.down(skip)
+        pad = int(y.shape[-1] * 2 - skip.shape[-1])
+        y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+        if pad != 0 or y.shape[-2:] != skip.shape[-2:]:
+            y = F.interpolate(y, size=skip.shape[-2:], mode="nearest")
+        return self.head(self.dec(torch.cat([y, skip], dim=1)))
+
+
+class SizeLoops(nn.Module):
+    """Loops whose bounds come from sizes and len(): over the batch, over a list of stages,
+    and a len() of a tensor; a stage count read with len() on a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([cbr(3, 6), cbr(6, 6), cbr(6, 8)])
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        for i in range(len(self.stages)):
+            x = self.stages[i](x)
+            if x.size(-1) > 8:  # spatial size: the same after pruning
+                x = F.max_pool2d(x, 2)
+        rows = [x[b:b + 1] for b in range(len(x))]  # per-sample, then back together
+        return self.head(torch.cat(rows, dim=0))
+
+
+class DefaultArgs(nn.Module):
+    """A forward with defaults the caller never passes, one of them a flag choosing a branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.b = cbr(8, 8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, scale: float = 1.0, return_features: bool = False, mask=None):
+        f = self.b(self.a(x)) * scale
+        if mask is not None:
+            f = f * mask
+        out = self.head(f)
+        return (out, f) if return_features else out
+
+
+class DictInOut(nn.Module):
+    """A dict of inputs, iterated with .items(); a dict of outputs read back with .keys()."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.ModuleDict({"rgb": cbr(3, 6), "depth": cbr(1, 6)})
+        self.fuse = cbr(6, 8)
+        self.heads = nn.ModuleDict({"seg": nn.Conv2d(8, 3, 1), "edge": nn.Conv2d(8, 1, 1)})
+
+    def forward(self, batch: dict):
+        feats = [self.stem[k](v) for k, v in batch.items()]
+        f = self.fuse(sum(feats))
+        out = {k: head(f) for k, head in self.heads.items()}
+        assert set(out.keys()) == {"seg", "edge"}
+        return out
+
+
+class DataBranchTop(nn.Module):
+    """A branch on the input's values in the top-level forward: resolved for the example input
+    (and said so); both branches run the same layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.b = cbr(8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if torch.isnan(x).any():
+            raise ValueError("NaN in the input")
+        f = self.a(x)
+        f = self.b(f) if float(f.mean()) > -1e9 else f
+        return self.head(f)
+
+
+class ChannelCountBranch(nn.Module):
+    """A channel count that steers Python: the channels it counts must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.b = cbr(8, 6)
+        self.wide = nn.Conv2d(6, 2, 1)
+        self.narrow = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.b(self.a(x))
+        return self.wide(x) if x.shape[1] == 6 else self.narrow(x[:, :4])
+
+
+# ---------------------------------------------------------------------------
 # The registry
 
 
@@ -746,6 +861,13 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("shared", SharedNet, _img()),
     Arch("train_aux", TrainAuxNet, _img()),
     Arch("user_leaf", WithUntraceable, _img(), leaf_modules=("gate",)),
+    Arch("shape_checks", ShapeChecks, _img()),
+    Arch("size_loops", SizeLoops, _img()),
+    Arch("default_args", DefaultArgs, _img()),
+    Arch("dict_in_out", DictInOut, lambda n: ({"rgb": torch.randn(n, 3, 16, 16), "depth": torch.randn(n, 1, 16, 16)},)),
+    Arch("data_branch_top", DataBranchTop, _img()),
+    Arch("data_branch_module", WithUntraceable, _img(), pins=("could not be traced",)),
+    Arch("channel_count_branch", ChannelCountBranch, _img(), pins=("decides a branch",)),
     Arch("zoo_unet_transpose", _zoo_unet("transpose"), _img()),
     Arch("zoo_unet_bilinear", _zoo_unet("bilinear"), _img()),
     Arch("zoo_resnet_small", lambda: resnet_small(width=4), _img(h=16, w=16)),

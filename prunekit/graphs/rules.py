@@ -38,6 +38,7 @@ class Op:
     module: nn.Module | None
     state: ChannelState
     chans: dict  # fx.Node -> channel structure of its value
+    live: bool = True  # False when the value never reaches the output (it only steers Python)
 
     @property
     def name(self) -> str:
@@ -532,7 +533,8 @@ def reduce(op: Op):
         dims = [dims]
     dims = {_norm_dim(d, ndim) for d in dims}
     if chan.dim in dims:
-        op.pin_inputs("reduces over channels")
+        if op.live:  # a reduction that only steers Python runs with any channel count
+            op.pin_inputs("reduces over channels")
         return op.opaque("reduced over channels")
     new_dim = chan.dim if keepdim else chan.dim - sum(d < chan.dim for d in dims)
     out = Chan(new_dim, chan.atoms)
@@ -952,7 +954,7 @@ FUNCTION_RULES: dict[Any, Callable[[Op], Any]] = {
     torch.permute: permute, torch.transpose: permute, torch.swapaxes: permute, torch.movedim: permute,
     torch.moveaxis: permute, torch.t: permute,
     torch.mean: reduce, torch.sum: reduce, torch.amax: reduce, torch.amin: reduce, torch.max: reduce,
-    torch.min: reduce, torch.any: reduce, torch.all: reduce, torch.std: reduce, torch.var: reduce, torch.logsumexp: reduce, torch.prod: reduce,
+    torch.min: reduce, torch.any: reduce, torch.count_nonzero: reduce, torch.all: reduce, torch.std: reduce, torch.var: reduce, torch.logsumexp: reduce, torch.prod: reduce,
     torch.pixel_shuffle: pin_all("pixel shuffle moves channels into space"),
     torch.pixel_unshuffle: pin_all("pixel unshuffle moves space into channels"),
     torch.channel_shuffle: pin_all("channel shuffle reorders channels"),
@@ -983,7 +985,7 @@ METHOD_RULES: dict[str, Callable[[Op], Any]] = {
     "permute": permute, "transpose": permute, "t": permute, "swapaxes": permute, "movedim": permute,
     "expand": expand, "expand_as": expand, "repeat": expand,
     "mean": reduce, "sum": reduce, "amax": reduce, "amin": reduce, "max": reduce, "min": reduce,
-    "std": reduce, "var": reduce, "logsumexp": reduce, "prod": reduce, "any": reduce, "all": reduce,
+    "std": reduce, "var": reduce, "logsumexp": reduce, "prod": reduce, "any": reduce, "all": reduce, "count_nonzero": reduce,
     "size": no_channels, "dim": no_channels, "numel": no_channels,
 }
 

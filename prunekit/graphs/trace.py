@@ -21,6 +21,7 @@ channels pinned) and the trace goes on: a model that runs is never refused.
 
 from __future__ import annotations
 
+import builtins
 import math
 import operator
 import os
@@ -92,13 +93,6 @@ class ConcreteProxy(fx.Proxy):
     def __init__(self, node: fx.Node, tracer: "ConcreteTracer", value: Any):
         super().__init__(node, tracer)
         self.prunekit_value = value
-
-    # isinstance(x, torch.Tensor) in a forward holds for a tensor's proxy (only tensors: torch.fx
-    # itself takes anything that claims to be a tuple or a dict apart)
-    @property
-    def __class__(self):  # noqa: D401
-        value = self.prunekit_value
-        return type(value) if isinstance(value, torch.Tensor) else ConcreteProxy
 
     def __bool__(self) -> bool:
         return self.tracer.concretize(self, bool)
@@ -466,6 +460,28 @@ def training_mode(model: nn.Module, training: bool):
 
 
 @contextmanager
+def _isinstance_sees_tensors():
+    """``isinstance(x, torch.Tensor)`` in Python code holds for a tensor's proxy while tracing.
+
+    Python's own ``isinstance`` is swapped, not the proxy's ``__class__``: C++ code
+    asks ``PyObject_IsInstance`` too, and must never mistake a proxy for a tensor.
+    Only tensors: torch.fx itself takes anything that looks like a tuple or a dict apart.
+    """
+    original = builtins.isinstance
+
+    def concrete_isinstance(obj, classes):
+        if type(obj) is ConcreteProxy and original(obj.prunekit_value, torch.Tensor):
+            return original(obj.prunekit_value, classes) or original(obj, classes)
+        return original(obj, classes)
+
+    builtins.isinstance = concrete_isinstance
+    try:
+        yield
+    finally:
+        builtins.isinstance = original
+
+
+@contextmanager
 def _watch_training_reads(tracer: ConcreteTracer):
     """Notes any read of ``module.training`` by traced code (not by the leaves it runs)."""
 
@@ -492,7 +508,7 @@ UNTRACEABLE = "could not be traced"  # the pin reason of a fallback leaf's chann
 def _trace_once(root: nn.Module, inputs: tuple, leaves: dict[str, str], meta: bool) -> Traced:
     tracer = ConcreteTracer(leaves, inputs, meta)
     before = set(root.__dict__)
-    with torch.no_grad(), _watch_training_reads(tracer):
+    with torch.no_grad(), _watch_training_reads(tracer), _isinstance_sees_tensors():
         graph = tracer.trace(root)
     # torch.fx stows tensors made in the forward on the root ('_tensor_constant0'...): keep them there
     graph.prunekit_constants = {k: root.__dict__[k] for k in root.__dict__ if k not in before}
@@ -563,10 +579,6 @@ def _check_runs(model: nn.Module, inputs: tuple, training: bool) -> None:
 def _opaque_model(model, inputs, training, reason, location, fallbacks) -> Traced:
     """The whole model as one opaque op: its top-level code could not be traced at all."""
     copy = structural_copy(model, _clone)
-
-    def whole_model(*args):
-        return copy(*args)
-
     graph = fx.Graph()
     values: dict[fx.Node, Any] = {}
     placeholders = []
@@ -574,9 +586,10 @@ def _opaque_model(model, inputs, training, reason, location, fallbacks) -> Trace
         node = graph.placeholder(f"input_{i}")
         values[node] = x
         placeholders.append(node)
-    call = graph.call_function(whole_model, tuple(placeholders))
+    # the module itself as the target: costs price it with fvcore
+    call = graph.create_node("call_function", copy, tuple(placeholders), name="whole_model")
     with torch.no_grad(), training_mode(copy, training):
-        values[call] = whole_model(*inputs)
+        values[call] = copy(*inputs)
     call.meta["prunekit_leaf"] = UNTRACEABLE
     graph.output(call)
     graph.prunekit_constants = {}

@@ -25,11 +25,12 @@ def walk(traced: Traced, state: ChannelState) -> None:
     chans: dict[fx.Node, Any] = {}
     values = traced.values
     fetch = values.get
+    live = reaching_output(traced.graph)
     for n in traced.graph.nodes:
         module = traced.root.get_submodule(n.target) if n.op == "call_module" else None
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), fetch)
         out = values.get(n)
-        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans))
+        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans, n in live))
         chans[n] = chan
         n.meta["prunekit_shape"] = _shape_of(out)
         n.meta["prunekit_chan"] = chan
@@ -37,6 +38,18 @@ def walk(traced: Traced, state: ChannelState) -> None:
             # what fvcore would count inside an op we do not model: priced once, by shape
             n.meta["prunekit_call"] = _shapes_only((args, kwargs))
     _pin_control_sizes(traced, chans, state)
+
+
+def reaching_output(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose value reaches the model's output."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = set(), [output]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return live
 
 
 def _pin_control_sizes(traced: Traced, chans: dict, state: ChannelState) -> None:
@@ -108,6 +121,8 @@ def _shape_of(value):
 def _opaque_compute(n: fx.Node, module: nn.Module | None) -> bool:
     if n.op == "call_module":
         return not is_leaf_type(module) and any(True for _ in module.parameters())
+    if n.op == "call_function" and "prunekit_leaf" in n.meta:  # the whole model, opaque
+        return True
     if n.op == "call_function":
         home = (getattr(n.target, "__module__", None) or "").split(".")[0]
         return inspect.isfunction(n.target) and home not in ("torch", "_operator", "operator", "math", "builtins")

@@ -1,0 +1,240 @@
+"""Real third-party models (timm CNNs, MONAI networks): graph, prune half, run, count, exactness.
+
+Models nobody on the team wrote, with random weights. For each one:
+
+- the channel graph builds (``prunekit.build_graph`` on the model in eval mode);
+- removing about half of the prunable units (``helpers.pick_units(g, 0.5)``)
+  gives a model that runs in eval and in train mode (batch 2, with a backward
+  pass) with the original's output structure and shapes;
+- the analytic FLOPs agree with fvcore within 1%, before and after, and
+  parameters are counted exactly (``prunekit.count_flops_params``, and the
+  graph's cost model for the cut before it is made);
+- removing a third of the prunable units after zeroing them changes nothing
+  (``helpers.assert_exact``).
+
+Modules traced as opaque leaves (``g.fallbacks``) are recorded as the test's
+``fallbacks`` property (``--junitxml`` shows them) and printed with ``-s``;
+``benchmarks/coverage.py`` reports them for the same models.
+
+Everything is marked slow (``make test-slow``); a few of the fastest models
+also run in the default suite.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+from helpers import assert_attributes_consistent, assert_exact, assert_same_structure, assert_train_mode_runs, \
+    pick_units
+from prunekit.costs import CostModel, fvcore_counts
+from prunekit.surgery import apply_removal
+
+timm = pytest.importorskip("timm")
+monai_nets = pytest.importorskip("monai.networks.nets")
+
+# -- timm: the smallest variant of each family, random weights -------------------------------------
+
+TIMM = [
+    # plain and bottleneck residual nets
+    "resnet10t", "resnet18", "resnet26d", "resnetv2_18", "resnetblur18", "resnet50_gn",
+    "resnext26ts", "seresnet18", "legacy_seresnet18", "seresnext26d_32x4d", "skresnet18", "resnest14d",
+    "res2net50_14w_8s", "res2next50", "eca_resnet33ts", "gcresnet33ts", "bat_resnext26ts", "tresnet_m",
+    # RegNets, NF nets
+    "regnetx_002", "regnety_002", "regnetz_b16", "nf_resnet26", "nf_regnet_b0", "nfnet_l0",
+    # depthwise / inverted residual / NAS families
+    "efficientnet_b0", "efficientnet_es", "efficientnet_b0_gn", "tf_efficientnet_lite0", "tf_efficientnetv2_b0",
+    "mobilenetv2_035", "mobilenetv3_small_050", "mobilenetv3_large_075", "mobilenetv4_conv_small_035",
+    "mixnet_s", "tinynet_e", "hardcorenas_a", "mnasnet_small", "semnasnet_050", "spnasnet_100", "fbnetc_100",
+    "lcnet_035", "rexnet_100", "ghostnet_050", "ghostnetv2_100", "repghostnet_050",
+    # concatenation-heavy nets
+    "densenet121", "dla34", "dla46_c", "dpn48b", "hrnet_w18_small", "vovnet39a", "ese_vovnet19b_dw",
+    "selecsls42b", "hgnet_tiny", "hgnetv2_b0",
+    # cross-stage-partial / darknet
+    "cspresnet50", "cspdarknet53", "cs3darknet_s", "darknet17",
+    # re-parameterisable and plain
+    "repvgg_a0", "mobileone_s0", "gernet_s", "vgg11_bn", "repvit_m0_9",
+    # inception / xception
+    "inception_v3", "inception_v4", "xception41", "legacy_xception",
+    # ConvNeXt-likes and conv/attention hybrids
+    "convnext_atto", "convnextv2_atto", "inception_next_atto", "poolformerv2_s12", "mambaout_femto",
+    "starnet_s050", "fasternet_t0", "edgenext_xx_small", "mobilevit_xxs", "mobilevitv2_050",
+    "efficientvit_b0", "fastvit_t8", "efficientformerv2_s0", "levit_conv_128s",
+]
+# input side: 64 unless the architecture needs more
+TIMM_SIDE: dict[str, int] = {}
+# extra create_model arguments
+TIMM_KWARGS: dict[str, dict] = {}
+
+
+def build_timm(name: str) -> tuple[nn.Module, int]:
+    return timm.create_model(name, pretrained=False, **TIMM_KWARGS.get(name, {})), 3
+
+
+# -- MONAI: each network in 2D and 3D, small widths and inputs ---------------------------------------
+
+def _highresnet_layers(dims: int) -> tuple:
+    return ({"name": "conv_0", "n_features": 8, "kernel_size": 3},
+            {"name": "res_1", "n_features": 8, "kernels": (3, 3), "repeat": 2},
+            {"name": "res_2", "n_features": 16, "kernels": (3, 3), "repeat": 2},
+            {"name": "res_3", "n_features": 16, "kernels": (3, 3), "repeat": 2},
+            {"name": "conv_1", "n_features": 32, "kernel_size": 1},
+            {"name": "conv_2", "kernel_size": 1})
+
+
+MONAI_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "UNet": lambda d: monai_nets.UNet(spatial_dims=d, in_channels=1, out_channels=2, channels=(8, 16, 32, 64),
+                                      strides=(2, 2, 2), num_res_units=2),
+    "BasicUNet": lambda d: monai_nets.BasicUNet(spatial_dims=d, in_channels=1, out_channels=2,
+                                                features=(8, 8, 16, 32, 64, 8)),
+    "BasicUNetPlusPlus": lambda d: monai_nets.BasicUNetPlusPlus(spatial_dims=d, in_channels=1, out_channels=2,
+                                                                features=(8, 8, 16, 32, 64, 8), deep_supervision=True),
+    "AttentionUnet": lambda d: monai_nets.AttentionUnet(spatial_dims=d, in_channels=1, out_channels=2,
+                                                        channels=(8, 16, 32, 64), strides=(2, 2, 2)),
+    "SegResNet": lambda d: monai_nets.SegResNet(spatial_dims=d, init_filters=8, in_channels=1, out_channels=2,
+                                                blocks_down=(1, 2, 2), blocks_up=(1, 1)),
+    "DynUNet": lambda d: monai_nets.DynUNet(spatial_dims=d, in_channels=1, out_channels=2, kernel_size=[3, 3, 3, 3],
+                                            strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2],
+                                            filters=[8, 16, 32, 64], norm_name="instance", deep_supervision=True,
+                                            deep_supr_num=1, res_block=True),
+    "FlexibleUNet": lambda d: monai_nets.FlexibleUNet(in_channels=1, out_channels=2,
+                                                      backbone="efficientnet-b0" if d == 2 else "resnet10",
+                                                      pretrained=False, spatial_dims=d,
+                                                      decoder_channels=(64, 32, 16, 8, 8)),
+    "VNet": lambda d: monai_nets.VNet(spatial_dims=d, in_channels=1, out_channels=2),
+    "HighResNet": lambda d: monai_nets.HighResNet(spatial_dims=d, in_channels=1, out_channels=2,
+                                                  layer_params=_highresnet_layers(d)),
+    "DenseNet121": lambda d: monai_nets.DenseNet121(spatial_dims=d, in_channels=1, out_channels=2, init_features=16,
+                                                    growth_rate=8),
+}
+MONAI = [f"{net}_{d}d" for net in MONAI_BUILDERS for d in (2, 3)]
+# input side per spatial dim: 2D 64x64, 3D 32x32x32 unless listed
+MONAI_SIDE: dict[str, int] = {}
+
+
+def build_monai(name: str) -> tuple[nn.Module, int]:
+    net, dims = name.rsplit("_", 1)
+    return MONAI_BUILDERS[net](int(dims[0])), 1
+
+
+# -- the check -----------------------------------------------------------------------------------------
+
+# seconds per case before the guard fails it
+TIMEOUT: dict[str, int] = {}
+DEFAULT_TIMEOUT = 120
+
+# the default (fast) run
+SMOKE: list[str] = []
+
+
+@contextmanager
+def time_limit(seconds: int, what: str):
+    """Fail (rather than hang) a case that runs past ``seconds``; a no-op where SIGALRM is missing."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{what} ran past {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model (eval mode, seeded random weights) and example inputs of batch 1 and 2."""
+    torch.manual_seed(0)
+    if name in MONAI:
+        model, channels = build_monai(name)
+        dims = int(name.rsplit("_", 1)[1][0])
+        side = MONAI_SIDE.get(name, 64 if dims == 2 else 32)
+    else:
+        model, channels = build_timm(name)
+        dims, side = 2, TIMM_SIDE.get(name, 64)
+    shape = (channels,) + (side,) * dims
+    return model.eval(), torch.randn(1, *shape), torch.randn(2, *shape)
+
+
+def _close(analytic: int, reference: int, what: str) -> None:
+    assert abs(analytic - reference) <= 0.01 * max(reference, 1), f"{what}: analytic {analytic} vs fvcore {reference}"
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check(name: str, seed: int = 0) -> list:
+    """The whole check for one model; returns its fallbacks."""
+    with time_limit(TIMEOUT.get(name, DEFAULT_TIMEOUT), name):
+        model, x1, x2 = build(name)
+        graph = prunekit.build_graph(model, x1)
+
+        flops, _ = fvcore_counts(model, x1)
+        counted = prunekit.count_flops_params(model, x1, graph=graph)
+        _close(counted["flops"], flops, f"{name} FLOPs")
+        assert counted["params"] == _params(model)
+
+        units = pick_units(graph, 0.5, seed)
+        assert units, f"{name}: nothing prunable"
+        mask = graph.removal_mask(units)
+        with torch.no_grad():
+            expected = model(x2)
+        pruned = apply_removal(model, graph, mask).eval()
+        assert_attributes_consistent(pruned)
+        with torch.no_grad():
+            assert_same_structure(pruned(x2), expected)
+        assert_train_mode_runs(model, pruned, x2)
+        pruned.eval()
+
+        costs = CostModel(model, graph)
+        flops_after, _ = fvcore_counts(pruned, x1)
+        _close(costs.flops(mask), flops_after, f"{name} pruned FLOPs")
+        assert costs.params(mask) == _params(pruned)
+        assert costs.flops(mask) < costs.flops()
+        counted_after = prunekit.count_flops_params(pruned, x1)
+        _close(counted_after["flops"], flops_after, f"{name} pruned FLOPs, counted afresh")
+        assert counted_after["params"] == _params(pruned)
+
+        assert_exact(model, graph, x1, pick_units(graph, 1 / 3, seed))
+        return list(graph.fallbacks)
+
+
+def _record(record_property, name: str, fallbacks: list) -> None:
+    record_property("fallbacks", [f.describe() for f in fallbacks])
+    for f in fallbacks:
+        print(f"{name}: {f.describe()}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TIMM)
+def test_timm(name, record_property):
+    _record(record_property, name, check(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MONAI)
+def test_monai(name, record_property):
+    _record(record_property, name, check(name))
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_real_models_smoke(name, record_property):
+    _record(record_property, name, check(name))
+
+
+def test_real_model_lists():
+    assert len(TIMM) >= 60 and len(set(TIMM)) == len(TIMM)
+    assert not set(TIMM) - set(timm.list_models()), "a listed timm model no longer exists"
+    assert set(SMOKE) <= set(TIMM + MONAI)
+    assert set(TIMM_SIDE) | set(TIMM_KWARGS) <= set(TIMM) and set(MONAI_SIDE) <= set(MONAI)
