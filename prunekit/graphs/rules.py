@@ -998,7 +998,7 @@ SHAPE_KEEPING_RULES = {passthrough, batchnorm_module, prelu_module, groupnorm_mo
 
 def rule_for_target(kind: str, target, module: nn.Module | None) -> Callable[[Op], Any]:
     if kind == "call_module":
-        return MODULE_RULES.get(type(module), unknown)
+        return module_rule(module) or unknown
     if kind == "call_function":
         return FUNCTION_RULES.get(target, unknown)
     if kind == "call_method":
@@ -1019,5 +1019,22 @@ def rule_for(node: fx.Node, module: nn.Module | None) -> Callable[[Op], Any]:
     return rule_for_target(node.op, node.target, module)
 
 
+# layers of other libraries, named so that importing prunekit imports none of them
+NAMED_MODULE_RULES: dict[str, Callable[[Op], Any]] = {
+    # stochastic depth drops whole samples in training, never channels
+    "torchvision.ops.stochastic_depth.StochasticDepth": passthrough,
+    "timm.layers.drop.DropPath": passthrough,
+    "monai.networks.layers.drop_path.DropPath": passthrough,
+}
+
+
+def module_rule(module: nn.Module) -> Callable[[Op], Any] | None:
+    kind = type(module)
+    rule = MODULE_RULES.get(kind)
+    if rule is None and kind.__module__.split(".")[0] in ("torchvision", "timm", "monai"):
+        rule = NAMED_MODULE_RULES.get(f"{kind.__module__}.{kind.__qualname__}")
+    return rule
+
+
 def is_leaf_type(module: nn.Module) -> bool:
-    return type(module) in MODULE_RULES
+    return module_rule(module) is not None

@@ -247,9 +247,10 @@ class ConcreteTracer(fx.Tracer):
             self.scopes.pop()
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
-        if self.executing:
+        if self.executing or not _python_isinstance(attr_val, torch.Tensor):
             return attr_val
-        return super().getattr(attr, attr_val, parameter_proxy_cache)
+        with _tracer_code():
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     # -- the root's arguments: the example inputs, then the forward's defaults
 
@@ -278,13 +279,14 @@ class ConcreteTracer(fx.Tracer):
         return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        self._next_value = self._evaluate(kind, target, args, kwargs)
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
-        if kind in ("call_module",) and target in self.leaves:
-            proxy.node.meta["prunekit_leaf"] = self.leaves[target]
-        if self._reads_data(kind, target, args, kwargs, self._next_value):
-            self.data_dependent.add(proxy.node)
-        return proxy
+        with _tracer_code():
+            self._next_value = self._evaluate(kind, target, args, kwargs)
+            proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
+            if kind == "call_module" and target in self.leaves:
+                proxy.node.meta["prunekit_leaf"] = self.leaves[target]
+            if self._reads_data(kind, target, args, kwargs, self._next_value):
+                self.data_dependent.add(proxy.node)
+            return proxy
 
     def proxy(self, node: fx.Node) -> ConcreteProxy:
         self.values[node] = self._next_value
@@ -416,12 +418,17 @@ def structural_copy(module: nn.Module, convert: Callable[[torch.Tensor], torch.T
     Other attributes are shared with the original: the copy is short-lived and
     only traced, which is much cheaper than a deepcopy.
     """
-    memo: dict[int, Any] = {}
+    memo: dict[int, Any] = {}  # keyed by the original objects, which the model keeps alive
 
     def tensor(t):
         if id(t) not in memo:
             memo[id(t)] = convert(t)
         return memo[id(t)]
+
+    def parameter(p):
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(convert(p), p.requires_grad)
+        return memo[id(p)]
 
     def copy(m: nn.Module) -> nn.Module:
         if id(m) in memo:
@@ -429,8 +436,7 @@ def structural_copy(module: nn.Module, convert: Callable[[torch.Tensor], torch.T
         copied = m.__class__.__new__(m.__class__)
         memo[id(m)] = copied
         state = {k: tensor(v) if isinstance(v, torch.Tensor) else v for k, v in m.__dict__.items()}
-        state["_parameters"] = {k: None if p is None else nn.Parameter(tensor(p.detach()), p.requires_grad)
-                                for k, p in m._parameters.items()}
+        state["_parameters"] = {k: None if p is None else parameter(p) for k, p in m._parameters.items()}
         state["_buffers"] = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
         state["_modules"] = {k: None if c is None else copy(c) for k, c in m._modules.items()}
         object.__setattr__(copied, "__dict__", state)  # skips nn.Module.__setattr__'s checks
@@ -459,42 +465,66 @@ def training_mode(model: nn.Module, training: bool):
             m.training = flag
 
 
-@contextmanager
-def _isinstance_sees_tensors():
-    """``isinstance(x, torch.Tensor)`` in Python code holds for a tensor's proxy while tracing.
+_python_isinstance = builtins.isinstance
 
-    Python's own ``isinstance`` is swapped, not the proxy's ``__class__``: C++ code
-    asks ``PyObject_IsInstance`` too, and must never mistake a proxy for a tensor.
-    Only tensors: torch.fx itself takes anything that looks like a tuple or a dict apart.
+
+def _concrete_isinstance(obj, classes):
+    """``isinstance(x, torch.Tensor)`` in the model's code holds for a tensor's proxy.
+
+    Python's own ``isinstance`` is swapped while the model's code runs, rather than
+    the proxy faking its ``__class__``: C++ code asks ``PyObject_IsInstance`` too and
+    must never mistake a proxy for a tensor. Only tensors: torch.fx itself takes
+    anything that looks like a tuple or a dict apart.
     """
-    original = builtins.isinstance
-
-    def concrete_isinstance(obj, classes):
-        if type(obj) is ConcreteProxy and original(obj.prunekit_value, torch.Tensor):
-            return original(obj.prunekit_value, classes) or original(obj, classes)
-        return original(obj, classes)
-
-    builtins.isinstance = concrete_isinstance
-    try:
-        yield
-    finally:
-        builtins.isinstance = original
+    if type(obj) is ConcreteProxy and _python_isinstance(obj.prunekit_value, torch.Tensor):
+        return _python_isinstance(obj.prunekit_value, classes) or _python_isinstance(obj, classes)
+    return _python_isinstance(obj, classes)
 
 
 @contextmanager
-def _watch_training_reads(tracer: ConcreteTracer):
-    """Notes any read of ``module.training`` by traced code (not by the leaves it runs)."""
-
-    def getattribute(self, name):
-        if name == "training" and not tracer.executing:
-            tracer.reads_training = True
-        return object.__getattribute__(self, name)
-
-    nn.Module.__getattribute__ = getattribute
+def _model_code_sees_values():
+    builtins.isinstance = _concrete_isinstance
     try:
         yield
     finally:
-        del nn.Module.__getattribute__
+        builtins.isinstance = _python_isinstance
+
+
+@contextmanager
+def _tracer_code():
+    """torch.fx's own bookkeeping runs with Python's isinstance (faster, and exact)."""
+    builtins.isinstance = _python_isinstance
+    try:
+        yield
+    finally:
+        builtins.isinstance = _concrete_isinstance
+
+
+@contextmanager
+def _watch_training_reads(tracer: "ConcreteTracer"):
+    """Notes any read of ``module.training`` by traced code (not by the leaves it runs).
+
+    A property on nn.Module shadows the instance flag for the length of the trace,
+    so only reads of ``training`` pay for it, wherever they happen (a helper
+    function, a variable): no guess from source code.
+    """
+
+    def read(self):
+        if not tracer.executing:
+            tracer.reads_training = True
+        try:
+            return self.__dict__["training"]
+        except KeyError:
+            raise AttributeError("training") from None
+
+    def write(self, value):
+        self.__dict__["training"] = value
+
+    nn.Module.training = property(read, write)
+    try:
+        yield
+    finally:
+        del nn.Module.training
 
 
 # ---------------------------------------------------------------------------
@@ -508,7 +538,7 @@ UNTRACEABLE = "could not be traced"  # the pin reason of a fallback leaf's chann
 def _trace_once(root: nn.Module, inputs: tuple, leaves: dict[str, str], meta: bool) -> Traced:
     tracer = ConcreteTracer(leaves, inputs, meta)
     before = set(root.__dict__)
-    with torch.no_grad(), _watch_training_reads(tracer), _isinstance_sees_tensors():
+    with torch.no_grad(), _watch_training_reads(tracer), _model_code_sees_values():
         graph = tracer.trace(root)
     # torch.fx stows tensors made in the forward on the root ('_tensor_constant0'...): keep them there
     graph.prunekit_constants = {k: root.__dict__[k] for k in root.__dict__ if k not in before}
