@@ -125,7 +125,7 @@ def model_options(input_shape_required: bool = True) -> Callable:
                          help="Allow reading a whole pickled module (unpickling runs code from the file)."),
             click.option("--leaf", multiple=True, metavar="NAME",
                          help="Treat this submodule as one opaque op when tracing (repeatable); "
-                              "use it for modules torch.fx cannot trace."),
+                              "a module that cannot be traced becomes one by itself."),
         ]
         for option in reversed(options):
             wrapper = option(wrapper)

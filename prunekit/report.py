@@ -503,7 +503,7 @@ def render_graph_report(data: dict, console) -> None:
     table.add_column("Size", justify="right")
     table.add_column("Prunable", justify="right")
     table.add_column("Read by", style="dim", overflow="fold", ratio=3)
-    table.add_column("Status", ratio=2)
+    table.add_column("Status", ratio=2, overflow="fold")
     styles = {"prunable": "green", "partly pinned": "yellow", "pinned": "red"}
     for g in data["groups"]:
         status = g["status"] if not g["reasons"] else f"{g['status']}: " + "; ".join(g["reasons"])

@@ -248,7 +248,7 @@ def test_grouped_convs_keep_their_groups_and_lose_channel_j_of_each():
     assert members["dw.0"] == [1, 3, 5, 7]
     assert graph.coupled_channels("grouped.0", 0)["grouped.0"] == [0, 3, 6, 9]
     group = next(g for g in graph.groups if "grouped.0" in g.producers)
-    assert any("keeps its 4 groups" in text for text in group.granularity)
+    assert group.granularity == ("channel j of each of the 4 groups of 'grouped.0'",)
     units = graph.units_for({"dw.0": [1], "grouped.0": [0, 1]})
     pruned = assert_exact(model, graph, x, units)
     conv = pruned.grouped[0]

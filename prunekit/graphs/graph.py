@@ -220,10 +220,10 @@ class ChannelGraph:
 
 def _granularity(name: str, kind: str, groups: int) -> str:
     if kind == "depthwise":
-        return f"'{name}' is depthwise: each channel goes with its filter"
+        return f"depthwise '{name}' goes with its channels"
     if kind == "positions":
-        return f"'{name}' keeps its {groups} groups: channel j of every group goes together"
-    return f"'{name}' loses whole groups (of {groups})"
+        return f"channel j of each of the {groups} groups of '{name}'"
+    return f"whole groups of '{name}' ({groups} groups)"
 
 
 def _distance(a: str, b: str) -> int:
