@@ -39,6 +39,7 @@ class Op:
     state: ChannelState
     chans: dict  # fx.Node -> channel structure of its value
     live: bool = True  # False when the value never reaches the output (it only steers Python)
+    root: nn.Module | None = None  # the traced model, to find the layer a functional op's weight belongs to
 
     @property
     def name(self) -> str:
@@ -357,6 +358,12 @@ def conv_function(transposed: bool) -> Callable[[Op], Any]:
             return unknown(op)
         weight_name, bias_name = names
         groups = op.value(6, "groups", 1)
+        layer = _layer_of(op, weight_name, nn.modules.conv._ConvNd)
+        if layer is not None and groups == layer[1].groups:
+            # a conv subclass calling F.conv2d with its own weight and groups (same padding...):
+            # its attributes follow the cut like a Conv2d's
+            return _conv_core(op, layer[0], op.value(1, "weight"), bias_name is not None, groups, transposed,
+                              weight_name, bias_name, module=True)
         if groups != 1:  # a literal in the forward: it would not follow the removed channels
             return pin_all("groups of a functional convolution are fixed in code")(op)
         return _conv_core(op, weight_name.rsplit(".", 1)[0] if weight_name.endswith(".weight") else weight_name,
@@ -398,10 +405,27 @@ def linear_function(op: Op):
     names = _weight_and_bias(op)
     if names is None:
         return unknown(op)
+    layer = _layer_of(op, names[0], nn.Linear)
+    if layer is not None:
+        return _linear_core(op, layer[0], names[0], names[1], True)
     return _linear_core(op, names[0], names[0], names[1], False)
 
 
-def _holder(op: Op, tensors: list[str], group_size: int = 1, module: bool = True):
+def _layer_of(op: Op, tensor_name: str, kind) -> tuple[str, nn.Module] | None:
+    """(name, module) when ``tensor_name`` is the own tensor of a layer of type ``kind`` (a functional
+    call inside a subclass of a known layer), so that its size attributes can follow a cut."""
+    owner, _, attr = tensor_name.rpartition(".")
+    if op.root is None:
+        return None
+    try:
+        module = op.root.get_submodule(owner)
+    except AttributeError:
+        return None
+    return (owner, module) if isinstance(module, kind) and isinstance(getattr(module, attr, None), torch.Tensor) \
+        else None
+
+
+def _holder(op: Op, tensors: list[str], group_size: int = 1, name: str | None = None):
     """A channel-wise op owning per-channel tensors (BatchNorm, PReLU...)."""
     chan = op.chan(0, "input")
     if chan is None:
@@ -415,8 +439,9 @@ def _holder(op: Op, tensors: list[str], group_size: int = 1, module: bool = True
                 op.state.unite(block[0], a)
     for t in tensors:
         op.state.add_slice(t, 0, chan.atoms)
-    if module:
-        op.state.add_width(op.name, "in", chan.atoms)
+    name = name or (op.name if op.node.op == "call_module" else None)
+    if name:
+        op.state.add_width(name, "in", chan.atoms)
     return chan
 
 
@@ -456,7 +481,8 @@ def holder_function(param_args: dict[str, int]):
             names.append(pname)
         if param_args.get("weight") == 1 and op.value(1, "weight").numel() == 1:  # scalar PReLU
             return passthrough(op)
-        return _holder(op, names, module=False)
+        layer = _layer_of(op, names[0], (nn.modules.batchnorm._NormBase, nn.PReLU)) if names else None
+        return _holder(op, names, name=layer[0] if layer else None)
 
     return rule
 

@@ -30,7 +30,7 @@ def walk(traced: Traced, state: ChannelState) -> None:
         module = traced.root.get_submodule(n.target) if n.op == "call_module" else None
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), fetch)
         out = values.get(n)
-        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans, n in live))
+        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans, n in live, traced.root))
         chans[n] = chan
         n.meta["prunekit_shape"] = _shape_of(out)
         n.meta["prunekit_chan"] = chan
