@@ -826,6 +826,38 @@ class ChannelCountBranch(nn.Module):
         return self.wide(x) if x.shape[1] == 6 else self.narrow(x[:, :4])
 
 
+class SamePadConv(nn.Conv2d):
+    """A conv subclass that pads itself and calls the functional op (EfficientNet ports, timm)."""
+
+    def forward(self, x):
+        k = self.weight.shape[-1]
+        x = F.pad(x, [k // 2] * 4)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass fused with its activation, calling F.batch_norm (timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)
+        return F.silu(x)
+
+
+class SubclassedLayers(nn.Module):
+    """Subclasses of known layers whose forward is functional: their attributes must follow the cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(SamePadConv(3, 8, 3), BatchNormAct(8))
+        self.dw = nn.Sequential(SamePadConv(8, 8, 3, groups=8), BatchNormAct(8))
+        self.grouped = nn.Sequential(SamePadConv(8, 12, 3, groups=2), BatchNormAct(12))
+        self.head = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.grouped(self.dw(self.stem(x))))
+
+
 # ---------------------------------------------------------------------------
 # The registry
 
@@ -861,6 +893,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("shared", SharedNet, _img()),
     Arch("train_aux", TrainAuxNet, _img()),
     Arch("user_leaf", WithUntraceable, _img(), leaf_modules=("gate",)),
+    Arch("subclassed_layers", SubclassedLayers, _img()),
     Arch("shape_checks", ShapeChecks, _img()),
     Arch("size_loops", SizeLoops, _img()),
     Arch("default_args", DefaultArgs, _img()),
