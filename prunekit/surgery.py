@@ -103,8 +103,9 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) ->
     per_module: dict[str, dict[str, int]] = defaultdict(dict)
     for (name, role), units in graph.widths.items():
         per_module[name][role] = int((~removed[units]).sum())
+    layers = dict(pruned.named_modules())
     for name, widths in per_module.items():
-        _fix_attributes(pruned.get_submodule(name), widths, graph.original_attrs.get(name, {}),
+        _fix_attributes(layers[name], widths, graph.original_attrs.get(name, {}),
                         graph.grouping.get(name, ("", 1))[0])
     return pruned
 

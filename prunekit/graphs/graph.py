@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -94,21 +95,26 @@ class ChannelGraph:
         self.pinned[list(self.unit_pin)] = True
         self._state = state
 
-        def units(atoms) -> np.ndarray:
-            return self.unit_of_atom[np.asarray(atoms, dtype=np.int64)]
-
-        self.producers: dict[str, np.ndarray] = {n: units(a) for n, a in state.producers.items()}
+        self.producers: dict[str, np.ndarray] = self._units(state.producers)
         self.producer_kind = dict(state.producer_kind)
         self.producer_weight = dict(state.producer_weight)
-        self.slices: dict[tuple[str, int], np.ndarray] = {k: units(a) for k, a in state.slices.items()}
-        self.widths: dict[tuple[str, str], np.ndarray] = {k: units(a) for k, a in state.widths.items()}
+        self.slices: dict[tuple[str, int], np.ndarray] = self._units(state.slices)
+        self.widths: dict[tuple[str, str], np.ndarray] = self._units(state.widths)
+        modules = traces[0].modules  # the traced copy's layers: same names, same attributes
         self.original_attrs = {
             name: {a: getattr(m, a) for a in ("groups", "num_groups", "in_channels", "out_channels")
                    if hasattr(m, a)}
-            for (name, _role) in self.widths for m in [model.get_submodule(name)]
+            for (name, _role) in self.widths for m in [modules.get(name) or model.get_submodule(name)]
         }
         self.tensor_shapes = {name: tuple(t.shape) for name, t in
                               list(model.named_parameters()) + list(model.named_buffers())}
+
+    def _units(self, table: dict) -> dict:
+        """Each atom vector of ``table`` as unit ids, converted in one pass (many small arrays are slow)."""
+        lengths = [len(atoms) for atoms in table.values()]
+        flat = np.fromiter(itertools.chain.from_iterable(table.values()), dtype=np.int64, count=sum(lengths))
+        pieces = np.split(self.unit_of_atom[flat], np.cumsum(lengths)[:-1]) if lengths else []
+        return dict(zip(table, pieces))
 
     # -- queries ---------------------------------------------------------
 

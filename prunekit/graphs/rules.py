@@ -39,7 +39,7 @@ class Op:
     state: ChannelState
     chans: dict  # fx.Node -> channel structure of its value
     live: bool = True  # False when the value never reaches the output (it only steers Python)
-    root: nn.Module | None = None  # the traced model, to find the layer a functional op's weight belongs to
+    modules: dict | None = None  # the traced model's layers by name, to find a functional op's weight's layer
 
     @property
     def name(self) -> str:
@@ -415,12 +415,7 @@ def _layer_of(op: Op, tensor_name: str, kind) -> tuple[str, nn.Module] | None:
     """(name, module) when ``tensor_name`` is the own tensor of a layer of type ``kind`` (a functional
     call inside a subclass of a known layer), so that its size attributes can follow a cut."""
     owner, _, attr = tensor_name.rpartition(".")
-    if op.root is None:
-        return None
-    try:
-        module = op.root.get_submodule(owner)
-    except AttributeError:
-        return None
+    module = (op.modules or {}).get(owner)
     return (owner, module) if isinstance(module, kind) and isinstance(getattr(module, attr, None), torch.Tensor) \
         else None
 

@@ -74,6 +74,7 @@ class Traced:
     notes: list[str] = field(default_factory=list)
     reads_training: bool = False
     meta: bool = True
+    modules: dict[str, nn.Module] = field(default_factory=dict)  # the root's submodules by name
 
     def signature(self) -> list[tuple[str, Any]]:
         return [(n.op, n.target) for n in self.graph.nodes]
@@ -224,6 +225,13 @@ class ConcreteTracer(fx.Tracer):
         self.executing = 0  # > 0 while a value is being computed: no recording
         self.reads_training = False
         self._next_value: Any = None
+        self.modules: dict[str, nn.Module] = {}
+        self.tensor_names: dict[int, str] = {}
+
+    def trace(self, root: nn.Module, concrete_args=None) -> fx.Graph:
+        self.modules = dict(root.named_modules())
+        self.tensor_names = {id(t): name for name, t in reversed([*root.named_parameters(), *root.named_buffers()])}
+        return super().trace(root, concrete_args)
 
     # -- what is a leaf ----------------------------------------------------
 
@@ -247,10 +255,16 @@ class ConcreteTracer(fx.Tracer):
             self.scopes.pop()
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
+        """A parameter or buffer read in traced code becomes a get_attr node (torch.fx's own
+        version searches every parameter on every read)."""
         if self.executing or not _python_isinstance(attr_val, torch.Tensor):
             return attr_val
-        with _tracer_code():
-            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        name = self.tensor_names.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
     # -- the root's arguments: the example inputs, then the forward's defaults
 
@@ -279,7 +293,8 @@ class ConcreteTracer(fx.Tracer):
         return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
-        with _tracer_code():
+        builtins.isinstance = _python_isinstance  # torch.fx's bookkeeping: Python's own (faster, exact)
+        try:
             self._next_value = self._evaluate(kind, target, args, kwargs)
             proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr)
             if kind == "call_module" and target in self.leaves:
@@ -287,6 +302,8 @@ class ConcreteTracer(fx.Tracer):
             if self._reads_data(kind, target, args, kwargs, self._next_value):
                 self.data_dependent.add(proxy.node)
             return proxy
+        finally:
+            builtins.isinstance = _concrete_isinstance
 
     def proxy(self, node: fx.Node) -> ConcreteProxy:
         self.values[node] = self._next_value
@@ -302,7 +319,7 @@ class ConcreteTracer(fx.Tracer):
         args, kwargs = _unwrap(args), _unwrap(kwargs)
         if kind == "get_attr":
             return self._fetch(target)
-        module = self.root.get_submodule(target) if kind == "call_module" else None
+        module = self.modules[target] if kind == "call_module" else None
         if self.meta:
             shortcut = _meta_result(kind, target, module, args)
             if shortcut is not None:
@@ -491,16 +508,6 @@ def _model_code_sees_values():
 
 
 @contextmanager
-def _tracer_code():
-    """torch.fx's own bookkeeping runs with Python's isinstance (faster, and exact)."""
-    builtins.isinstance = _python_isinstance
-    try:
-        yield
-    finally:
-        builtins.isinstance = _concrete_isinstance
-
-
-@contextmanager
 def _watch_training_reads(tracer: "ConcreteTracer"):
     """Notes any read of ``module.training`` by traced code (not by the leaves it runs).
 
@@ -543,7 +550,7 @@ def _trace_once(root: nn.Module, inputs: tuple, leaves: dict[str, str], meta: bo
     # torch.fx stows tensors made in the forward on the root ('_tensor_constant0'...): keep them there
     graph.prunekit_constants = {k: root.__dict__[k] for k in root.__dict__ if k not in before}
     return Traced(graph, root, tracer.values, tracer.control, dict(leaves), notes=tracer.notes,
-                  reads_training=tracer.reads_training, meta=meta)
+                  reads_training=tracer.reads_training, meta=meta, modules=tracer.modules)
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
@@ -624,7 +631,8 @@ def _opaque_model(model, inputs, training, reason, location, fallbacks) -> Trace
     graph.output(call)
     graph.prunekit_constants = {}
     fallbacks = fallbacks + [Fallback("", type(model).__name__, reason, location)]
-    return Traced(graph, copy, values, [], {"": UNTRACEABLE}, fallbacks, meta=False)
+    return Traced(graph, copy, values, [], {"": UNTRACEABLE}, fallbacks, meta=False,
+                  modules=dict(copy.named_modules()))
 
 
 def trace_both_modes(model: nn.Module, inputs: tuple, leaf_modules: Iterable[str] = ()) -> list[Traced]:

@@ -27,10 +27,10 @@ def walk(traced: Traced, state: ChannelState) -> None:
     fetch = values.get
     live = reaching_output(traced.graph)
     for n in traced.graph.nodes:
-        module = traced.root.get_submodule(n.target) if n.op == "call_module" else None
+        module = traced.modules[n.target] if n.op == "call_module" else None
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), fetch)
         out = values.get(n)
-        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans, n in live, traced.root))
+        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans, n in live, traced.modules))
         chans[n] = chan
         n.meta["prunekit_shape"] = _shape_of(out)
         n.meta["prunekit_chan"] = chan
