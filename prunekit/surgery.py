@@ -19,6 +19,7 @@ from torch import nn
 
 from .graphs import ChannelGraph, build_graph
 from .graphs.graph import as_inputs
+from .ops import layer_spec
 
 
 def kept(units: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -49,26 +50,6 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
             state[key] = copy.deepcopy(value, memo)
     copied.__setstate__(state)
     return copied
-
-
-def _fix_attributes(module: nn.Module, widths: dict[str, int], original: dict, grouping: str) -> None:
-    """Make the module's size attributes match its new tensors."""
-    cin, cout = widths.get("in"), widths.get("out")
-    if isinstance(module, nn.modules.conv._ConvNd):
-        groups = original.get("groups", 1)
-        if groups > 1 and grouping != "positions":  # depthwise or whole groups removed
-            module.groups = groups * cin // original["in_channels"]
-        module.in_channels = cin
-        module.out_channels = cout if cout is not None else cin
-    elif isinstance(module, nn.Linear):
-        module.in_features, module.out_features = cin, cout
-    elif isinstance(module, nn.GroupNorm):
-        module.num_groups = original["num_groups"] * cin // module.num_channels
-        module.num_channels = cin
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        module.num_features = cin
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = cin
 
 
 def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> nn.Module:
@@ -105,8 +86,10 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) ->
         per_module[name][role] = int((~removed[units]).sum())
     layers = dict(pruned.named_modules())
     for name, widths in per_module.items():
-        _fix_attributes(layers[name], widths, graph.original_attrs.get(name, {}),
-                        graph.grouping.get(name, ("", 1))[0])
+        layer = layers[name]
+        spec = layer_spec(layer)
+        if spec is not None:  # the size attributes follow the new tensors
+            spec.resize(layer, widths, graph.original_attrs.get(name, {}), graph.grouping.get(name, ("", 1))[0])
     return pruned
 
 

@@ -19,9 +19,9 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from prunekit.ops import layer_spec, spec_for
 from prunekit.surgery import apply_removal
 
 __all__ = [
@@ -37,22 +37,6 @@ __all__ = [
     "zero_roles",
     "zero_units",
 ]
-
-_CONV_FUNCTIONS = {F.conv1d: False, F.conv2d: False, F.conv3d: False,
-                   F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True}
-# functional per-channel holders: argument position -> keyword, for the tensors that carry values
-_HOLDER_FUNCTIONS = {
-    F.batch_norm: {3: "weight", 4: "bias"},
-    F.instance_norm: {3: "weight", 4: "bias"},
-    F.group_norm: {2: "weight", 3: "bias"},
-    F.prelu: {1: "weight"},
-}
-# functional tensors that are sliced but carry no channel value (statistics)
-_STAT_FUNCTIONS = {
-    F.batch_norm: {1: "running_mean", 2: "running_var"},
-    F.instance_norm: {1: "running_mean", 2: "running_var"},
-}
-
 
 def as_tuple(inputs) -> tuple:
     if isinstance(inputs, torch.Tensor):
@@ -73,71 +57,37 @@ def _attr_name(value) -> str | None:
 def zero_roles(model: nn.Module, graph) -> dict[tuple[str, int], bool]:
     """For every sliced ``(tensor, dim)`` of ``graph.slices``: True when it produces the channel's value.
 
-    Producer output dims (conv weight dim 0, transposed conv weight dim 1,
-    linear weight dim 0), biases and per-channel holder tensors (norm
-    weight/bias, depthwise and grouped conv weights, PReLU weight) are True;
-    consumer input dims and running statistics are False. A sliced tensor
-    whose role cannot be worked out fails loudly, so a new kind of slice
-    never goes unchecked.
+    Read from prunekit's op table (``OpSpec.carries``): producer output dims,
+    biases and per-channel holder tensors (norm weight/bias, depthwise and
+    grouped conv weights, PReLU weight) are True; consumer input dims and
+    running statistics are False. A sliced tensor whose role cannot be worked
+    out fails loudly, so a new kind of slice never goes unchecked.
     """
-    roles: dict[tuple[str, int], bool] = {}
-    modules = dict(model.named_modules())
-    # functional uses first: tensor name -> (zero dims, keep dims)
-    functional: dict[str, tuple[set[int], set[int]]] = {}
+    sliced: dict[str, set[int]] = {}
+    for (tensor, dim) in graph.slices:
+        sliced.setdefault(tensor, set()).add(dim)
+    # functional uses first: tensor name -> (its op's record, its argument's keyword)
+    functional: dict[str, tuple] = {}
     for g in graph.fx_graphs:
         for node in g.nodes:
-            if node.op != "call_function":
+            spec = spec_for(node, None) if node.op == "call_function" else None
+            if spec is None or not spec.params:
                 continue
-            if node.target in _CONV_FUNCTIONS:
-                transposed = _CONV_FUNCTIONS[node.target]
-                w = _attr_name(_arg(node, 1, "weight"))
-                b = _attr_name(_arg(node, 2, "bias"))
-                groups = _arg(node, 6, "groups", 1)
-                if w:
-                    out_dim = 0 if (groups != 1 or not transposed) else 1
-                    functional[w] = ({out_dim}, {1 - out_dim})
-                if b:
-                    functional[b] = ({0}, set())
-            elif node.target is F.linear:
-                w = _attr_name(_arg(node, 1, "weight"))
-                b = _attr_name(_arg(node, 2, "bias"))
-                if w:
-                    functional[w] = ({0}, {1})
-                if b:
-                    functional[b] = ({0}, set())
-            if node.target in _HOLDER_FUNCTIONS:
-                for index, keyword in _HOLDER_FUNCTIONS[node.target].items():
-                    name = _attr_name(_arg(node, index, keyword))
-                    if name:
-                        functional[name] = ({0}, set())
-            if node.target in _STAT_FUNCTIONS:
-                for index, keyword in _STAT_FUNCTIONS[node.target].items():
-                    name = _attr_name(_arg(node, index, keyword))
-                    if name:
-                        functional[name] = (set(), {0})
+            for keyword, index in spec.params.items():
+                name = _attr_name(_arg(node, index, keyword))
+                if name:
+                    functional[name] = (spec, keyword)
+    modules = dict(model.named_modules())
+    roles: dict[tuple[str, int], bool] = {}
     for (tensor, dim) in graph.slices:
         owner, _, attr = tensor.rpartition(".")
         module = modules.get(owner)
-        zero: bool | None = None
+        zero = None
         if tensor in functional:
-            zero_dims, keep_dims = functional[tensor]
-            zero = True if dim in zero_dims else False if dim in keep_dims else None
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            if attr == "bias":
-                zero = True
-            elif attr == "weight":
-                # a transposed conv's outputs are dim 1, unless only dim 0 is cut (depthwise, whole groups)
-                out_dim = 1 if module.transposed and (tensor, 1) in graph.slices else 0
-                zero = dim == out_dim
-        elif isinstance(module, nn.Linear):
-            zero = attr == "bias" or (attr == "weight" and dim == 0)
-        elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-            if attr in ("weight", "bias"):
-                zero = True
-            elif attr in ("running_mean", "running_var"):
-                zero = False
-        elif isinstance(module, nn.PReLU) and attr == "weight":
-            zero = True
+            spec, role = functional[tensor]
+            zero = spec.carries(role, dim, None, sliced[tensor])
+        elif module is not None and (spec := layer_spec(module)) is not None:
+            zero = spec.carries(attr, dim, module, sliced[tensor])
         if zero is None:
             raise AssertionError(f"cannot tell what the slice {tensor!r} dim {dim} holds")
         roles[(tensor, dim)] = zero

@@ -15,9 +15,10 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import fx, nn
+from torch import nn
 
 from ..errors import PrunekitError
+from ..ops import layer_spec
 from .state import ChannelState
 from .trace import UNTRACEABLE, Fallback, Traced, trace_both_modes
 from .walk import walk
@@ -102,9 +103,9 @@ class ChannelGraph:
         self.widths: dict[tuple[str, str], np.ndarray] = self._units(state.widths)
         modules = traces[0].modules  # the traced copy's layers: same names, same attributes
         self.original_attrs = {
-            name: {a: getattr(m, a) for a in ("groups", "num_groups", "in_channels", "out_channels")
-                   if hasattr(m, a)}
+            name: {a: getattr(m, a) for a in spec.widths}
             for (name, _role) in self.widths for m in [modules.get(name) or model.get_submodule(name)]
+            for spec in [layer_spec(m)] if spec is not None
         }
         self.tensor_shapes = {name: tuple(t.shape) for name, t in
                               list(model.named_parameters()) + list(model.named_buffers())}

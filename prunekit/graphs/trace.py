@@ -36,7 +36,7 @@ from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call
 
 from ..errors import PrunekitError
-from .rules import SHAPE_KEEPING_RULES, elementwise, is_leaf_type, passthrough, rule_for_target
+from ..ops import is_leaf_type, spec_for_target
 
 
 class UntraceableModelError(PrunekitError):
@@ -400,11 +400,10 @@ def _meta_result(kind: str, target, module: nn.Module | None, args: tuple):
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if any(t.device.type != "meta" for t in tensors):
         return None
-    rule = rule_for_target(kind, target, module)
-    if rule in SHAPE_KEEPING_RULES and (kind == "call_module" or rule is passthrough):
+    shape = spec_for_target(kind, target, module).shape
+    if shape == "input":
         return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
-    if rule is elementwise and kind == "call_function" and len({t.dtype for t in tensors}) == 1 \
-            and target not in (torch.where,):
+    if shape == "broadcast" and len({t.dtype for t in tensors}) == 1:
         return torch.empty(torch.broadcast_shapes(*(t.shape for t in tensors)), dtype=tensors[0].dtype,
                            device="meta")
     return None

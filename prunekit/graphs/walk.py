@@ -2,7 +2,7 @@
 
 Nothing is executed here: the concrete tracer already computed every node's
 value, so the walk reads them, applies the op's rule from the table in
-:mod:`.rules` and records the shape and channel vector on ``node.meta``
+:mod:`prunekit.ops` and records the shape and channel vector on ``node.meta``
 (``prunekit_shape``, ``prunekit_chan``) for the costs and reports.
 """
 
@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
-from .rules import Op, is_leaf_type, rule_for
+from ..ops import is_leaf_type, spec_for
+from ..ops.op import Op
 from .state import Chan, ChannelState
 from .trace import Traced
 
@@ -30,7 +31,7 @@ def walk(traced: Traced, state: ChannelState) -> None:
         module = traced.modules[n.target] if n.op == "call_module" else None
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), fetch)
         out = values.get(n)
-        chan = rule_for(n, module)(Op(n, args, kwargs, out, module, state, chans, n in live, traced.modules))
+        chan = spec_for(n, module).rule(Op(n, args, kwargs, out, module, state, chans, n in live, traced.modules))
         chans[n] = chan
         n.meta["prunekit_shape"] = _shape_of(out)
         n.meta["prunekit_chan"] = chan
