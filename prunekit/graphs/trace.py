@@ -506,6 +506,40 @@ def _model_code_sees_values():
         builtins.isinstance = _python_isinstance
 
 
+# tensor factories whose size arguments torch.fx cannot record (they take ints, not proxies)
+_FACTORIES = ("zeros", "ones", "full", "empty", "arange", "rand", "randn", "randint", "linspace", "logspace", "eye",
+              "tensor", "as_tensor")
+
+
+@contextmanager
+def _factories_take_values(tracer: "ConcreteTracer"):
+    """``torch.zeros(x.shape[0], ...)``: sizes read from proxies are answered from their values (a
+    channel count read this way is pinned, as any that steers Python); the result is a constant."""
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def wrap(name, original):
+        def factory(*args, **kwargs):
+            found = []
+            fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if type(a) is ConcreteProxy else None)
+            if not found:
+                return original(*args, **kwargs)
+            args, kwargs = fx.node.map_aggregate(
+                (args, kwargs), lambda a: tracer.concretize(a, lambda v: v) if type(a) is ConcreteProxy else a)
+            if tracer.meta and "device" not in kwargs and name not in ("tensor", "as_tensor"):
+                kwargs["device"] = "meta"
+            return original(*args, **kwargs)
+
+        return factory
+
+    for name, original in originals.items():
+        setattr(torch, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
+
+
 @contextmanager
 def _watch_training_reads(tracer: "ConcreteTracer"):
     """Notes any read of ``module.training`` by traced code (not by the leaves it runs).
@@ -544,7 +578,7 @@ UNTRACEABLE = "could not be traced"  # the pin reason of a fallback leaf's chann
 def _trace_once(root: nn.Module, inputs: tuple, leaves: dict[str, str], meta: bool) -> Traced:
     tracer = ConcreteTracer(leaves, inputs, meta)
     before = set(root.__dict__)
-    with torch.no_grad(), _watch_training_reads(tracer), _model_code_sees_values():
+    with torch.no_grad(), _watch_training_reads(tracer), _model_code_sees_values(), _factories_take_values(tracer):
         graph = tracer.trace(root)
     # torch.fx stows tensors made in the forward on the root ('_tensor_constant0'...): keep them there
     graph.prunekit_constants = {k: root.__dict__[k] for k in root.__dict__ if k not in before}

@@ -137,11 +137,19 @@ def reduce(op: Op):
     return out
 
 
+def _sequence(op: Op) -> list:
+    """The channel vectors of a list-of-tensors argument: listed one by one, or one node (a split's output)."""
+    raws = op.raw(0, "tensors")
+    if isinstance(raws, fx.Node):
+        chans = op.chans.get(raws)
+        return list(chans) if isinstance(chans, (tuple, list)) else [None] * len(op.value(0, "tensors"))
+    return [op.chans.get(r) if isinstance(r, fx.Node) else None for r in raws]
+
+
 def cat(op: Op):
     tensors = op.value(0, "tensors")
-    raws = op.raw(0, "tensors")
     dim = _norm_dim(op.value(1, "dim", 0), op.out.dim())
-    chans = [op.chans.get(r) if isinstance(r, fx.Node) else None for r in raws]
+    chans = _sequence(op)
     if any(c is None for c in chans):
         state = op.state
         chans = [c if c is not None else Chan(1 if t.dim() >= 2 else 0,
@@ -159,9 +167,8 @@ def cat(op: Op):
 
 
 def stack(op: Op):
-    raws = op.raw(0, "tensors")
     dim = _norm_dim(op.value(1, "dim", 0), op.out.dim())
-    chans = [op.chans.get(r) if isinstance(r, fx.Node) else None for r in raws]
+    chans = _sequence(op)
     if any(c is None for c in chans) or any(c.dim != chans[0].dim for c in chans):
         return unknown(op)
     for c in chans[1:]:

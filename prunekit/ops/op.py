@@ -152,6 +152,9 @@ def _shape_source(node) -> tuple[fx.Node, int | None] | None:
     """(tensor, dim) when ``node`` reads a tensor's size: t.size(i), t.shape[i]; dim None for the whole shape."""
     if not isinstance(node, fx.Node):
         return None
+    if (node.op == "call_method" and node.target in ("numel", "nelement")) or \
+            (node.op == "call_function" and node.target is torch.numel):  # every dim, channels included
+        return (node.args[0], None) if isinstance(node.args[0], fx.Node) else None
     if node.op == "call_method" and node.target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return (node.args[0], dim) if isinstance(node.args[0], fx.Node) and isinstance(dim, (int, type(None))) else None

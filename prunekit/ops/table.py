@@ -103,7 +103,7 @@ NAMED_MODULES: dict[str, OpSpec] = {
 
 _UNARY_FUNCTIONS = [
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.sigmoid, F.tanh, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.dropout,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.logsigmoid, F.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.threshold,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
     torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.dropout, torch.log, torch.sign,
@@ -111,8 +111,7 @@ _UNARY_FUNCTIONS = [
     torch.isnan, torch.isfinite, torch.isinf, operator.invert, torch.logical_not,
 ]
 _BINARY_FUNCTIONS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-    operator.imul, operator.itruediv, operator.pow, operator.floordiv, torch.add, torch.sub, torch.mul,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.floordiv, torch.add, torch.sub, torch.mul,
     torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow, torch.fmod,
     torch.rsub, torch.multiply, torch.subtract, torch.divide,
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
@@ -150,9 +149,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.adaptive_avg_pool2d: OpSpec(spatial(2), fl.adaptive_avg_pool2d),
     **{f: OpSpec(spatial(3)) for f in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d,
                                        torch.max_pool3d)},
-    F.interpolate: OpSpec(interpolate, fl.upsample()), F.upsample: OpSpec(interpolate, fl.upsample()),
-    F.upsample_nearest: OpSpec(interpolate, fl.upsample("nearest")),
-    F.upsample_bilinear: OpSpec(interpolate, fl.upsample("bilinear")),
+    F.interpolate: OpSpec(interpolate, fl.upsample()),  # F.upsample* call it: it is what is recorded
     F.grid_sample: OpSpec(unknown, fl.grid_sample),
     F.pad: OpSpec(pad),
     **{f: OpSpec(along_dim(1, implicit=_softmax_dim)) for f in (F.softmax, F.log_softmax, F.softmin)},
@@ -177,18 +174,18 @@ FUNCTIONS: dict[Any, OpSpec] = {
     torch.bmm: OpSpec(unknown, fl.bmm),
     torch.addmm: OpSpec(unknown, fl.addmm),
     torch.einsum: OpSpec(unknown, fl.einsum),
-    getattr: OpSpec(attribute), len: OpSpec(no_channels), torch.numel: OpSpec(no_channels),
+    getattr: OpSpec(attribute), torch.numel: OpSpec(no_channels),
 }
 
 _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "sqrt", "rsqrt",
     "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "contiguous", "float", "half", "double",
     "bfloat16", "to", "type", "type_as", "clone", "detach", "requires_grad_", "square", "log", "sign",
-    "exp_", "hardtanh_", "nan_to_num", "erf", "cpu", "cuda", "isnan", "isfinite", "isinf", "logical_not",
+    "exp_", "nan_to_num", "erf", "cpu", "cuda", "isnan", "isfinite", "isinf", "logical_not",
 ]
 _BINARY_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum",
-    "pow", "pow_", "rsub", "fmod", "where", "eq", "ne", "lt", "le", "gt", "ge",
+    "pow", "pow_", "fmod", "where", "eq", "ne", "lt", "le", "gt", "ge",
 ]
 
 METHODS: dict[str, OpSpec] = {
