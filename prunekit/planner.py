@@ -75,23 +75,41 @@ class Planner:
         return chosen
 
     def _rounded(self, units: list[int]) -> list[int]:
-        """Drop the last-chosen units until every touched layer keeps a multiple of round_to."""
+        """Drop the last-chosen units until every touched layer keeps a multiple of round_to.
+
+        Passes from the end of the sequence, keeping the set of misaligned layers up
+        to date as units go; a unit dropped late can misalign a layer again, so passes
+        repeat until none drops anything (one or two in practice, each linear).
+        """
         step = self.limits.round_to
         if step <= 1:
             return units
-        units = list(units)
-        while True:
-            removed: dict[str, int] = defaultdict(int)
-            for u in units:
-                for p, c in self.touches[u]:
-                    removed[p] += c
-            bad = {p for p, r in removed.items() if r and (len(self.graph.producers[p]) - r) % step}
-            if not bad:
-                return units
-            for i in range(len(units) - 1, -1, -1):
-                if any(p in bad for p, _ in self.touches[units[i]]):
-                    del units[i]
-                    break
+        removed: dict[str, int] = defaultdict(int)
+        for u in units:
+            for p, c in self.touches[u]:
+                removed[p] += c
+        width = {p: len(self.graph.producers[p]) for p in removed}
+
+        def misaligned(p: str) -> bool:
+            return bool(removed[p]) and (width[p] - removed[p]) % step != 0
+
+        bad = {p for p in removed if misaligned(p)}
+        kept = list(units)
+        while bad:
+            survivors = []
+            for u in reversed(kept):
+                touches = self.touches[u]
+                if any(p in bad for p, _ in touches):
+                    for p, c in touches:
+                        removed[p] -= c
+                        bad.add(p) if misaligned(p) else bad.discard(p)
+                else:
+                    survivors.append(u)
+            survivors.reverse()
+            if len(survivors) == len(kept):
+                break
+            kept = survivors
+        return kept
 
     def plan(self, scores: np.ndarray, goal: Callable[[int, int], bool]) -> Plan:
         """The shortest prefix of the removal sequence whose costs satisfy ``goal(flops, params)``."""
