@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import io
+import math
 import json
 import os
 import pickle
@@ -26,7 +28,9 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError, UsageError
+from prunekit.errors import PrunekitError, ResourceError, UsageError
+from prunekit.paths import os_error
+from prunekit.safety import first_line, quiet_stdout
 
 __all__ = [
     "resolve_callable",
@@ -34,6 +38,7 @@ __all__ = [
     "build_model",
     "load_state",
     "load_model",
+    "read_weights",
     "parse_input_shape",
     "atomic_writer",
     "atomic_write_bytes",
@@ -41,6 +46,7 @@ __all__ = [
     "atomic_save_torch",
     "atomic_dir",
     "save_json",
+    "strict_json",
 ]
 
 PathLike = str | os.PathLike
@@ -68,7 +74,10 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         )
     module_name, attr_path = spec.strip().split(":", 1)
     try:
-        obj: Any = importlib.import_module(module_name)
+        with quiet_stdout():  # what an imported module prints must not reach --json output
+            obj: Any = importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if missing == module_name or module_name.startswith(missing + "."):
@@ -80,10 +89,14 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
             f"Importing module {module_name!r} for {spec!r} failed because it needs "
             f"{missing!r}, which is not installed."
         ) from None
-    except Exception as exc:  # noqa: BLE001 - any import-time failure of user code
+    except SystemExit as exc:
         raise PrunekitError(
-            f"Importing module {module_name!r} for {spec!r} failed: {_first_line(exc)}."
-        ) from None
+            f"Importing module {module_name!r} for {spec!r} failed: it called sys.exit({exc.code!r})."
+        ) from exc
+    except BaseException as exc:  # noqa: BLE001 - any import-time failure of user code
+        raise PrunekitError(
+            f"Importing module {module_name!r} for {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}."
+        ) from exc
     where = f"Module {module_name!r}"
     done: list[str] = []
     for part in attr_path.split("."):
@@ -136,11 +149,19 @@ def build_model(builder: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mod
         )
     kw = dict(kwargs or {})
     try:
-        model = fn(**kw)
+        with quiet_stdout():
+            model = fn(**kw)
+    except KeyboardInterrupt:
+        raise
     except TypeError as exc:
-        raise PrunekitError(f"Builder {builder!r} rejected its arguments {kw!r}: {_first_line(exc)}.") from None
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise PrunekitError(f"Builder {builder!r} failed with {type(exc).__name__}: {_first_line(exc)}.") from None
+        raise PrunekitError(f"Builder {builder!r} rejected its arguments {kw!r}: {_first_line(exc)}.") from exc
+    except MemoryError as exc:
+        raise ResourceError(f"Builder {builder!r} ran out of memory building the model with {kw!r}.",
+                            reason="memory") from exc
+    except SystemExit as exc:
+        raise PrunekitError(f"Builder {builder!r} called sys.exit({exc.code!r}).") from exc
+    except BaseException as exc:  # noqa: BLE001 - user code
+        raise PrunekitError(f"Builder {builder!r} failed with {type(exc).__name__}: {_first_line(exc)}.") from exc
     if not isinstance(model, nn.Module):
         raise PrunekitError(
             f"Builder {builder!r} returned a {type(model).__name__}, not a torch.nn.Module."
@@ -152,12 +173,7 @@ def build_model(builder: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mod
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0].strip() if text else type(exc).__name__
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    if len(line) > 200:
-        line = line[:197] + "..."
-    return line.rstrip(".")
+    return first_line(exc) or type(exc).__name__
 
 
 def _check_file(path: Path, what: str = "Model file") -> None:
@@ -286,6 +302,15 @@ def _unwrap(obj: Any, path: Path) -> nn.Module | Mapping[str, Any]:
     raise PrunekitError(
         f"{str(path)!r} holds a {type(obj).__name__}, not a state_dict or an nn.Module."
     )
+
+
+def read_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from ``path``, read without unpickling any object."""
+    path = Path(path)
+    obj = _read_file(path, trusted=False)
+    if not _is_state_dict(obj):
+        raise PrunekitError(f"{str(path)!r} is not a state_dict of weights.")
+    return dict(obj)
 
 
 def _fmt_names(names: Sequence[str], limit: int = 3) -> str:
@@ -442,7 +467,10 @@ def atomic_writer(path: PathLike, mode: str = "wb", encoding: str | None = None)
     directory = path.parent
     if not directory.is_dir():
         raise PrunekitError(f"Cannot write {str(path)!r}: its directory {str(directory)!r} does not exist.")
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise os_error(exc, "write", path) from None
     tmp = Path(tmp_name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
@@ -451,6 +479,10 @@ def atomic_writer(path: PathLike, mode: str = "wb", encoding: str | None = None)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise os_error(exc, "write", path) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -470,9 +502,10 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
 
 
 def atomic_save_torch(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` atomically."""
-    with atomic_writer(path, "wb") as fh:
-        torch.save(obj, fh)
+    """``torch.save(obj, path)`` atomically (serialised in memory first, so a full disk is an OSError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 @contextlib.contextmanager
@@ -539,5 +572,20 @@ def save_json(path: PathLike, obj: Any) -> None:
 
     Paths, tensors, sets, dataclasses and numpy values are converted.
     """
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
-    atomic_write_text(path, text + "\n")
+    atomic_write_text(path, strict_json(obj, indent=2) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = 2) -> str:
+    """JSON that every parser reads: NaN and infinities become null (JSON has no such numbers)."""
+    converted = json.loads(json.dumps(obj, default=_json_default, allow_nan=True))
+    return json.dumps(_finite(converted), indent=indent, allow_nan=False)
