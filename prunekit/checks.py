@@ -69,7 +69,7 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:32]
 
 
-def _check_scores(raw, role: str, name: str) -> None:
+def _check_scores(raw, role: str, name: str, producers=None) -> None:
     def fail(problem: str):
         raise UserFunctionError(f"your {role} {name!r} {problem}.", name, role, problem)
 
@@ -86,6 +86,11 @@ def _check_scores(raw, role: str, name: str) -> None:
             fail(f"returned scores for {key!r} that are not numbers ({type(values).__name__})")
         if array.ndim != 1:
             fail(f"returned scores of shape {array.shape} for {key!r}, not one score per output channel")
+        if producers is not None:
+            if key not in producers:
+                fail(f"returned scores for {key!r}, which is not a producer in this model")
+            if len(array) != len(producers[key]):
+                fail(f"returned {len(array)} scores for {key!r}, which has {len(producers[key])} output channels")
         if not np.isfinite(array).all():
             fail(f"returned a score that is not finite (NaN or infinite) for {key!r}")
 
@@ -97,7 +102,8 @@ def guard_scorer(scorer: Callable, name: str) -> Callable:
     @functools.wraps(scorer)  # keeps the signature: options are passed by the names it declares
     def guarded(*args, **kwargs):
         raw = call_user(scorer, role, name, *args, **kwargs)
-        _check_scores(raw, role, name)
+        graph = args[1] if len(args) > 1 else kwargs.get("graph")
+        _check_scores(raw, role, name, getattr(graph, "producers", None))
         return raw
 
     return guarded
