@@ -360,10 +360,6 @@ def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
         click.echo(f"Wrote {dot} (render it with: dot -Tsvg {dot} -o groups.svg).", err=as_json)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 # --------------------------------------------------------------------------- prune and demo
 
 
@@ -434,3 +430,7 @@ def demo(out_dir: str, iterations: int, quiet: bool) -> None:
     from .demo import run_demo
 
     run_demo(out_dir, train_iterations=iterations, progress=not quiet, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
