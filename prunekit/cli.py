@@ -21,7 +21,6 @@ shows its traceback.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import warnings
@@ -51,7 +50,7 @@ class PrunekitGroup(click.Group):
     sentence and exit code 2; Ctrl-C becomes one line and exit code 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        debug = "--debug" in sys.argv[1:2] or bool(ctx.params.get("debug"))
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
         except PrunekitError as exc:

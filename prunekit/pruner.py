@@ -316,6 +316,11 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
             return _loop(run, writer, builder, builder_kwargs)
         except KeyboardInterrupt:
             raise rundir.Interrupted(str(run.run_dir), writer.resumable, writer.mode) from None
+        except PrunekitError as exc:
+            if writer.resumable:  # say that the finished steps are kept, and how to go on
+                exc.args = (f"{str(exc).rstrip('.')}; the steps finished so far are kept: continue with --resume "
+                            f"from '{run.run_dir}'.",)
+            raise
 
 
 def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneResult:

@@ -118,6 +118,9 @@ def plan(path, resume: bool, force: bool, inputs: Iterable = ()) -> str:
                               "or --force to replace it.", shown)
         raise RunDirError(f"run directory '{shown}' already exists; pass --force to overwrite it or --resume to "
                           "continue it.", shown)
+    if os.path.islink(path):
+        raise RunDirError(f"'{shown}' is a symbolic link; --force replaces a run directory itself, so give the "
+                          f"directory it points to ('{os.path.realpath(path)}').", shown)
     return "replace"
 
 

@@ -379,6 +379,17 @@ def test_b_force_onto_a_file(ws):
     refused(ws, prune_args("config.yaml", "out.txt", "unet.pt", "--force"), "is a file")
 
 
+def test_b_force_never_replaces_through_a_symbolic_link(ws):
+    os.symlink("done", ws / "latest")
+    refused(ws, prune_args("config.yaml", "latest", "unet.pt", "--force"), "symbolic link")
+
+
+@pytest.mark.parametrize("target", ["/nonexistent/run", "missing"])
+def test_b_run_directory_that_is_a_dangling_link(ws, target):
+    os.symlink(target, ws / "run")
+    refused(ws, prune_args("config.yaml", "run"), "does not exist")
+
+
 def test_b_force_replaces_a_run_only_when_the_new_one_is_complete(ws):
     old = (ws / "done" / "model.pt").read_bytes()
     write_config(ws / "c.yaml", **{"targets.flops": 0.8})
@@ -804,3 +815,23 @@ def test_g_unreachable_target_keeps_the_best_model(ws):
     assert len(result.stderr.strip().splitlines()) == 1
     assert (ws / "run" / "model.pt").is_file()
     assert isinstance(prunekit.load_pruned(ws / "run"), torch.nn.Module)
+
+
+def validate_fails_after_the_first_step(model):
+    """A validate function that works once, then returns NaN."""
+    marker = Path("validated-once")
+    if marker.exists():
+        return float("nan")
+    marker.write_text("1")
+    return 0.5
+
+
+def test_g_a_function_failing_after_a_checkpoint_keeps_the_run_resumable(ws):
+    write_config(ws / "c.yaml", validate=f"{HERE}:validate_fails_after_the_first_step")
+    result = CliRunner().invoke(main, prune_args("c.yaml", "run"))
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and "returned nan, not a finite number" in line and "--resume" in line
+    assert (ws / "run" / "checkpoint.pt").is_file() and not (ws / "run" / "model.pt").exists()
+    again = CliRunner().invoke(main, prune_args("c.yaml", "run"))
+    assert again.exit_code == 2 and "interrupted run" in again.stderr
