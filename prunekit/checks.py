@@ -43,12 +43,15 @@ def check_labels(model: nn.Module, batches, what: str) -> None:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
         return
     x, y = batch[0], batch[1]
+    training = model.training
     try:
         with torch.no_grad():
             output = main_output(model.eval()(x))
     except Exception as exc:  # noqa: BLE001 - the user's model on the user's data
         raise DataError(f"the model cannot run the first batch of data.{what} (input shape {tuple(x.shape)}): "
                         f"{type(exc).__name__}: {first_line(exc)}.") from None
+    finally:
+        model.train(training)  # the caller's model is left as it was
     if y.is_floating_point() or not isinstance(output, torch.Tensor) or output.dim() < 2:
         return
     classes = output.shape[1]

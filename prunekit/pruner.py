@@ -141,7 +141,7 @@ class _Run:
         check_labels(model, self.val, "val")
         self.original = model
         self.original_widths = module_widths(model)
-        self.model_hash = weights_hash(model)
+        self.model_hash = weights_hash(model) if self.run_dir is not None else None  # resume checks it
         self.checkpoint = _load_checkpoint(self) if self.mode == "resume" else None
         self.graph0 = build_graph(model, self.inputs, cfg.model.leaf_modules)
         for fallback in self.graph0.fallbacks:

@@ -222,18 +222,32 @@ class RunWriter:
             raise os_error(exc, "create the directory", exc.filename or self.final.parent) from None
         try:
             self.lock.acquire()
+            self._recover()
+            self._clean_strays()  # no other run holds the lock: what other runs left half-written is garbage
             # another run may have changed the directory between the check and the lock
             again = plan(self.final, self.mode == "resume", self.mode == "replace", self.inputs)
             if again != self.mode and not (self.mode == "replace" and again == "fresh"):
                 raise RunDirError(f"run directory '{self.shown}' changed while this run started; run it again.",
                                   self.shown)
             self.mode = again
-            self._clean_strays()
         except BaseException:
             self.lock.release()
             self._remove_created()
             raise
         return self
+
+    def _recover(self) -> None:
+        """Finish the swap of a replacing run killed between its two renames, so no finished run is lost."""
+        if os.path.lexists(self.final):
+            return
+        for staged in sorted(_siblings(self.final, "new"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if inspect(staged) == "complete":
+                os.replace(staged, self.final)
+                return
+        for old in _siblings(self.final, "old"):
+            if inspect(old / "run") in ("complete", "interrupted"):
+                os.replace(old / "run", self.final)
+                return
 
     def _clean_strays(self) -> None:
         for stray in _strays(self.final):

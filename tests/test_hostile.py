@@ -835,3 +835,17 @@ def test_g_a_function_failing_after_a_checkpoint_keeps_the_run_resumable(ws):
     assert (ws / "run" / "checkpoint.pt").is_file() and not (ws / "run" / "model.pt").exists()
     again = CliRunner().invoke(main, prune_args("c.yaml", "run"))
     assert again.exit_code == 2 and "interrupted run" in again.stderr
+
+
+def test_g_a_swap_killed_between_its_renames_loses_no_run(ws):
+    """A forced run killed after moving the old run aside and before moving the new one in."""
+    (ws / ".done.prunekit-new-abc").mkdir()
+    staged = ws / ".done.prunekit-new-abc"
+    for p in (ws / "done").iterdir():
+        shutil.copy(p, staged / p.name)
+    (ws / ".done.prunekit-old-def").mkdir()
+    os.replace(ws / "done", ws / ".done.prunekit-old-def" / "run")
+    refused_line = CliRunner().invoke(main, prune_args("config.yaml", "done")).stderr
+    assert "already exists" in refused_line  # the finished new run is back in place, not overwritten
+    assert (ws / "done" / "model.pt").is_file() and prunekit.load_pruned(ws / "done") is not None
+    assert not [p for p in ws.iterdir() if p.name.startswith(".done.")]
