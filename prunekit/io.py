@@ -180,9 +180,14 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_file(path: Path, what: str = "Model file") -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise PrunekitError(f"{what} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does "
+                                "not exist.")
         raise PrunekitError(f"{what} {str(path)!r} does not exist.")
     if path.is_dir():
         raise PrunekitError(f"{what} {str(path)!r} is a directory, not a file.")
+    if not path.is_file():  # a pipe or a device would block or never end
+        raise PrunekitError(f"{what} {str(path)!r} is not a regular file.")
     if not os.access(path, os.R_OK):
         raise PrunekitError(f"{what} {str(path)!r} cannot be read (permission denied).")
 

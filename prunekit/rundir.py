@@ -22,7 +22,6 @@ fails or is interrupted leaves the earlier one as it was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -32,6 +31,11 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import PrunekitError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the lock file's existence is the lock (O_EXCL)
+    fcntl = None
 from .paths import check_output, os_error
 
 __all__ = ["MARKER", "CHECKPOINT", "RunDirError", "Interrupted", "inspect", "plan", "RunWriter"]
@@ -146,7 +150,19 @@ class RunLock:
         self.run_dir = run_dir
         self.fd: int | None = None
 
+    def _busy(self) -> "RunDirError":
+        return RunDirError(f"another prunekit run is writing '{self.run_dir}' (it holds '{self.path}'); wait for it "
+                           "to finish or choose another directory.", str(self.run_dir))
+
     def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise self._busy() from None
+            except OSError as exc:
+                raise os_error(exc, "create the lock file", self.path) from None
+            return
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -156,8 +172,7 @@ class RunLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise RunDirError(f"another prunekit run is writing '{self.run_dir}' (it holds '{self.path}'); "
-                                  "wait for it to finish or choose another directory.", str(self.run_dir)) from None
+                raise self._busy() from None
             try:  # the file may have been unlinked by its last holder between our open and our lock
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:

@@ -149,6 +149,8 @@ def snapshot(root: Path) -> dict:
                 out[rel] = ("link", os.readlink(p))
             elif p.is_dir():
                 out[rel] = ("dir",)
+            elif not p.is_file():  # a pipe: never read it
+                out[rel] = ("special", p.stat().st_mode)
             else:
                 out[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
     return out
@@ -849,3 +851,44 @@ def test_g_a_swap_killed_between_its_renames_loses_no_run(ws):
     assert "already exists" in refused_line  # the finished new run is back in place, not overwritten
     assert (ws / "done" / "model.pt").is_file() and prunekit.load_pruned(ws / "done") is not None
     assert not [p for p in ws.iterdir() if p.name.startswith(".done.")]
+
+
+# =========================================================================== the same promises from Python
+
+
+@pytest.mark.parametrize("run_dir, fragment", [
+    (".", "holds the input"),
+    ("..", "holds the input"),
+    ("unet.pt", "is the input"),
+    ("done/sub/..", None),
+])
+def test_api_prune_refuses_what_the_cli_refuses(ws, run_dir, fragment):
+    model = unet(**KW)
+    model.load_state_dict(torch.load(ws / "unet.pt", weights_only=True))
+    before = snapshot(ws)
+    with pytest.raises(PrunekitError) as info:
+        prunekit.prune(model, torch.rand(1, 1, 32, 32), CONFIG, run_dir=run_dir, force=run_dir != "done/sub/..",
+                       progress=False, input_files=["unet.pt"])
+    if run_dir in (".", ".."):
+        with pytest.raises(PrunekitError, match="current directory"):  # even when it holds no input
+            prunekit.prune(model, torch.rand(1, 1, 32, 32), CONFIG, run_dir=run_dir, force=True, progress=False)
+    assert fragment is None or fragment in str(info.value)
+    assert "\n" not in str(info.value)
+    assert snapshot(ws) == before
+
+
+def test_api_prune_refuses_a_nan_model_and_leaves_it_as_it_was(ws):
+    model = unet(**KW)
+    with torch.no_grad():
+        model.enc1.block[0].weight[0, 0, 0, 0] = float("inf")
+    model.train()
+    with pytest.raises(PrunekitError, match="NaN or infinite"):
+        prunekit.prune(model, torch.rand(1, 1, 32, 32), CONFIG, run_dir="run", progress=False)
+    assert model.training and not (ws / "run").exists()
+
+
+def test_model_files_that_are_not_regular_files(ws):
+    os.mkfifo(ws / "pipe.pt")
+    os.symlink("missing.pt", ws / "dangling.pt")
+    for name, fragment in (("pipe.pt", "not a regular file"), ("dangling.pt", "symbolic link")):
+        refused(ws, ["report", name, "-i", SHAPE, "-b", "prunekit.zoo:unet", "-k", json.dumps(KW)], fragment)
