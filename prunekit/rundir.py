@@ -95,7 +95,7 @@ def inspect(path) -> str:
     return "interrupted" if CHECKPOINT in names else "started"
 
 
-def plan(path, resume: bool, force: bool, inputs: Iterable = ()) -> str:
+def plan(path, resume: bool, force: bool, inputs: Iterable = (), *, locked: bool = False) -> str:
     """How a run may use ``path``, decided before anything is written.
 
     Returns ``"fresh"`` (write the directory from scratch), ``"resume"`` (continue its checkpoint)
@@ -103,6 +103,8 @@ def plan(path, resume: bool, force: bool, inputs: Iterable = ()) -> str:
     """
     check_output(path, inputs, what="run", directory=True)
     shown = os.fspath(path)
+    if not locked:  # a run being written is neither resumed nor replaced (``locked``: we hold its lock)
+        RunLock(Path(os.path.abspath(shown))).check_free()
     state = inspect(path)
     if state == "foreign":
         raise RunDirError(f"'{shown}' already exists and is not a prunekit run directory (it has no {MARKER} "
@@ -184,6 +186,23 @@ class RunLock:
                 return
             os.close(fd)
 
+    def check_free(self) -> None:
+        """Refuse now, without taking the lock or creating anything, if another run holds it."""
+        if fcntl is None:  # pragma: no cover
+            if os.path.exists(self.path):
+                raise self._busy()
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody writes the directory
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._busy() from None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -240,7 +259,7 @@ class RunWriter:
             self._recover()
             self._clean_strays()  # no other run holds the lock: what other runs left half-written is garbage
             # another run may have changed the directory between the check and the lock
-            again = plan(self.final, self.mode == "resume", self.mode == "replace", self.inputs)
+            again = plan(self.final, self.mode == "resume", self.mode == "replace", self.inputs, locked=True)
             if again != self.mode and not (self.mode == "replace" and again == "fresh"):
                 raise RunDirError(f"run directory '{self.shown}' changed while this run started; run it again.",
                                   self.shown)

@@ -739,16 +739,18 @@ def test_f_load_pruned_checks_weights_against_the_manifest(ws):
 # =========================================================================== G. runs that collide or die early
 
 
-def test_g_a_locked_run_directory_is_refused(ws):
+@pytest.mark.parametrize("out, flags", [("run", ()), ("done", ("--force",)), ("done", ("--resume",)),
+                                         ("done", ())])
+def test_g_a_locked_run_directory_is_refused(ws, out, flags):
     from prunekit.rundir import RunLock
 
-    lock = RunLock(ws / "run")
+    lock = RunLock(ws / out)
     lock.acquire()
     try:
-        refused(ws, prune_args("config.yaml", "run"), "another prunekit run")
+        refused(ws, prune_args("config.yaml", out, "unet.pt", *flags), "another prunekit run is writing")
     finally:
         lock.release()
-    assert not (ws / ".run.prunekit-lock").exists()
+    assert not (ws / f".{out}.prunekit-lock").exists()
 
 
 def test_g_ctrl_c_before_the_first_checkpoint_writes_nothing(ws, monkeypatch):
