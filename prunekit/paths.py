@@ -44,8 +44,8 @@ def check_output(path, inputs: Iterable = (), what: str = "output", directory: b
     """
     text = os.fspath(path) if path is not None else ""
     if not str(text).strip():
-        raise OutputPathError(f"the {what} path is empty; name a {'directory' if directory else 'file'}.",
-                              path=str(text))
+        raise OutputPathError(f"the {what} {'directory ' if directory else ''}path is empty; name a "
+                              f"{'directory' if directory else 'file'}.", path=str(text))
     p = Path(text)
     target = real(p)
     for item in inputs:

@@ -160,13 +160,14 @@ def check_input_memory(shape: Sequence[int], what: str = "input shape", element_
     need = numel * element_size * ACTIVATION_FACTOR
     shown = "x".join(str(d) for d in shape)
     if numel >= 2**62:
-        raise ResourceError(f"the {what} {shown} has {numel:.3g} elements, more than a tensor can hold.",
-                            size=need, reason="too large")
+        raise ResourceError(f"an input of shape {shown} ({what}) has {numel:.3g} elements, more than a tensor can "
+                            "hold.", size=need, reason="too large")
     free = available_memory()
     if free is not None and need > free:
         raise ResourceError(
-            f"the {what} {shown} needs about {_bytes(need)} of memory for its input and activations, but only "
-            f"{_bytes(free)} is available; use a smaller input shape.", size=need, reason="memory")
+            f"an input of shape {shown} ({what}) needs about {_bytes(need)} of memory for itself and its "
+            f"activations, but only {_bytes(free)} is available; use a smaller input shape.", size=need,
+            reason="memory")
 
 
 def check_finite_weights(model: nn.Module, what: str = "the model") -> None:
