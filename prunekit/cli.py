@@ -53,6 +53,10 @@ class PrunekitGroup(click.Group):
         debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad flag or argument: one line, with where to look
+            where = f"prunekit {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx is not ctx \
+                else "prunekit --help"
+            raise CliError(f"{_sentence(exc.format_message()).rstrip('.')} (see {where}).") from None
         except PrunekitError as exc:
             _show_traceback(exc, debug)
             raise CliError(_sentence(str(exc))) from None
@@ -427,7 +431,13 @@ def demo(out_dir: str, iterations: int, quiet: bool) -> None:
     """Train the reference U-Net on real nuclei tiles, prune it to half its FLOPs with
     IPAD, fine-tune, and print FLOPs, parameters and IoU before and after."""
     from .demo import run_demo
+    from .paths import check_output
+    from .rundir import MARKER
 
+    out = check_output(out_dir, what="demo output", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "run" / MARKER).is_file():
+        raise PrunekitError(f"'{out_dir}' already holds files the demo did not write (it writes unet.pt, "
+                            "config.yaml and run/ there); choose a new directory.")
     run_demo(out_dir, train_iterations=iterations, progress=not quiet, echo=click.echo)
 
 

@@ -894,3 +894,21 @@ def test_model_files_that_are_not_regular_files(ws):
     os.symlink("missing.pt", ws / "dangling.pt")
     for name, fragment in (("pipe.pt", "not a regular file"), ("dangling.pt", "symbolic link")):
         refused(ws, ["report", name, "-i", SHAPE, "-b", "prunekit.zoo:unet", "-k", json.dumps(KW)], fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["report", "unet.pt", "-i", SHAPE, "--depth", "abc"], "'abc' is not a valid integer"),
+    (["prune", "unet.pt", "-o", "run"], "Missing option"),
+    (["prnue", "unet.pt"], "No such command"),
+    (["graph", "unet.pt", "-i", SHAPE, "--dott", "x.dot"], "No such option"),
+    (["demo", "-o", "."], "current directory"),
+    (["demo", "-o", "done/.."], "current directory"),
+])
+def test_d_usage_errors_are_one_line(ws, args, fragment):
+    refused(ws, args, fragment)
+
+
+def test_d_demo_never_overwrites_someone_elses_files(ws):
+    (ws / "mine").mkdir()
+    (ws / "mine" / "unet.pt").write_bytes(b"my own model")
+    refused(ws, ["demo", "-o", "mine"], "did not write")
