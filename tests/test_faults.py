@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,9 +50,9 @@ def seg_batches():
     return [(x, (x[:, 0] > 0.5).long())]
 
 
-def _spawn(work: Path, *extra: str) -> subprocess.Popen:
+def _spawn(work: Path, *extra: str, config: str = "config.yaml") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", CLI, "prune", "unet.pt", "-c", "config.yaml", "-o", "run",
+    return subprocess.Popen([sys.executable, "-c", CLI, "prune", "unet.pt", "-c", config, "-o", "run",
                              "-q", *extra], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -64,13 +65,13 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _in_process(work: Path, *extra: str):
+def _in_process(work: Path, *extra: str, config: str = "config.yaml"):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        return CliRunner().invoke(main, ["prune", "unet.pt", "-c", "config.yaml", "-o", "run", "-q", *extra])
+        return CliRunner().invoke(main, ["prune", "unet.pt", "-c", config, "-o", "run", "-q", *extra])
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
@@ -98,7 +99,8 @@ def reference(tmp_path_factory):
         time.sleep(0.005)
     total = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr.read()
-    return {"model": _tensors(work / "run" / "model.pt"), "appeared": appeared or total * 0.8, "total": total}
+    return {"model": _tensors(work / "run" / "model.pt"), "appeared": appeared or total * 0.8, "total": total,
+            "run": work / "run"}
 
 
 def test_interrupted_runs_resume_to_the_same_model_or_are_refused(tmp_path, reference):
@@ -150,6 +152,37 @@ def test_interrupted_runs_resume_to_the_same_model_or_are_refused(tmp_path, refe
     states = {state for *_, state in outcomes}
     assert len(states) >= 2, outcomes  # the moments were spread over the run, not all before or after it
     print(outcomes)
+
+
+def test_interrupted_forced_runs_keep_the_earlier_run(tmp_path, reference):
+    """--force over a finished run, interrupted at random moments: the directory always holds a complete run,
+    the earlier one or the new one, never a partial one."""
+    rng = random.Random(7)
+    other = {**CONFIG, "targets": {"flops": 0.5}}
+    base = _workspace(tmp_path, "new-reference")
+    (base / "other.yaml").write_text(yaml.safe_dump(other))
+    assert _in_process(base, config="other.yaml").exit_code == 0
+    new = _tensors(base / "run" / "model.pt")
+    assert not _same(new, reference["model"])
+    for trial in range(4):
+        sig = signal.SIGINT if trial % 2 == 0 else signal.SIGKILL
+        work = _workspace(tmp_path, f"forced{trial}")
+        (work / "other.yaml").write_text(yaml.safe_dump(other))
+        shutil.copytree(reference["run"], work / "run")
+        proc = _spawn(work, "--force", config="other.yaml")
+        deadline = time.monotonic() + 120
+        while not list(work.glob(".run.prunekit-new-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, reference["total"] - reference["appeared"]))
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert inspect(work / "run") == "complete", (trial, proc.returncode, err)
+        kept = _tensors(work / "run" / "model.pt")
+        assert _same(kept, reference["model"]) or _same(kept, new), f"trial {trial}: a model from neither run"
+        again = _in_process(work, "--force", config="other.yaml")
+        assert again.exit_code == 0, again.output
+        assert _same(_tensors(work / "run" / "model.pt"), new)
+        assert not [p.name for p in work.iterdir() if p.name.startswith(".run.")]
 
 
 def test_two_runs_into_one_directory(tmp_path, reference):
