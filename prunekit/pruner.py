@@ -149,8 +149,9 @@ class _Run:
                           PrunekitWarning, stacklevel=3)
         costs = CostModel(model, self.graph0)
         self.flops0, self.params0 = costs.flops(), costs.params()
-        if self.flops0 <= 0 and self.params0 <= 0:
-            raise PrunekitError("the model has no FLOPs or parameters that prunekit can count; nothing to prune.")
+        if self.flops0 <= 0 or self.params0 <= 0:
+            raise PrunekitError(f"the model has {self.flops0} FLOPs and {self.params0} parameters that prunekit can "
+                                "count; there is nothing to prune.")
         self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}
         self.target_flops = cfg.targets.flops * self.flops0
         self.target_params = cfg.targets.params * self.params0

@@ -47,6 +47,24 @@ def _under(module: str, prefixes: Sequence[str]) -> bool:
     return any(module == p or module.startswith(p + ".") for p in prefixes)
 
 
+def _shadowed(module: str, source: str) -> bool:
+    """True when the package ``module`` would be imported from the directory the file came with (a ``timm.py``
+    sent along with a run directory), not from where the library is installed."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        found = importlib.util.find_spec(module.split(".")[0])  # the top level only: imports nothing
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(found, "origin", None) or next(iter(getattr(found, "submodule_search_locations", None) or []),
+                                                    None)
+    if not origin:
+        return False
+    folder = Path(os.path.realpath(os.path.dirname(os.path.abspath(source))))
+    return folder in Path(os.path.realpath(origin)).parents
+
+
 def check_builder(spec: Any, source: str, allowed: Sequence[str] = (), trusted: bool = False) -> str:
     """``spec`` if a builder named by the file ``source`` may be imported and called; else raise.
 
@@ -58,7 +76,7 @@ def check_builder(spec: Any, source: str, allowed: Sequence[str] = (), trusted: 
     if trusted or spec in allowed:
         return spec
     module = spec.split(":", 1)[0]
-    if _PLAIN_SPEC.match(spec) and _under(module, TRUSTED_BUILDER_MODULES):
+    if _PLAIN_SPEC.match(spec) and _under(module, TRUSTED_BUILDER_MODULES) and not _shadowed(module, source):
         from .io import resolve_callable
 
         obj = resolve_callable(spec)
