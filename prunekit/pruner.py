@@ -38,7 +38,8 @@ from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
-from .io import atomic_save_torch, resolve_callable
+from .checkpoint import read_checkpoint, write_checkpoint
+from .io import resolve_callable
 from .planner import Planner
 from .progress import progress_bar
 from .rundir import CHECKPOINT, RunDirError, RunWriter
@@ -46,7 +47,6 @@ from .safety import call_user, check_finite_weights, check_input_memory, describ
 from .surgery import apply_removal
 from .trainer import evaluate, finetune, loss_for, main_output, task_of
 
-CHECKPOINT_FORMAT = "prunekit-checkpoint/2"
 
 
 @dataclass
@@ -214,10 +214,10 @@ class _Run:
             return evaluate(model, self.val, ft.task if ft is not None else "auto")
         return None
 
-    def fingerprint(self) -> str:
-        """The config and example input a checkpoint belongs to (the model is checked by its own hash)."""
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed: the config and example input, and the weights."""
         text = json.dumps([to_dict(self.config), [list(t.shape) for t in self.inputs]], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return {"fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16], "model_hash": self.model_hash}
 
     def log(self, text: str) -> None:
         if self.progress:
@@ -250,37 +250,21 @@ def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
 
 def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, history, candidates) -> None:
     writer.begin()
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "fingerprint": run.fingerprint(),
-        "model_hash": run.model_hash,
+    write_checkpoint(writer.checkpoint, run.identity(), {
         "step": step,
         "widths": json.dumps(width_changes(run.original_widths, model)),
         "state": _state_copy(model),
         "history": json.dumps([asdict(h) for h in history]),
         "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "state": c.state,
                         "widths": json.dumps(c.widths)} for c in candidates],
-    }
-    atomic_save_torch(payload, writer.checkpoint)
+    })
     writer.saved_checkpoint()
 
 
 def _load_checkpoint(run: _Run):
     """The saved state of an interrupted run, checked to belong to this model and config."""
     path = run.run_dir / CHECKPOINT
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any damage to the file
-        raise RunDirError(f"'{path}' is not a readable prunekit checkpoint.", str(run.run_dir)) from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise RunDirError(f"'{path}' was not written by this version of prunekit; start a new run.",
-                          str(run.run_dir))
-    if payload.get("model_hash") != run.model_hash:
-        raise RunDirError(f"'{run.run_dir}' was started from a different model (its weights differ); resume it "
-                          "with the same model file, or start a new run.", str(run.run_dir))
-    if payload.get("fingerprint") != run.fingerprint():
-        raise RunDirError(f"'{run.run_dir}' was started with a different config or input shape; resume it with "
-                          "the same one.", str(run.run_dir))
+    payload = read_checkpoint(path, run.identity())
     try:
         model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
         history = [StepRecord(**h) for h in json.loads(payload["history"])]

@@ -920,3 +920,25 @@ def test_a_a_library_name_shadowed_by_a_file_in_the_run_directory(ws, monkeypatc
     set_manifest(ws / "done", builder="timm:create_model", kwargs={})
     refused(ws, report_args("done"), "well-known model library")
     assert not (ws / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"garbage", "not a readable prunekit checkpoint"),
+    ({"format": "prunekit-checkpoint/1", "state": {}}, "not written by this version"),
+    ("pickle", "not a readable prunekit checkpoint"),
+])
+def test_f_a_damaged_checkpoint_is_refused_on_resume(ws, monkeypatch, content, fragment):
+    _interrupted_run(ws, monkeypatch)
+    path = ws / "cut" / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "pickle":
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("touch PWNED",))
+
+        torch.save({"format": "prunekit-checkpoint/2", "state": Boom()}, path)
+    else:
+        torch.save(content, path)
+    refused(ws, prune_args("config.yaml", "cut", "unet.pt", "--resume"), fragment)
+    assert not (ws / "PWNED").exists()
