@@ -200,7 +200,7 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
             raise PrunekitError(f"'{run}' is not a prunekit run directory: '{path.name}' is missing.")
     manifest = _read_manifest(manifest_path)
     named = manifest.get("builder")
-    if builder is not None and named is not None and builder != named:
+    if model is None and builder is not None and named is not None and builder != named:
         raise ManifestError(f"'{manifest_path}' names the builder {named!r}, not {builder!r}.",
                             str(manifest_path), "builder")
     if model is not None:
