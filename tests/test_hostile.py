@@ -470,13 +470,6 @@ def test_d_yaml_that_is_not_text(ws):
     ("input_shape", [1, 1, 32.5, 32], "'input_shape'"),
     ("input_shape", [1, 1, 100000, 100000], "memory"),
     ("input_shape", [1, 1, 2**40, 2**40], "'input_shape'"),
-    ("schedule.finetune", {"iterations": 1, "lr": float("inf")}, "finite"),
-    ("schedule.finetune", {"iterations": 1, "lr": float("nan")}, "finite"),
-    ("schedule.finetune", {"iterations": 1, "lr": 1e300}, "at most 10"),
-    ("schedule.finetune", {"iterations": 1, "weight_decay": -1}, "weight_decay"),
-    ("schedule.finetune", {"iterations": 1, "weight_decay": float("nan")}, "finite"),
-    ("targets.flops", float("nan"), "finite"),
-    ("targets.flops", 1e400, "finite"),
     ("keep_best", 0, "keep_best"),
     ("schedule.steps", "two", "schedule.steps"),
     ("data.calibration", {"factory": f"{HERE}:batches_with_labels", "kwargs": {"labels": [0, 1]}, "limit": 0},
@@ -641,6 +634,22 @@ def test_d_debug_shows_the_traceback(ws):
 
 
 # =========================================================================== E. checked too late
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("schedule.finetune", {"iterations": 1, "lr": float("inf")}, "finite"),
+    ("schedule.finetune", {"iterations": 1, "lr": float("nan")}, "finite"),
+    ("schedule.finetune", {"iterations": 1, "lr": 1e300}, "at most 10"),
+    ("schedule.finetune", {"iterations": 1, "weight_decay": -1}, "weight_decay"),
+    ("schedule.finetune", {"iterations": 1, "weight_decay": float("nan")}, "finite"),
+    ("targets.flops", float("nan"), "finite"),
+    ("targets.flops", 1e400, "finite"),
+    ("schedule.final_finetune", {"iterations": 1, "weight_decay": 2}, "weight_decay"),
+])
+def test_e_optimiser_and_target_values_are_checked_before_work(ws, key, value, fragment):
+    source = {"factory": f"{HERE}:batches_with_labels", "kwargs": {"labels": [0, 1]}}
+    write_config(ws / "c.yaml", **{key: value, "data.train": source})
+    refused(ws, prune_args("c.yaml", "run"), fragment)
 
 
 def test_e_nan_model_is_refused_before_anything_is_written(ws):
