@@ -359,9 +359,10 @@ class RunWriter:
                             stray.unlink()
                 if self.checkpointed and self.mode != "replace":
                     self.created = []  # a resumable run keeps its directory
-                self._remove_created()
         finally:
             self.lock.release()
+        if exc_type is not None:
+            self._remove_created()  # after the lock file is gone, so the directories are empty
 
     @property
     def resumable(self) -> bool:

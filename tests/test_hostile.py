@@ -951,3 +951,9 @@ def test_f_a_damaged_checkpoint_is_refused_on_resume(ws, monkeypatch, content, f
         torch.save(content, path)
     refused(ws, prune_args("config.yaml", "cut", "unet.pt", "--resume"), fragment)
     assert not (ws / "PWNED").exists()
+
+
+def test_e_a_run_failing_in_its_first_step_leaves_no_parent_directories(ws):
+    write_config(ws / "c.yaml", validate=f"{HERE}:returns_nan")
+    refused(ws, prune_args("c.yaml", "new/deep/run"), "not a finite number")
+    assert not (ws / "new").exists()
