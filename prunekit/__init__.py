@@ -4,28 +4,41 @@
     graph = prunekit.build_graph(model, torch.randn(1, 3, 256, 256))
     smaller = prunekit.remove_channels(model, example, {"enc1.conv": [0, 3]})
     prunekit.count_flops_params(smaller, example)
+
+The names below are imported on first use, so ``prunekit.cli`` starts without
+torch and a Ctrl-C while torch loads is still answered in one line.
 """
 
-from .artifacts import load_pruned
-from .config import Config, load_config
-from .costs import count_flops_params
-from .errors import PrunekitError
-from .graphs import ChannelGraph, PinnedChannelError, UntraceableModelError, build_graph
-from .pruner import PruneResult, prune
-from .surgery import remove_channels
+from __future__ import annotations
 
-__all__ = [
-    "ChannelGraph",
-    "Config",
-    "PruneResult",
-    "PinnedChannelError",
-    "PrunekitError",
-    "UntraceableModelError",
-    "build_graph",
-    "count_flops_params",
-    "load_config",
-    "load_pruned",
-    "prune",
-    "remove_channels",
-]
+import importlib
+
+_EXPORTS = {
+    "ChannelGraph": ".graphs",
+    "Config": ".config",
+    "PruneResult": ".pruner",
+    "PinnedChannelError": ".graphs",
+    "PrunekitError": ".errors",
+    "UntraceableModelError": ".graphs",
+    "build_graph": ".graphs",
+    "count_flops_params": ".costs",
+    "load_config": ".config",
+    "load_pruned": ".artifacts",
+    "prune": ".pruner",
+    "remove_channels": ".surgery",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prunekit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

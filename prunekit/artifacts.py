@@ -3,7 +3,13 @@
 ``manifest.json`` names the builder and its kwargs and lists, for every
 module whose size changed, its original and pruned widths. Rebuilding is:
 call the builder, set those widths, give every tensor the saved shape, load
-the state_dict with ``weights_only=True``.
+the state_dict with ``weights_only=True``, and check that every module's
+widths agree with its tensors.
+
+A run directory is data, like a state dict: :func:`load_pruned` imports only a
+builder that is prunekit's own, from a well-known model library, named by the
+caller, or ``trusted`` (see :func:`prunekit.safety.check_builder`), and a
+manifest may set nothing but the width attributes in :data:`WIDTH_ATTRS`.
 """
 
 from __future__ import annotations
@@ -21,10 +27,23 @@ WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_feat
                "num_channels", "num_groups", "num_parameters")
 
 
+class ManifestError(PrunekitError):
+    """A manifest or its weights that cannot describe a pruned model; ``path`` and ``key`` say where."""
+
+    def __init__(self, message: str, path: str | None = None, key: str | None = None):
+        super().__init__(message)
+        self.path, self.key = path, key
+
+
+def _width(m: nn.Module, attr: str):
+    value = getattr(m, attr, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def module_widths(model: nn.Module) -> dict[str, dict[str, int]]:
     out = {}
     for name, m in model.named_modules():
-        attrs = {a: getattr(m, a) for a in WIDTH_ATTRS if isinstance(getattr(m, a, None), int)}
+        attrs = {a: _width(m, a) for a in WIDTH_ATTRS if _width(m, a) is not None}
         if attrs:
             out[name] = attrs
     return out
@@ -42,20 +61,86 @@ def width_changes(before: dict[str, dict[str, int]], model: nn.Module) -> dict[s
     return changes
 
 
-def resize_to(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+def _tensor_widths(m: nn.Module) -> dict[str, int]:
+    """What a module's own tensors say its width attributes must be (only those they determine)."""
+    weight = m._parameters.get("weight")
+    if isinstance(m, nn.modules.conv._ConvNd) and weight is not None:
+        groups = m.groups
+        if m.transposed:
+            return {"in_channels": weight.shape[0], "out_channels": weight.shape[1] * groups}
+        return {"out_channels": weight.shape[0], "in_channels": weight.shape[1] * groups}
+    if isinstance(m, nn.Linear) and weight is not None:
+        return {"out_features": weight.shape[0], "in_features": weight.shape[1]}
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        tensor = weight if weight is not None else m._buffers.get("running_mean")
+        return {"num_features": tensor.shape[0]} if tensor is not None else {}
+    if isinstance(m, nn.GroupNorm) and weight is not None:
+        return {"num_channels": weight.shape[0]}
+    if isinstance(m, nn.PReLU) and weight is not None:
+        return {"num_parameters": weight.numel()}
+    return {}
+
+
+def check_widths(model: nn.Module, source: str = "the weights") -> None:
+    """Every module's width attributes agree with its tensors' shapes (and groups divide channels)."""
+    for name, m in model.named_modules():
+        for attr, value in _tensor_widths(m).items():
+            if getattr(m, attr) != value:
+                raise ManifestError(f"{source} do not match the manifest: module '{name}' has {attr} "
+                                    f"{getattr(m, attr)} but its weights have {value}.", key=name)
+        groups = _width(m, "groups") if isinstance(m, nn.modules.conv._ConvNd) else _width(m, "num_groups")
+        channels = (m.in_channels, m.out_channels) if isinstance(m, nn.modules.conv._ConvNd) else \
+            (_width(m, "num_channels"),)
+        if groups is not None and any(c is not None and c % groups for c in channels):
+            raise ManifestError(f"{source} do not match the manifest: module '{name}' has {groups} groups, "
+                                f"which do not divide its {', '.join(str(c) for c in channels)} channels.", key=name)
+
+
+def _check_block(name, change, source: str) -> dict[str, int]:
+    """The ``pruned`` widths of one manifest entry, refusing anything but width attributes."""
+    where = f"'{source}' module '{name}'"
+    if not isinstance(change, dict) or not isinstance(change.get("pruned"), dict):
+        raise ManifestError(f"{where} needs a 'pruned' mapping of width attributes.", source, str(name))
+    for part in ("original", "pruned"):
+        for attr, value in (change.get(part) or {}).items():
+            if attr not in WIDTH_ATTRS:
+                raise ManifestError(f"{where} sets {attr!r}, which is not a width attribute; a manifest may only "
+                                    f"set {', '.join(WIDTH_ATTRS)}.", source, str(name))
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ManifestError(f"{where} gives {attr} as {value!r}; widths are positive integers.",
+                                    source, str(name))
+    return change["pruned"]
+
+
+def resize_to(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, torch.Tensor],
+              source: str = "the manifest") -> nn.Module:
     """Give ``model`` (in place) the widths and tensor shapes of a pruned state_dict, then load it."""
+    if not isinstance(widths, dict):
+        raise ManifestError(f"'{source}' 'modules' must be a mapping of module names.", source, "modules")
     for name, change in widths.items():
+        pruned = _check_block(name, change, source)
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(name) if isinstance(name, str) else None
         except AttributeError:
-            raise PrunekitError(f"the manifest names module '{name}', which the built model does not have.") from None
-        for attr, value in change["pruned"].items():
+            module = None
+        if module is None:
+            raise ManifestError(f"the manifest names module '{name}', which the built model does not have.",
+                                source, str(name))
+        for attr, value in (change.get("original") or {}).items():
+            if _width(module, attr) != value:
+                raise ManifestError(f"the manifest says module '{name}' had {attr} {value} before pruning, but "
+                                    f"the builder makes it {getattr(module, attr, None)!r}; the builder or its "
+                                    "kwargs are not the ones the run used.", source, str(name))
+        for attr, value in pruned.items():
+            if _width(module, attr) is None:
+                raise ManifestError(f"the manifest sets {attr} of module '{name}' ({type(module).__name__}), "
+                                    "which has no such width.", source, str(name))
             setattr(module, attr, value)
     current = dict(model.named_parameters())
     current.update(model.named_buffers())
     for name, value in state_dict.items():
         old = current.get(name)
-        if old is None or old.shape == value.shape:
+        if old is None or not isinstance(value, torch.Tensor) or old.shape == value.shape:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -67,39 +152,64 @@ def resize_to(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, t
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        raise PrunekitError(f"the pruned weights do not fit the rebuilt model: {str(exc).splitlines()[0]}") from None
+        raise ManifestError(f"the pruned weights do not fit the rebuilt model: {str(exc).splitlines()[0]}",
+                            source) from None
+    check_widths(model, "the pruned weights")
     return model
 
 
-def load_pruned(run_dir, model: nn.Module | None = None) -> nn.Module:
+def _read_manifest(path: Path) -> dict:
+    try:
+        if path.stat().st_size > 16 * 2**20:
+            raise ManifestError(f"'{path}' is larger than 16 MB; it is not a prunekit manifest.", str(path))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ManifestError(f"'{path}' is not valid JSON.", str(path)) from None
+    except OSError as exc:
+        from .paths import os_error
+
+        raise os_error(exc, "read", path) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"'{path}' is not a prunekit manifest.", str(path))
+    if manifest.get("builder") is not None and not isinstance(manifest["builder"], str):
+        raise ManifestError(f"'{path}' gives a builder that is not a string.", str(path), "builder")
+    if not isinstance(manifest.get("kwargs", {}) or {}, dict):
+        raise ManifestError(f"'{path}' gives kwargs that are not a mapping.", str(path), "kwargs")
+    return manifest
+
+
+def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None = None,
+                trusted: bool = False) -> nn.Module:
     """Rebuild a pruned model from ``run_dir`` (manifest.json + model.pt), without unpickling.
 
-    ``model``: an unpruned instance to resize, needed when the run was started
-    from a Python object rather than a builder; it is not modified.
+    ``model``: an unpruned instance to resize (then no builder is imported), needed when the run was
+    started from a Python object rather than a builder; it is not modified. ``builder``: the builder
+    you expect the manifest to name; only then, or with ``trusted=True``, is a builder outside
+    prunekit's zoo and the well-known model libraries imported (a run directory is data and never
+    runs code you did not name).
     """
     import copy
 
-    from .io import resolve_callable
+    from .io import build_model, read_weights
+    from .safety import check_builder
 
     run = Path(run_dir)
     manifest_path, weights_path = run / "manifest.json", run / "model.pt"
     for path in (manifest_path, weights_path):
         if not path.is_file():
             raise PrunekitError(f"'{run}' is not a prunekit run directory: '{path.name}' is missing.")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise PrunekitError(f"'{manifest_path}' is not valid JSON.") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise PrunekitError(f"'{manifest_path}' is not a prunekit manifest.")
+    manifest = _read_manifest(manifest_path)
+    named = manifest.get("builder")
+    if model is None and builder is not None and named is not None and builder != named:
+        raise ManifestError(f"'{manifest_path}' names the builder {named!r}, not {builder!r}.",
+                            str(manifest_path), "builder")
     if model is not None:
         base = copy.deepcopy(model)
-    elif manifest.get("builder"):
-        base = resolve_callable(manifest["builder"])(**manifest.get("kwargs", {}))
+    elif named or builder:
+        spec = check_builder(named or builder, str(manifest_path), allowed=(builder,) if builder else (),
+                             trusted=trusted)
+        base = build_model(spec, manifest.get("kwargs") or {})
     else:
         raise PrunekitError("this run was started from a Python model with no builder; pass model= to load_pruned.")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise PrunekitError(f"'{weights_path}' is not a readable state_dict.") from None
-    return resize_to(base, manifest.get("modules", {}), state).eval()
+    state = read_weights(weights_path)
+    return resize_to(base, manifest.get("modules") or {}, state, str(manifest_path)).eval()

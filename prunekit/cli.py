@@ -11,13 +11,16 @@ Adding a command::
 
 Every :class:`~prunekit.errors.PrunekitError` raised inside a command is
 printed as ``Error: <one sentence>`` on stderr and exits with code 2 (see
-:class:`PrunekitGroup`); any other exception is a bug and shows its traceback.
+:class:`PrunekitGroup`), and so are what the machine refuses (an OSError:
+disk full, permission denied, read-only file system, with the path; running
+out of memory). Ctrl-C prints one line and exits with code 130. ``--debug``
+shows the traceback behind any of these; any other exception is a bug and
+shows its traceback.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import warnings
@@ -43,13 +46,45 @@ class CliError(click.ClickException):
 
 
 class PrunekitGroup(click.Group):
-    """A click group that turns every PrunekitError of its commands into a CliError."""
+    """The error boundary: every PrunekitError, OSError and MemoryError of its commands becomes one
+    sentence and exit code 2; Ctrl-C becomes one line and exit code 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a bad flag or argument: one line, with where to look
+            where = f"prunekit {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx is not ctx \
+                else "prunekit --help"
+            raise CliError(f"{_sentence(exc.format_message()).rstrip('.')} (see {where}).") from None
         except PrunekitError as exc:
+            _show_traceback(exc, debug)
             raise CliError(_sentence(str(exc))) from None
+        except OSError as exc:
+            from .paths import os_error
+
+            _show_traceback(exc, debug)
+            raise CliError(_sentence(str(os_error(exc, "use")))) from None
+        except MemoryError as exc:
+            _show_traceback(exc, debug)
+            raise CliError("ran out of memory; use a smaller input shape, model or batch size.") from None
+        except RecursionError as exc:
+            _show_traceback(exc, debug)
+            raise CliError("the model or its data is nested too deeply for Python's recursion limit.") from None
+        except KeyboardInterrupt as exc:
+            _show_traceback(exc, debug)
+            text = str(exc).strip() or "interrupted."
+            click.echo(f"\n{text[0].upper()}{text[1:]}", err=True)
+            ctx.exit(130)
+
+
+def _show_traceback(exc: BaseException, debug: bool) -> None:
+    """With --debug, the traceback behind a one-sentence error (the user's own code's first)."""
+    if not debug:
+        return
+    import traceback
+
+    click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip(), err=True)
 
 
 def _sentence(text: str) -> str:
@@ -61,24 +96,27 @@ def _sentence(text: str) -> str:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """prunekit's own warnings as one line on stderr; others as Python shows them."""
+    """Every warning as one line on stderr (torch's are several lines long): prunekit's own as
+    they are, others with their category."""
+    text = " ".join(str(message).split())
     if issubclass(category, PrunekitWarning):
-        click.echo(f"Warning: {message}", err=True)
+        click.echo(f"Warning: {text}", err=True)
     else:
-        _python_show_warning(message, category, filename, lineno, file, line)
-
-
-_python_show_warning = warnings.showwarning
+        first = str(message).strip().splitlines()[0].strip() if str(message).strip() else category.__name__
+        click.echo(f"Warning: {category.__name__}: {first}", err=True)
 
 
 @click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="prunekit")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback behind an error (for bug reports).")
+def main(debug: bool) -> None:
     """Structured filter pruning for CNNs and U-Nets.
 
     A MODEL is a state_dict file plus the function that builds it
     (--builder package.module:function, --kwargs as a JSON object), or a whole
     pickled module, which is read only with --trusted (unpickling runs code).
+    A run directory is data: it never runs a builder you did not name (see the
+    README's security section).
     """
     warnings.showwarning = _show_warning
 
@@ -139,9 +177,13 @@ def _example(spec: ModelSpec):
 
     from .io import parse_input_shape
 
+    from .safety import check_input_memory
+
     if spec.input_shape is None:
         raise PrunekitError("An example input shape is needed; pass --input-shape, e.g. 1,3,256,256.")
-    return torch.randn(parse_input_shape(spec.input_shape))
+    shape = parse_input_shape(spec.input_shape)
+    check_input_memory(shape, "--input-shape")
+    return torch.randn(shape)
 
 
 def _check_leaves(model, leaf: tuple[str, ...]) -> None:
@@ -162,14 +204,26 @@ def load_cli_model(spec: ModelSpec):
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
     example = _example(spec)
     run_dir = _run_dir_of(spec.path)
-    if run_dir is not None and spec.builder is None:  # a pruned model, rebuilt from its manifest
+    if run_dir is not None:  # a pruned model, rebuilt from its manifest: data, not code
         from .artifacts import load_pruned
+        from .errors import UsageError
 
-        model = load_pruned(run_dir)
+        if spec.kwargs:
+            raise UsageError(f"'{run_dir}' is a run directory whose manifest gives the builder's kwargs; "
+                             "drop --kwargs.")
+        model = load_pruned(run_dir, builder=spec.builder, trusted=spec.trusted)
     else:
         model = load_model(spec.path, builder=spec.builder, kwargs=spec.kwargs, trusted=spec.trusted)
     _check_leaves(model, spec.leaf)
     return model, example
+
+
+def input_paths(path: str) -> list[str]:
+    """The files a MODEL argument reads: the file, or a run directory's manifest and weights."""
+    run_dir = _run_dir_of(path)
+    if run_dir is None:
+        return [path]
+    return [path, str(run_dir / "manifest.json"), str(run_dir / "model.pt")]
 
 
 def _run_dir_of(path: str) -> Path | None:
@@ -191,7 +245,7 @@ def load_compare_model(path: str, spec: ModelSpec, base=None):
 
     run_dir = _run_dir_of(path)
     if run_dir is not None:
-        return load_pruned(run_dir, model=base)
+        return load_pruned(run_dir, model=base, builder=spec.builder, trusted=spec.trusted)
     if spec.trusted:
         try:
             return load_model(path, trusted=True)  # a whole module keeps its own (pruned) widths
@@ -221,32 +275,29 @@ def make_console(stderr: bool = False):
 
 
 def echo_json(data: Any) -> None:
-    """Machine-readable output: JSON only, on stdout."""
-    click.echo(json.dumps(data, indent=2))
+    """Machine-readable output: strict JSON only (NaN becomes null), on stdout."""
+    from .io import strict_json
+
+    click.echo(strict_json(data, indent=2))
 
 
-def check_writable(path: str) -> Path:
-    """Fail before any work when ``path`` cannot be written."""
-    p = Path(path)
-    if p.is_dir():
-        raise PrunekitError(f"Cannot write {path!r}: it is a directory.")
+def check_writable(path: str, inputs=()) -> Path:
+    """Fail before any work when ``path`` cannot be written or is one of ``inputs``."""
+    from .paths import check_output
+
+    p = check_output(path, inputs, what="output")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise PrunekitError(f"Cannot write {path!r}: its directory {str(parent)!r} does not exist.")
-    if not os.access(parent, os.W_OK):
-        raise PrunekitError(f"Cannot write {path!r}: its directory {str(parent)!r} is not writable.")
     return p
 
 
-def write_text_file(path: str, text: str) -> None:
-    """Write ``text`` atomically, turning OS errors into one sentence."""
+def write_text_file(path: str, text: str, inputs=()) -> None:
+    """Write ``text`` atomically; OS errors become one sentence naming the path."""
     from .io import atomic_write_text
 
-    check_writable(path)
-    try:
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise PrunekitError(f"Cannot write {path!r}: {exc.strerror or exc}.") from None
+    check_writable(path, inputs)
+    atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- commands
@@ -267,13 +318,16 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: boo
     """
     from . import report as rep
 
+    from .safety import quiet_stdout
+
     rep.check_depth(depth)
-    model, example = load_cli_model(spec)
-    if compare is None:
-        data = rep.model_report(model, example, depth, leaf_modules=spec.leaf)
-    else:
-        other = load_compare_model(compare, spec, base=model)
-        data = rep.compare_report(model, other, example, depth, leaf_modules=spec.leaf)
+    with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json
+        model, example = load_cli_model(spec)
+        if compare is None:
+            data = rep.model_report(model, example, depth, leaf_modules=spec.leaf)
+        else:
+            other = load_compare_model(compare, spec, base=model)
+            data = rep.compare_report(model, other, example, depth, leaf_modules=spec.leaf)
     if as_json:
         echo_json(data)
     elif compare is None:
@@ -290,24 +344,23 @@ def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
     """The channel groups of MODEL: which channels are removed together, and which are pinned and why."""
     from . import report as rep
     from .graphs import build_graph
+    from .safety import quiet_stdout
 
+    inputs = input_paths(spec.path)
     if dot is not None:
-        check_writable(dot)
-    model, example = load_cli_model(spec)
-    g = build_graph(model, example, leaf_modules=spec.leaf)
-    data = rep.graph_report(g)
+        check_writable(dot, inputs)
+    with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json
+        model, example = load_cli_model(spec)
+        g = build_graph(model, example, leaf_modules=spec.leaf)
+        data = rep.graph_report(g)
     if dot is not None:
-        write_text_file(dot, rep.to_dot(g))
+        write_text_file(dot, rep.to_dot(g), inputs)
     if as_json:
         echo_json(data)
     else:
         rep.render_graph_report(data, make_console())
     if dot is not None:
         click.echo(f"Wrote {dot} (render it with: dot -Tsvg {dot} -o groups.svg).", err=as_json)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 # --------------------------------------------------------------------------- prune and demo
@@ -333,22 +386,31 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
     from .config import load_config
     from .io import load_model
     from .pruner import prune as run_prune
+    from .rundir import Interrupted, plan
+    from .safety import check_input_memory
 
+    inputs = [model, config_path]
     config = load_config(config_path)
     if config.input_shape is None:
         raise PrunekitError(f"config '{config_path}' needs input_shape, e.g. [1, 3, 256, 256].")
     if config.model.builder is None and not config.model.trusted_pickle:
         raise PrunekitError(f"config '{config_path}' needs model.builder (or model.trusted_pickle: true "
                             f"for a whole pickled module).")
+    plan(run_dir, resume, force, inputs)  # refuse a run directory before the model is even read
+    check_input_memory(config.input_shape, "input_shape")
     net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
                      trusted=config.model.trusted_pickle)
     torch.manual_seed(config.seed)
     example = torch.rand(config.input_shape)
     try:
-        result = run_prune(net, example, config, run_dir=run_dir, resume=resume, force=force, progress=not quiet)
-    except KeyboardInterrupt:
-        click.echo(f"\nInterrupted; continue with: prunekit prune {model} --config {config_path} "
-                   f"-o {run_dir} --resume", err=True)
+        result = run_prune(net, example, config, run_dir=run_dir, resume=resume, force=force, progress=not quiet,
+                           input_files=inputs)
+    except Interrupted as stop:
+        if stop.resumable:
+            click.echo(f"\nInterrupted; continue with: prunekit prune {model} --config {config_path} "
+                       f"-o {run_dir} --resume", err=True)
+        else:
+            click.echo(f"\nInterrupted; {str(stop).split('; ', 1)[-1]}", err=True)
         sys.exit(130)
     o, f = result.original, result.final
     status = "targets met" if result.targets_met else "targets NOT met"
@@ -369,5 +431,15 @@ def demo(out_dir: str, iterations: int, quiet: bool) -> None:
     """Train the reference U-Net on real nuclei tiles, prune it to half its FLOPs with
     IPAD, fine-tune, and print FLOPs, parameters and IoU before and after."""
     from .demo import run_demo
+    from .paths import check_output
+    from .rundir import MARKER
 
+    out = check_output(out_dir, what="demo output", directory=True)
+    if out.is_dir() and any(out.iterdir()) and not (out / "run" / MARKER).is_file():
+        raise PrunekitError(f"'{out_dir}' already holds files the demo did not write (it writes unet.pt, "
+                            "config.yaml and run/ there); choose a new directory.")
     run_demo(out_dir, train_iterations=iterations, progress=not quiet, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

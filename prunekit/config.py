@@ -8,6 +8,7 @@ accepts a :class:`Config`, a dict, or a path to a YAML file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import types
 import typing
@@ -15,13 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-import yaml
-
-from .errors import PrunekitError
-
-
-class ConfigError(PrunekitError):
-    """A config file or dict that does not fit the schema."""
+from .yamlfile import ConfigError, read_yaml
 
 
 @dataclass
@@ -118,6 +113,10 @@ def _fraction(v) -> bool:
     return 0 <= v <= 1
 
 
+def _shape(v) -> bool:
+    return len(v) >= 2 and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in v)
+
+
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "targets.flops": (_ratio, "a ratio in (0, 1]"),
     "targets.params": (_ratio, "a ratio in (0, 1]"),
@@ -127,14 +126,16 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "limits.round_to": (lambda v: v >= 1, "an integer >= 1"),
     "schedule.steps": (lambda v: v >= 1, "an integer >= 1"),
     "keep_best": (lambda v: v >= 1, "an integer >= 1"),
-    "input_shape": (lambda v: len(v) >= 2 and all(isinstance(d, int) and d > 0 for d in v),
-                    "a list of at least two positive integers, like [1, 3, 256, 256]"),
+    "input_shape": (_shape, "a list of at least two positive integers, like [1, 3, 256, 256]"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
 }
 for _prefix in ("schedule.finetune", "schedule.final_finetune"):
     _CHECKS[f"{_prefix}.iterations"] = (lambda v: v >= 0, "an integer >= 0")
-    _CHECKS[f"{_prefix}.lr"] = (lambda v: v > 0, "a positive number")
+    _CHECKS[f"{_prefix}.lr"] = (lambda v: 0 < v <= 10, "a positive number at most 10")
+    _CHECKS[f"{_prefix}.weight_decay"] = (_fraction, "a weight decay in [0, 1]")
 for _prefix in ("data.calibration", "data.train", "data.val"):
     _CHECKS[f"{_prefix}.batch_size"] = (lambda v: v >= 1, "an integer >= 1")
+    _CHECKS[f"{_prefix}.limit"] = (lambda v: v >= 1, "an integer >= 1 (or null for all batches)")
 
 
 def _type_name(tp) -> str:
@@ -182,7 +183,13 @@ def _convert(value, tp, path: str):
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{path}' must be a number, got {value!r}.")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}.")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{path}' must be an integer, got {value!r}.")
@@ -224,17 +231,8 @@ def load_config(source) -> Config:
     if isinstance(source, Config):
         return source
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist.")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}' is not valid YAML{where}.") from None
-        except (OSError, UnicodeDecodeError):
-            raise ConfigError(f"config file '{path}' cannot be read as text.") from None
+        raw = read_yaml(source)
+        raw = {} if raw is None else raw
     elif isinstance(source, dict):
         raw = source
     else:

@@ -1,4 +1,4 @@
-"""Load models, parse user inputs, and write files atomically.
+"""Load models and parse user inputs (atomic writes live in :mod:`prunekit.files`).
 
 Every problem with the user's input raises :class:`~prunekit.errors.PrunekitError`
 (or its subclass :class:`~prunekit.errors.UsageError`) with a one-sentence
@@ -7,8 +7,6 @@ message; nothing here prints.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import difflib
 import importlib
 import json
@@ -16,17 +14,25 @@ import os
 import pickle
 import pickletools
 import re
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError, UsageError
+from prunekit.errors import PrunekitError, ResourceError, UsageError
+from prunekit.files import (  # noqa: F401 - atomic writes, kept importable from here
+    atomic_dir,
+    atomic_save_torch,
+    atomic_write_bytes,
+    atomic_write_text,
+    atomic_writer,
+    save_json,
+    strict_json,
+)
+from prunekit.safety import first_line, quiet_stdout
 
 __all__ = [
     "resolve_callable",
@@ -34,6 +40,7 @@ __all__ = [
     "build_model",
     "load_state",
     "load_model",
+    "read_weights",
     "parse_input_shape",
     "atomic_writer",
     "atomic_write_bytes",
@@ -41,6 +48,7 @@ __all__ = [
     "atomic_save_torch",
     "atomic_dir",
     "save_json",
+    "strict_json",
 ]
 
 PathLike = str | os.PathLike
@@ -68,7 +76,10 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
         )
     module_name, attr_path = spec.strip().split(":", 1)
     try:
-        obj: Any = importlib.import_module(module_name)
+        with quiet_stdout():  # what an imported module prints must not reach --json output
+            obj: Any = importlib.import_module(module_name)
+    except KeyboardInterrupt:
+        raise
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if missing == module_name or module_name.startswith(missing + "."):
@@ -80,10 +91,14 @@ def resolve_callable(spec: str) -> Callable[..., Any]:
             f"Importing module {module_name!r} for {spec!r} failed because it needs "
             f"{missing!r}, which is not installed."
         ) from None
-    except Exception as exc:  # noqa: BLE001 - any import-time failure of user code
+    except SystemExit as exc:
         raise PrunekitError(
-            f"Importing module {module_name!r} for {spec!r} failed: {_first_line(exc)}."
-        ) from None
+            f"Importing module {module_name!r} for {spec!r} failed: it called sys.exit({exc.code!r})."
+        ) from exc
+    except BaseException as exc:  # noqa: BLE001 - any import-time failure of user code
+        raise PrunekitError(
+            f"Importing module {module_name!r} for {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}."
+        ) from exc
     where = f"Module {module_name!r}"
     done: list[str] = []
     for part in attr_path.split("."):
@@ -136,11 +151,19 @@ def build_model(builder: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mod
         )
     kw = dict(kwargs or {})
     try:
-        model = fn(**kw)
+        with quiet_stdout():
+            model = fn(**kw)
+    except KeyboardInterrupt:
+        raise
     except TypeError as exc:
-        raise PrunekitError(f"Builder {builder!r} rejected its arguments {kw!r}: {_first_line(exc)}.") from None
-    except Exception as exc:  # noqa: BLE001 - user code
-        raise PrunekitError(f"Builder {builder!r} failed with {type(exc).__name__}: {_first_line(exc)}.") from None
+        raise PrunekitError(f"Builder {builder!r} rejected its arguments {kw!r}: {_first_line(exc)}.") from exc
+    except MemoryError as exc:
+        raise ResourceError(f"Builder {builder!r} ran out of memory building the model with {kw!r}.",
+                            reason="memory") from exc
+    except SystemExit as exc:
+        raise PrunekitError(f"Builder {builder!r} called sys.exit({exc.code!r}).") from exc
+    except BaseException as exc:  # noqa: BLE001 - user code
+        raise PrunekitError(f"Builder {builder!r} failed with {type(exc).__name__}: {_first_line(exc)}.") from exc
     if not isinstance(model, nn.Module):
         raise PrunekitError(
             f"Builder {builder!r} returned a {type(model).__name__}, not a torch.nn.Module."
@@ -152,19 +175,19 @@ def build_model(builder: str, kwargs: Mapping[str, Any] | None = None) -> nn.Mod
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0].strip() if text else type(exc).__name__
-    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    if len(line) > 200:
-        line = line[:197] + "..."
-    return line.rstrip(".")
+    return first_line(exc) or type(exc).__name__
 
 
 def _check_file(path: Path, what: str = "Model file") -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise PrunekitError(f"{what} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does "
+                                "not exist.")
         raise PrunekitError(f"{what} {str(path)!r} does not exist.")
     if path.is_dir():
         raise PrunekitError(f"{what} {str(path)!r} is a directory, not a file.")
+    if not path.is_file():  # a pipe or a device would block or never end
+        raise PrunekitError(f"{what} {str(path)!r} is not a regular file.")
     if not os.access(path, os.R_OK):
         raise PrunekitError(f"{what} {str(path)!r} cannot be read (permission denied).")
 
@@ -288,6 +311,15 @@ def _unwrap(obj: Any, path: Path) -> nn.Module | Mapping[str, Any]:
     )
 
 
+def read_weights(path: PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from ``path``, read without unpickling any object."""
+    path = Path(path)
+    obj = _read_file(path, trusted=False)
+    if not _is_state_dict(obj):
+        raise PrunekitError(f"{str(path)!r} is not a state_dict of weights.")
+    return dict(obj)
+
+
 def _fmt_names(names: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
@@ -406,138 +438,3 @@ def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     if any(d <= 0 for d in dims):
         raise UsageError(f"Input shape {shown!r} has a dimension that is not positive; every size must be at least 1.")
     return tuple(dims)
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_writer(path: PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
-
-    On any exception the temporary file is removed and ``path`` is left as it was.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError("atomic_writer supports mode 'wb' or 'w'")
-    path = Path(path)
-    directory = path.parent
-    if not directory.is_dir():
-        raise PrunekitError(f"Cannot write {str(path)!r}: its directory {str(directory)!r} does not exist.")
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, then rename)."""
-    with atomic_writer(path, "wb") as fh:
-        fh.write(data)
-
-
-def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode(encoding))
-
-
-def atomic_save_torch(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` atomically."""
-    with atomic_writer(path, "wb") as fh:
-        torch.save(obj, fh)
-
-
-@contextlib.contextmanager
-def atomic_dir(final_dir: PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory in a sibling temporary directory and rename it to ``final_dir`` on success.
-
-    Yields the temporary directory's path; write everything there.  On an
-    exception the temporary directory is deleted and ``final_dir`` is not
-    touched.  An existing non-empty ``final_dir`` is an error unless
-    ``overwrite`` is true, in which case it is replaced only once the new one
-    is complete.
-    """
-    final = Path(final_dir)
-    parent = final.parent
-    if final.exists() and not final.is_dir():
-        raise PrunekitError(f"Output directory {str(final)!r} exists and is a file.")
-    if final.is_dir() and any(final.iterdir()) and not overwrite:
-        raise PrunekitError(
-            f"Output directory {str(final)!r} already exists and is not empty; choose another or remove it."
-        )
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PrunekitError(f"Cannot create the directory {str(parent)!r}: {exc.strerror or exc}.") from None
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
-        if final.is_dir() and any(final.iterdir()):
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{final.name}.", suffix=".old"))
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old, final)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)  # also replaces an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj, key=repr)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return obj.item()
-    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy arrays
-        return obj.tolist()
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def save_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as pretty JSON (2-space indent, trailing newline) to ``path`` atomically.
-
-    Paths, tensors, sets, dataclasses and numpy values are converted.
-    """
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=True)
-    atomic_write_text(path, text + "\n")

@@ -28,21 +28,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import rundir
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
+from .checks import check_labels, check_leaf_modules, guard_scorer, weights_hash
 from .config import Config, load_config, to_dict
 from .costs import CostModel
 from .data import load_batches
 from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
 from .graphs.graph import as_inputs
-from .importance import resolve_scorer, score_units
-from .io import atomic_save_torch, resolve_callable
+from .importance import SCORERS, resolve_scorer, score_units
+from .checkpoint import read_checkpoint, write_checkpoint
+from .io import resolve_callable
 from .planner import Planner
 from .progress import progress_bar
+from .rundir import CHECKPOINT, RunDirError, RunWriter
+from .safety import call_user, check_finite_weights, check_input_memory, describe, user_number
 from .surgery import apply_removal
 from .trainer import evaluate, finetune, loss_for, main_output, task_of
 
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -72,10 +76,6 @@ class PruneResult:
     candidates: list[dict] = field(default_factory=list)
 
 
-class RunDirError(PrunekitError):
-    """The run directory cannot be used as asked."""
-
-
 @dataclass
 class _Candidate:
     step: int
@@ -97,31 +97,37 @@ class _Run:
     """Everything one pruning run needs, resolved and checked before any file is written."""
 
     def __init__(self, model: nn.Module, example_inputs, config, run_dir, resume: bool, force: bool,
-                 progress: bool):
+                 progress: bool, input_files=()):
         self.config = cfg = load_config(config)
         self.inputs = as_inputs(example_inputs)
         self.progress = progress
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
-        if self.run_dir is not None:
-            if resume and not (self.run_dir / CHECKPOINT).is_file():
-                raise RunDirError(f"cannot resume: '{self.run_dir}' holds no {CHECKPOINT}.")
-            if _occupied(self.run_dir) and not resume:
-                if not force:
-                    raise RunDirError(f"run directory '{self.run_dir}' already exists; pass --force to overwrite "
-                                      f"it or --resume to continue it.")
-                if not _is_run_dir(self.run_dir):
-                    raise RunDirError(f"'{self.run_dir}' is not a prunekit run directory; --force only replaces "
-                                      f"earlier runs, so choose a new or empty directory.")
+        self.mode = None
+        data_paths = [getattr(src, key) for src in (cfg.data.calibration, cfg.data.train, cfg.data.val)
+                      if src is not None for key in ("images", "masks", "labels") if getattr(src, key)]
+        self.input_files = [*input_files, *data_paths]
+        if self.run_dir is not None:  # the directory is checked first: nothing runs for a run that cannot be written
+            self.mode = rundir.plan(self.run_dir, resume, force, self.input_files)
         elif resume:
             raise RunDirError("resuming needs the run directory of the interrupted run.")
+        if not isinstance(model, nn.Module):
+            raise PrunekitError(f"prune needs a torch.nn.Module, got {type(model).__name__}.")
+        check_leaf_modules(model, cfg.model.leaf_modules)
+        check_finite_weights(model)
+        for tensor in self.inputs:
+            check_input_memory(tuple(tensor.shape), "example input shape")
         self.scorer = resolve_scorer(cfg.importance.method)
+        if not (isinstance(cfg.importance.method, str) and cfg.importance.method in SCORERS):
+            self.scorer = guard_scorer(self.scorer, describe(cfg.importance.method if isinstance(
+                cfg.importance.method, str) else self.scorer))
         self.validate_fn = resolve_callable(cfg.validate) if cfg.validate else None
-        self.finetune_fn = None
+        self.finetune_fn = self.finetune_name = None
         for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune):
             if ft is not None and ft.function:
-                self.finetune_fn = resolve_callable(ft.function)
+                self.finetune_fn, self.finetune_name = resolve_callable(ft.function), ft.function
         shape = cfg.input_shape or list(self.inputs[0].shape)
+        check_input_memory(shape, "input_shape")
         self.calibration = load_batches(cfg.data.calibration, shape, "calibration")
         self.train = load_batches(cfg.data.train, shape, "train")
         self.val = load_batches(cfg.data.val, shape, "val")
@@ -131,14 +137,21 @@ class _Run:
             raise PrunekitError("schedule.finetune needs training data: set data.train.")
         if cfg.importance.method == "taylor" and self.train is None:
             raise PrunekitError("importance method 'taylor' needs a loss: set data.train.")
+        check_labels(model, self.train, "train")
+        check_labels(model, self.val, "val")
         self.original = model
         self.original_widths = module_widths(model)
+        self.model_hash = weights_hash(model) if self.run_dir is not None else None  # resume checks it
+        self.checkpoint = _load_checkpoint(self) if self.mode == "resume" else None
         self.graph0 = build_graph(model, self.inputs, cfg.model.leaf_modules)
         for fallback in self.graph0.fallbacks:
             warnings.warn(f"{fallback.describe()}; {self.graph0.fallback_cost(fallback)} channels pinned.",
                           PrunekitWarning, stacklevel=3)
         costs = CostModel(model, self.graph0)
         self.flops0, self.params0 = costs.flops(), costs.params()
+        if self.flops0 <= 0 or self.params0 <= 0:
+            raise PrunekitError(f"the model has {self.flops0} FLOPs and {self.params0} parameters that prunekit can "
+                                "count; there is nothing to prune.")
         self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}
         self.target_flops = cfg.targets.flops * self.flops0
         self.target_params = cfg.targets.params * self.params0
@@ -184,7 +197,7 @@ class _Run:
         if ft is None or ft.iterations <= 0:
             return
         if self.finetune_fn is not None and ft.function:
-            self.finetune_fn(model, self.train, ft.iterations)
+            call_user(self.finetune_fn, "fine-tune function", ft.function, model, self.train, ft.iterations)
             return
         finetune(model, self.train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
                  use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
@@ -193,15 +206,18 @@ class _Run:
     def metric(self, model: nn.Module) -> float | None:
         model.eval()
         if self.validate_fn is not None:
-            return float(self.validate_fn(model))
+            role = "validate function"
+            return user_number(call_user(self.validate_fn, role, self.config.validate, model), role,
+                               self.config.validate)
         if self.val is not None:
             ft = self.config.schedule.finetune
             return evaluate(model, self.val, ft.task if ft is not None else "auto")
         return None
 
-    def fingerprint(self) -> str:
-        text = json.dumps(to_dict(self.config), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def identity(self) -> dict:
+        """What a checkpoint must match to be resumed: the config and example input, and the weights."""
+        text = json.dumps([to_dict(self.config), [list(t.shape) for t in self.inputs]], sort_keys=True, default=str)
+        return {"fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16], "model_hash": self.model_hash}
 
     def log(self, text: str) -> None:
         if self.progress:
@@ -232,100 +248,113 @@ def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
     return resize_to(copy.deepcopy(run.original), widths, state).eval()
 
 
-def _save_checkpoint(run: _Run, step: int, model: nn.Module, history, candidates) -> None:
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "fingerprint": run.fingerprint(),
+def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, history, candidates) -> None:
+    writer.begin()
+    write_checkpoint(writer.checkpoint, run.identity(), {
         "step": step,
         "widths": json.dumps(width_changes(run.original_widths, model)),
         "state": _state_copy(model),
         "history": json.dumps([asdict(h) for h in history]),
         "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "state": c.state,
                         "widths": json.dumps(c.widths)} for c in candidates],
-    }
-    atomic_save_torch(payload, run.run_dir / CHECKPOINT)
+    })
+    writer.saved_checkpoint()
 
 
 def _load_checkpoint(run: _Run):
+    """The saved state of an interrupted run, checked to belong to this model and config."""
     path = run.run_dir / CHECKPOINT
+    payload = read_checkpoint(path, run.identity())
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise RunDirError(f"'{path}' is not a readable prunekit checkpoint.") from None
-    if payload.get("fingerprint") != run.fingerprint():
-        raise RunDirError(f"'{run.run_dir}' was started with a different config; resume it with the same one.")
-    model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
-    history = [StepRecord(**h) for h in json.loads(payload["history"])]
-    candidates = [_Candidate(c["step"], c["metric"], c["meets"], c["state"], json.loads(c["widths"]))
-                  for c in payload["candidates"]]
-    return payload["step"], model, history, candidates
+        model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
+        history = [StepRecord(**h) for h in json.loads(payload["history"])]
+        candidates = [_Candidate(c["step"], c["metric"], c["meets"], c["state"], json.loads(c["widths"]))
+                      for c in payload["candidates"]]
+        step = int(payload["step"])
+    except PrunekitError:
+        raise
+    except Exception:  # noqa: BLE001 - a payload that does not hold what prunekit writes
+        raise RunDirError(f"'{path}' is damaged: it does not hold a prunekit run's state.",
+                          str(run.run_dir)) from None
+    return step, model, history, candidates
 
 
 def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool = False, force: bool = False,
-          progress: bool = True, builder: str | None = None, builder_kwargs: dict | None = None) -> PruneResult:
+          progress: bool = True, builder: str | None = None, builder_kwargs: dict | None = None, *,
+          input_files=()) -> PruneResult:
     """Prune ``model`` until the config's FLOPs and parameter targets hold.
 
     ``config``: a :class:`~prunekit.config.Config`, a dict, or a YAML path.
     ``run_dir``: where the checkpoint and outputs go (model.pt, manifest.json,
     report.json, report.md, trajectory.png, widths.png); None keeps it all in
-    memory. ``resume`` continues an interrupted run from its checkpoint.
-    The caller's model is never modified.
+    memory. ``resume`` continues an interrupted run from its checkpoint;
+    ``force`` replaces an earlier run there, once the new one is complete.
+    ``input_files``: the files the model and config came from; the run
+    directory may not be or hold one. The caller's model is never modified,
+    and nothing is written before everything that can be checked is.
     """
-    run = _Run(model, example_inputs, config, run_dir, resume, force, progress)
+    run = _Run(model, example_inputs, config, run_dir, resume, force, progress, input_files)
+    if run.run_dir is None:
+        return _loop(run, None, builder, builder_kwargs)
+    with RunWriter(run.run_dir, run.mode, run.input_files) as writer:
+        try:
+            return _loop(run, writer, builder, builder_kwargs)
+        except KeyboardInterrupt:
+            raise rundir.Interrupted(str(run.run_dir), writer.resumable, writer.mode) from None
+        except PrunekitError as exc:
+            if writer.resumable:  # say that the finished steps are kept, and how to go on
+                exc.args = (f"{str(exc).rstrip('.')}; the steps finished so far are kept: continue with --resume "
+                            f"from '{run.run_dir}'.",)
+            raise
+
+
+def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneResult:
     cfg = run.config
     _seed(cfg.seed)
     history: list[StepRecord] = []
     candidates: list[_Candidate] = []
-    current = copy.deepcopy(model).eval()
+    current = copy.deepcopy(run.original).eval()
     step = 0
-    if resume:
-        step, current, history, candidates = _load_checkpoint(run)
+    if writer is not None and writer.mode == "resume" and run.checkpoint is not None:
+        step, current, history, candidates = run.checkpoint
         run.log(f"resuming after step {step}")
-    elif run.run_dir is not None:
-        _clear_run_dir(run.run_dir)
-        _save_checkpoint(run, 0, current, history, candidates)  # resumable from the first step on
     message = ""
     graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
-    try:
-        while True:
-            if graph is None:
-                graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
-            costs = CostModel(current, graph)
-            flops, params = costs.flops(), costs.params()
-            if run.meets(flops, params):
-                message = "targets met"
-                break
-            step += 1
-            _seed(cfg.seed + step)
-            started = time.perf_counter()
-            scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
-                                 cfg.importance.combine, cfg.importance.normalize)
-            plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.goal(step))
-            if plan.units.size == 0:
-                step -= 1
-                message = _unreachable(run, flops, params)
-                break
-            current = apply_removal(current, graph, graph.removal_mask(plan.units))
-            graph = None
-            run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
-            metric = run.metric(current)
-            record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,
-                                int(plan.units.size), metric, time.perf_counter() - started)
-            history.append(record)
-            run.log(f"step {step}: FLOPs {record.flops_ratio:.1%}, params {record.params_ratio:.1%}"
-                    + (f", metric {metric:.4f}" if metric is not None else ""))
-            candidates.append(_Candidate(step, metric, run.meets(plan.flops, plan.params), _state_copy(current),
-                                         width_changes(run.original_widths, current)))
-            candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
-            if run.run_dir is not None:
-                _save_checkpoint(run, step, current, history, candidates)
-            if not plan.reached and step >= cfg.schedule.steps:
-                message = _unreachable(run, plan.flops, plan.params)
-                break
-    except KeyboardInterrupt:
-        if run.run_dir is not None:
-            raise KeyboardInterrupt(f"interrupted; continue with --resume from '{run.run_dir}'.") from None
-        raise
+    while True:
+        if graph is None:
+            graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
+        costs = CostModel(current, graph)
+        flops, params = costs.flops(), costs.params()
+        if run.meets(flops, params):
+            message = "targets met"
+            break
+        step += 1
+        _seed(cfg.seed + step)
+        started = time.perf_counter()
+        scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
+                             cfg.importance.combine, cfg.importance.normalize)
+        plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.goal(step))
+        if plan.units.size == 0:
+            step -= 1
+            message = _unreachable(run, flops, params)
+            break
+        current = apply_removal(current, graph, graph.removal_mask(plan.units))
+        graph = None
+        run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
+        metric = run.metric(current)
+        record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,
+                            int(plan.units.size), metric, time.perf_counter() - started)
+        history.append(record)
+        run.log(f"step {step}: FLOPs {record.flops_ratio:.1%}, params {record.params_ratio:.1%}"
+                + (f", metric {metric:.4f}" if metric is not None else ""))
+        candidates.append(_Candidate(step, metric, run.meets(plan.flops, plan.params), _state_copy(current),
+                                     width_changes(run.original_widths, current)))
+        candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
+        if writer is not None:  # the first checkpoint comes after a whole step: a failing step writes nothing
+            _save_checkpoint(run, writer, step, current, history, candidates)
+        if not plan.reached and step >= cfg.schedule.steps:
+            message = _unreachable(run, plan.flops, plan.params)
+            break
     best = max(candidates, key=_Candidate.rank) if candidates else None
     if best is not None:
         model_out = _rebuild(run, best.widths, best.state)
@@ -333,6 +362,7 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
     else:
         model_out, best_step = current, 0
     if cfg.schedule.final_finetune is not None:
+        _seed(cfg.seed + best_step + 1000)  # the same whether the run was resumed or not
         run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
     if graph is not None and (best is None or best.step == step):
         final_graph = graph  # the loop's last graph already describes this model's structure
@@ -351,27 +381,14 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
         run_dir=run.run_dir,
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
     )
-    if run.run_dir is not None:
+    if writer is not None:
         from .run_outputs import write_outputs
 
-        write_outputs(result, run.original, run.graph0, final_graph, run.inputs)
+        if not writer.began:  # the model met the targets before any step: still a complete run
+            _save_checkpoint(run, writer, step, current, history, candidates)
+        write_outputs(result, run.original, run.graph0, final_graph, run.inputs, directory=writer.work)
+        writer.complete()
     return result
-
-
-def _occupied(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / CHECKPOINT).exists() or (path / "manifest.json").exists())
-
-
-def _clear_run_dir(path: Path) -> None:
-    """--force replaces an earlier run (checked to be one before anything started)."""
-    import shutil
-
-    if _occupied(path):
-        shutil.rmtree(path)
 
 
 def _unreachable(run: _Run, flops: int, params: int) -> str:

@@ -152,9 +152,10 @@ def plot_widths(report: dict) -> bytes:
     return data
 
 
-def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph: ChannelGraph, inputs) -> None:
-    run_dir = Path(result.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph: ChannelGraph, inputs,
+                  directory=None) -> None:
+    """Write the run's files into ``directory`` (default: ``result.run_dir``), which must exist."""
+    run_dir = Path(directory if directory is not None else result.run_dir)
     report = build_report(result, layer_rows(original, graph0, result.model, final_graph))
     report["tracing"] = tracing_report(graph0)
     atomic_save_torch(result.model.state_dict(), run_dir / "model.pt")

@@ -215,9 +215,15 @@ def test_existing_run_dir_needs_force(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "keep.txt").write_text("mine")
+    for force in (False, True):  # not a prunekit run: never overwritten, not even with force
+        with pytest.raises(prunekit.PrunekitError, match="not a prunekit run directory"):
+            prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), unet_config(), run_dir=run, force=force,
+                           progress=False)
+    assert [p.name for p in run.iterdir()] == ["keep.txt"] and (run / "keep.txt").read_text() == "mine"
+    done = tmp_path / "done"
+    prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), unet_config(), run_dir=done, progress=False)
     with pytest.raises(prunekit.PrunekitError, match="already exists; pass --force"):
-        prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), unet_config(), run_dir=run, progress=False)
-    assert (run / "keep.txt").read_text() == "mine"
+        prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), unet_config(), run_dir=done, progress=False)
 
 
 def test_bad_inputs_leave_no_run_dir(tmp_path):

@@ -1,0 +1,112 @@
+"""Checks a pruning run makes before any work and before anything is written.
+
+Each raises one :class:`~prunekit.errors.PrunekitError` sentence: leaf modules the
+model does not have, labels the model cannot predict, a model that cannot run its
+data; :func:`weights_hash` identifies the model a checkpoint was started from, and
+:func:`guard_scorer` puts a user's scorer behind the error boundary.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+from collections.abc import Mapping
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import DataError
+from .errors import PrunekitError, UserFunctionError
+from .safety import call_user, first_line
+from .trainer import main_output
+
+__all__ = ["check_leaf_modules", "check_labels", "weights_hash", "guard_scorer"]
+
+
+def check_leaf_modules(model: nn.Module, leaves, key: str = "model.leaf_modules") -> None:
+    names = sorted(n for n, _ in model.named_modules() if n)
+    for name in leaves:
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise PrunekitError(f"{key} names {name!r}, which is not a submodule of the model{hint}")
+
+
+def check_labels(model: nn.Module, batches, what: str) -> None:
+    """Run the model on the first batch of ``batches``; integer targets must be classes it predicts."""
+    if batches is None:
+        return
+    batch = next(iter(batches), None)
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], torch.Tensor):
+        return
+    x, y = batch[0], batch[1]
+    training = model.training
+    try:
+        with torch.no_grad():
+            output = main_output(model.eval()(x))
+    except Exception as exc:  # noqa: BLE001 - the user's model on the user's data
+        raise DataError(f"the model cannot run the first batch of data.{what} (input shape {tuple(x.shape)}): "
+                        f"{type(exc).__name__}: {first_line(exc)}.") from None
+    finally:
+        model.train(training)  # the caller's model is left as it was
+    if y.is_floating_point() or not isinstance(output, torch.Tensor) or output.dim() < 2:
+        return
+    classes = output.shape[1]
+    if y.numel() and int(y.max()) >= max(classes, 2):
+        raise DataError(f"data.{what} has the label {int(y.max())}, but the model predicts {classes} classes "
+                        f"(labels 0 to {max(classes, 2) - 1}).")
+
+
+def weights_hash(model: nn.Module) -> str:
+    """A hash of every tensor in the model's state_dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _check_scores(raw, role: str, name: str, producers=None) -> None:
+    def fail(problem: str):
+        raise UserFunctionError(f"your {role} {name!r} {problem}.", name, role, problem)
+
+    if not isinstance(raw, Mapping):
+        fail(f"returned {type(raw).__name__}, not a mapping of producer name to scores")
+    for key, values in raw.items():
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu()
+            if values.is_complex():
+                fail(f"returned complex scores for {key!r}")
+        try:
+            array = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            fail(f"returned scores for {key!r} that are not numbers ({type(values).__name__})")
+        if array.ndim != 1:
+            fail(f"returned scores of shape {array.shape} for {key!r}, not one score per output channel")
+        if producers is not None:
+            if key not in producers:
+                fail(f"returned scores for {key!r}, which is not a producer in this model")
+            if len(array) != len(producers[key]):
+                fail(f"returned {len(array)} scores for {key!r}, which has {len(producers[key])} output channels")
+        if not np.isfinite(array).all():
+            fail(f"returned a score that is not finite (NaN or infinite) for {key!r}")
+
+
+def guard_scorer(scorer: Callable, name: str) -> Callable:
+    """``scorer`` behind the error boundary: what it raises or wrongly returns is one sentence."""
+    role = "importance scorer"
+
+    @functools.wraps(scorer)  # keeps the signature: options are passed by the names it declares
+    def guarded(*args, **kwargs):
+        raw = call_user(scorer, role, name, *args, **kwargs)
+        graph = args[1] if len(args) > 1 else kwargs.get("graph")
+        _check_scores(raw, role, name, getattr(graph, "producers", None))
+        return raw
+
+    return guarded
