@@ -390,3 +390,12 @@ def test_installed_script(models):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("Error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert "--trusted" in bad.stderr
+
+
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    import subprocess
+
+    for module in ("prunekit", "prunekit.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "prune", "--help"], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert done.returncode == 0 and "Prune MODEL" in done.stdout, done.stderr
