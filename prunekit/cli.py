@@ -316,7 +316,7 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: boo
 
     One fused multiply-add counts as one flop (fvcore's convention).
     """
-    from . import report as rep
+    from . import reports as rep
 
     from .safety import quiet_stdout
 
@@ -342,7 +342,7 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: boo
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON only.")
 def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
     """The channel groups of MODEL: which channels are removed together, and which are pinned and why."""
-    from . import report as rep
+    from . import reports as rep
     from .graphs import build_graph
     from .safety import quiet_stdout
 

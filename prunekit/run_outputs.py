@@ -16,7 +16,7 @@ from torch import nn
 from .config import to_dict
 from .costs import CONVENTION, CostModel
 from .graphs import ChannelGraph
-from .report import tracing_report
+from .reports import tracing_report
 from .io import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
 
 

@@ -176,7 +176,7 @@ def test_report_compare_same_weights_is_all_ones(models):
 def test_compare_report_layers_on_one_side_only():
     from torch import nn
 
-    from prunekit.report import compare_report
+    from prunekit.reports import compare_report
 
     a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
     b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()

@@ -21,7 +21,7 @@ from helpers import assert_exact, pick_units
 from prunekit.costs import fvcore_counts
 from prunekit.ops import OpSpec, register, table
 from prunekit.ops.channels import passthrough
-from prunekit.report import model_report
+from prunekit.reports import model_report
 
 C = 6  # channels of the probed tensors
 

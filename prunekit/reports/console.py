@@ -1,0 +1,217 @@
+"""Report data drawn as rich tables: the model, a comparison, the channel graph, what tracing left opaque."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def human(n: float | int | None, unit: str = "") -> str:
+    """3049521152 -> '3.05 G'; small numbers stay whole: 432 -> '432'."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for prefix in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1000 or prefix == "P":
+            break
+        value /= 1000
+    if prefix == "":
+        text = f"{int(n):,}" if float(n).is_integer() else f"{value:.3g}"
+    elif abs(value) >= 100:
+        text = f"{value:.0f}"
+    elif abs(value) >= 10:
+        text = f"{value:.1f}"
+    else:
+        text = f"{value:.2f}"
+    return f"{text} {prefix}{unit}".rstrip()
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _paren_human(n: int) -> str:
+    return f" ({human(n)})" if abs(n) >= 1000 else ""
+
+
+def _pct(x: float) -> str:
+    return "<0.1%" if 0 < x < 0.05 else f"{x:.1f}%"
+
+
+def _ratio_text(r: float | None):
+    from rich.text import Text
+
+    if r is None:
+        return Text("-", style="dim")
+    style = "dim" if math.isclose(r, 1.0) else ("green" if r < 1 else "yellow")
+    return Text(f"{r:.2f}", style=style)
+
+
+def _shape_text(shape) -> str:
+    if not shape:
+        return ""
+    if all(isinstance(s, int) for s in shape):
+        return "x".join(str(s) for s in shape)
+    return ", ".join(_shape_text(s) if isinstance(s, list) else str(s) for s in shape)
+
+
+def _txt(value: Any, style: str | None = None):
+    """Literal text: module names are never read as rich markup."""
+    from rich.text import Text
+
+    return Text(str(value), style=style or "")
+
+
+def _inputs_text(shapes: list) -> str:
+    return ", ".join(_shape_text(s) if isinstance(s, list) else str(s) for s in shapes)
+
+
+def _fvcore_line(fv: dict | None, analytic: int, label: str = "") -> str | None:
+    if fv is None:
+        return None
+    if fv["error"]:
+        return f"{label}fvcore: {fv['error']}."
+    verdict = "agrees" if fv["agrees"] else f"differs by {_count(fv['flops'] - analytic)}"
+    text = f"{label}fvcore total: {_count(fv['flops'])} flops ({verdict})"
+    if fv["uncounted_ops"]:
+        ops = ", ".join(f"{op} x{n}" for op, n in fv["uncounted_ops"].items())
+        text += f"; ops fvcore does not count: {ops}"
+    return text + "."
+
+
+def _layer_table(title: str, data: dict):
+    """The per-layer table both model reports draw: ``title`` (plus the depth), then Layer and Type columns."""
+    from rich import box
+    from rich.table import Table
+
+    if data.get("depth"):
+        title += f"  |  depth {data['depth']}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_footer=True, title_justify="left",
+                  footer_style="bold")
+    table.add_column("Layer", footer="Total", overflow="fold")
+    table.add_column("Type", footer="")
+    return table
+
+
+def render_model_report(data: dict, console) -> None:
+    """Draw :func:`model_report` data: one row per layer (or block), then the totals."""
+    totals = data["totals"]
+    table = _layer_table(f"{data['model']}  |  input {_inputs_text(data['input_shapes'])}", data)
+    table.add_column("Output", footer="")
+    table.add_column("Params", justify="right", footer=_count(totals["params"]))
+    table.add_column("FLOPs", justify="right", footer=human(totals["flops"]))
+    table.add_column("Share", justify="right", footer=_pct(100.0) if totals["flops"] else "")
+    hidden: dict[str, int] = {}
+    for row in data["rows"]:
+        share = row["flops_share"]
+        if not row["params"] and not row["flops"]:
+            hidden[row["type"] or "?"] = hidden.get(row["type"] or "?", 0) + 1
+            continue  # ReLU, pooling...: in the JSON, not worth a line here
+        table.add_row(
+            _txt(row["name"]),
+            _txt(row["type"], "cyan"),
+            _txt(_shape_text(row["output_shape"]), "dim"),
+            _txt(_count(row["params"]), "dim" if not row["params"] else None),
+            _txt(human(row["flops"]) if row["flops"] else "0", "dim" if not row["flops"] else None),
+            _txt(_pct(share) if row["flops"] else "", "bold" if share >= 10 else None),
+        )
+    console.print(table)
+    if hidden:
+        kinds = ", ".join(f"{n} {t}" for t, n in hidden.items())
+        n = sum(hidden.values())
+        console.print(_txt(f"Not shown: {n} layer{'s' * (n != 1)} without parameters or flops ({kinds}).", "dim"))
+    console.print(_txt(f"Total: {_count(totals['flops'])} flops{_paren_human(totals['flops'])}, "
+                       f"{_count(totals['params'])} parameters{_paren_human(totals['params'])}; "
+                       f"{human(totals['flops_x2'])} with multiplies and adds counted separately.", "bold"))
+    console.print(_txt(f"Convention: {data['convention']}.", "dim"))
+    line = _fvcore_line(data["fvcore"], totals["flops"])
+    if line:
+        console.print(_txt(line, "dim"))
+    render_tracing(data["tracing"], console)
+
+
+def render_compare_report(data: dict, console) -> None:
+    """Draw :func:`compare_report` data: before, after and after/before per layer."""
+    t = data["totals"]
+    table = _layer_table(f"{data['models'][0]} before and after  |  input {_inputs_text(data['input_shapes'])}", data)
+    table.add_column("Params before", justify="right", footer=_count(t["before"]["params"]))
+    table.add_column("after", justify="right", footer=_count(t["after"]["params"]))
+    table.add_column("ratio", justify="right", footer=_ratio_text(t["params_ratio"]))
+    table.add_column("FLOPs before", justify="right", footer=human(t["before"]["flops"]))
+    table.add_column("after", justify="right", footer=human(t["after"]["flops"]))
+    table.add_column("ratio", justify="right", footer=_ratio_text(t["flops_ratio"]))
+    for row in data["rows"]:
+        if not any((row["before"]["params"], row["before"]["flops"], row["after"]["params"], row["after"]["flops"])):
+            continue  # parameter-free, cost-free layers (ReLU, pooling) say nothing here
+        b, a = row["before"], row["after"]
+        name = row["name"] + {"both": "", "before only": "  (removed)", "after only": "  (new)"}[row["status"]]
+        table.add_row(
+            _txt(name), _txt(row["type"], "cyan"),
+            _txt(_count(b["params"])), _txt(_count(a["params"])), _ratio_text(row["params_ratio"]),
+            _txt(human(b["flops"]) if b["flops"] else "0"), _txt(human(a["flops"]) if a["flops"] else "0"),
+            _ratio_text(row["flops_ratio"]),
+        )
+    console.print(table)
+
+    def pct(r):
+        return "-" if r is None else f"{100 * r:.1f}%"
+
+    console.print(_txt(
+        f"After / before: flops {human(t['after']['flops'])} / {human(t['before']['flops'])} = {pct(t['flops_ratio'])}, "
+        f"parameters {human(t['after']['params'])} / {human(t['before']['params'])} = {pct(t['params_ratio'])}.",
+        "bold"))
+    console.print(_txt(f"Convention: {data['convention']}.", "dim"))
+    if data["fvcore"]:
+        for side, label in (("before", "Before: "), ("after", "After: ")):
+            line = _fvcore_line(data["fvcore"][side], t[side]["flops"], label)
+            if line:
+                console.print(_txt(line, "dim"))
+
+
+def render_graph_report(data: dict, console) -> None:
+    """Draw :func:`graph_report` data: the groups, then what is pinned and why."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="Channel groups (channels that are removed together)", box=box.SIMPLE_HEAD,
+                  title_justify="left", expand=True)
+    table.add_column("#", justify="right", style="dim")
+    longest = max((len(p) for g in data["groups"] for p in g["producers"]), default=9)
+    table.add_column("Producers", overflow="fold", min_width=min(longest, 48))
+    table.add_column("Size", justify="right")
+    table.add_column("Prunable", justify="right")
+    table.add_column("Read by", style="dim", overflow="fold", ratio=3)
+    table.add_column("Status", ratio=2, overflow="fold")
+    styles = {"prunable": "green", "partly pinned": "yellow", "pinned": "red"}
+    for g in data["groups"]:
+        status = g["status"] if not g["reasons"] else f"{g['status']}: " + "; ".join(g["reasons"])
+        if g["granularity"]:
+            status += "\n" + "; ".join(g["granularity"])
+        table.add_row(
+            _txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["size"])),
+            _txt(_count(g["prunable_units"])), _txt(", ".join(g["consumers"]) or "-"),
+            _txt(status, styles[g["status"]]),
+        )
+    console.print(table)
+    if data["pins"]:
+        pins = Table(title="Pinned channels (left alone)", box=box.SIMPLE_HEAD, title_justify="left")
+        pins.add_column("Source", overflow="fold")
+        pins.add_column("Channels", justify="right")
+        pins.add_column("Why", overflow="fold")
+        for p in data["pins"]:
+            pins.add_row(_txt(p["source"]), _txt(_count(p["channels"])), _txt(p["reason"], "dim"))
+        console.print(pins)
+    render_tracing(data["tracing"], console)
+    t = data["totals"]
+    console.print(_txt(
+        f"{t['groups']} groups over {t['producers']} producers ({t['pinned_groups']} pinned); "
+        f"{_count(t['prunable_units'])} of {_count(t['units'])} channels can be pruned.", "bold"))
+
+
+def render_tracing(data: dict, console) -> None:
+    for f in data.get("fallbacks", []):
+        where = f" at {f['location']}" if f["location"] else ""
+        console.print(_txt(f"Traced as an opaque leaf: '{f['module'] or '(whole model)'}' ({f['type']}): "
+                           f"{f['reason']}{where}; {f['pinned_channels']} channels pinned.", "yellow"))
+    for note in data.get("notes", []):
+        console.print(_txt(f"Note: {note}.", "dim"))
