@@ -147,12 +147,11 @@ class ConcreteTracer(fx.Tracer):
         if kind == "get_attr":
             return self._fetch(target)
         module = self.modules[target] if kind == "call_module" else None
-        if self.meta:
-            shortcut = _meta_result(kind, target, module, args)
+        self.executing += 1  # the op's own code (and its shape function) is run, not recorded
+        try:
+            shortcut = _meta_result(kind, target, module, args) if self.meta else None
             if shortcut is not None:
                 return shortcut
-        self.executing += 1
-        try:
             if kind == "call_function":
                 return target(*args, **kwargs)
             if kind == "call_method":
@@ -217,10 +216,10 @@ def _fetch(root: nn.Module, target: str):
 
 
 def _meta_result(kind: str, target, module: nn.Module | None, args: tuple):
-    """The output of a shape-keeping op on meta tensors, without running it.
+    """The output of an op on meta tensors, from its shape alone, without running it.
 
-    Several such ops (BatchNorm, hardswish...) have slow Python meta kernels,
-    and only the shape matters here.
+    Many meta kernels (BatchNorm, hardswish, adaptive pooling, linear) are slow
+    Python code, and only the shape matters here.
     """
     if kind not in ("call_module", "call_function") or not args or not isinstance(args[0], torch.Tensor):
         return None
@@ -228,6 +227,9 @@ def _meta_result(kind: str, target, module: nn.Module | None, args: tuple):
     if any(t.device.type != "meta" for t in tensors):
         return None
     shape = spec_for_target(kind, target, module).shape
+    if callable(shape):  # the op's own shape function (conv, linear, adaptive pooling)
+        size = shape(args, module)
+        return None if size is None else torch.empty(size, dtype=args[0].dtype, device="meta")
     if shape == "input":
         return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
     if shape == "broadcast" and len({t.dtype for t in tensors}) == 1:

@@ -305,3 +305,41 @@ def linear_carries(role: str, dim: int, module: nn.Module | None, sliced: set[in
 
 def holder_carries(role: str, dim: int, module: nn.Module | None, sliced: set[int]) -> bool | None:
     return {"weight": True, "bias": True, "running_mean": False, "running_var": False}.get(role)
+
+
+# ---------------------------------------------------------------------------
+# Output shapes, so that tracing on meta tensors need not run slow meta kernels;
+# None: work it out by running the op
+
+
+def conv_shape(args: tuple, m: nn.Module) -> tuple | None:
+    x = args[0]
+    rank = m.weight.dim() - 2
+    if len(args) != 1 or isinstance(m.padding, str) or x.dim() != rank + 2:
+        return None
+    out = m.weight.shape[1] * m.groups if m.transposed else m.weight.shape[0]
+    sizes = []
+    for i, n in enumerate(x.shape[2:]):
+        k, s, p, d = m.kernel_size[i], m.stride[i], m.padding[i], m.dilation[i]
+        if m.transposed:
+            sizes.append((n - 1) * s - 2 * p + d * (k - 1) + m.output_padding[i] + 1)
+        else:
+            sizes.append((n + 2 * p - d * (k - 1) - 1) // s + 1)
+    return (x.shape[0], out, *sizes)
+
+
+def linear_shape(args: tuple, m: nn.Module) -> tuple | None:
+    return (*args[0].shape[:-1], m.weight.shape[0]) if len(args) == 1 else None
+
+
+def adaptive_pool_shape(rank: int):
+    def shape(args: tuple, m: nn.Module | None) -> tuple | None:
+        x = args[0]
+        size = m.output_size if m is not None else (args[1] if len(args) > 1 else None)
+        if size is None or getattr(m, "return_indices", False) or x.dim() < rank + 1:
+            return None
+        size = (size,) * rank if isinstance(size, int) else tuple(size)
+        kept = x.shape[-rank:]
+        return (*x.shape[:-rank], *(k if s is None else s for s, k in zip(size, kept)))
+
+    return shape

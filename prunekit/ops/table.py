@@ -26,7 +26,7 @@ from torch import fx, nn
 from . import flops as fl
 from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, reduce, softmax2d, \
     spatial, split, stack, _softmax_dim
-from .layers import batchnorm_module, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
+from .layers import adaptive_pool_shape, batchnorm_module, conv_shape, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
     holder_function, layernorm_function, layernorm_module, linear_carries, linear_function, linear_module, \
     prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, resize_prelu
 from .op import Op, constant, model_input, model_output, no_channels, pin_all, unknown
@@ -39,7 +39,9 @@ class OpSpec:
 
     rule: Callable[[Op], Any]  # input channel vectors -> output channel vector(s)
     flops: Callable | None = None  # (cost context, node, module) -> flops(kept, node, removed); None: 0
-    shape: str | None = None  # "input": output shaped like the first input; "broadcast": like all inputs
+    # the output's shape without running the op: "input" (the first input's), "broadcast" (all
+    # inputs broadcast), or a function (args, module) -> shape or None
+    shape: str | Callable | None = None
     widths: tuple[str, ...] = ()  # size attributes a resize rewrites
     resize: Callable | None = None  # (module, kept widths, original attributes, grouping) -> None
     carries: Callable | None = None  # (tensor role, dim, module, sliced dims) -> zeroing silences a channel?
@@ -60,9 +62,9 @@ _ACTIVATIONS = [
 ]
 
 MODULES: dict[type, OpSpec] = {
-    **{t: OpSpec(conv_module, fl.conv_module, **_CONV)
+    **{t: OpSpec(conv_module, fl.conv_module, shape=conv_shape, **_CONV)
        for t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)},
-    nn.Linear: OpSpec(linear_module, fl.linear_module, widths=("in_features", "out_features"),
+    nn.Linear: OpSpec(linear_module, fl.linear_module, shape=linear_shape, widths=("in_features", "out_features"),
                       resize=resize_linear, carries=linear_carries),
     **{t: _same(batchnorm_module, flops=fl.batchnorm_module, **_NORM)
        for t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)},
@@ -73,13 +75,15 @@ MODULES: dict[type, OpSpec] = {
     nn.LayerNorm: _same(layernorm_module, flops=fl.affine_norm_module("elementwise_affine")),
     nn.PReLU: _same(prelu_module, widths=("num_parameters",), resize=resize_prelu, carries=holder_carries),
     **{t: _same(passthrough) for t in _ACTIVATIONS},
-    **{t: OpSpec(spatial(1)) for t in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
-                                       nn.LPPool1d)},
-    **{t: OpSpec(spatial(2)) for t in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)},
-    nn.AdaptiveAvgPool2d: OpSpec(spatial(2), fl.adaptive_avg_pool2d),
+    **{t: OpSpec(spatial(1)) for t in (nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d)},
+    **{t: OpSpec(spatial(1), shape=adaptive_pool_shape(1)) for t in (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
+    **{t: OpSpec(spatial(2)) for t in (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d)},
+    nn.AdaptiveMaxPool2d: OpSpec(spatial(2), shape=adaptive_pool_shape(2)),
+    nn.AdaptiveAvgPool2d: OpSpec(spatial(2), fl.adaptive_avg_pool2d, shape=adaptive_pool_shape(2)),
     nn.UpsamplingNearest2d: OpSpec(spatial(2), fl.upsample("nearest")),
     nn.UpsamplingBilinear2d: OpSpec(spatial(2), fl.upsample("bilinear")),
-    **{t: OpSpec(spatial(3)) for t in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)},
+    **{t: OpSpec(spatial(3)) for t in (nn.MaxPool3d, nn.AvgPool3d)},
+    **{t: OpSpec(spatial(3), shape=adaptive_pool_shape(3)) for t in (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)},
     nn.Upsample: OpSpec(spatial(None), fl.upsample()),
     **{t: OpSpec(pad) for t in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
                                 nn.ConstantPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
@@ -146,7 +150,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
                                        torch.max_pool1d, torch.avg_pool1d, torch.adaptive_avg_pool1d)},
     **{f: OpSpec(spatial(2)) for f in (F.max_pool2d, F.avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d,
                                        F.lp_pool2d)},
-    F.adaptive_avg_pool2d: OpSpec(spatial(2), fl.adaptive_avg_pool2d),
+    F.adaptive_avg_pool2d: OpSpec(spatial(2), fl.adaptive_avg_pool2d, shape=adaptive_pool_shape(2)),
     **{f: OpSpec(spatial(3)) for f in (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d,
                                        torch.max_pool3d)},
     F.interpolate: OpSpec(interpolate, fl.upsample()),  # F.upsample* call it: it is what is recorded
