@@ -309,3 +309,28 @@ def test_battery_has_control_flow_models():
     pruned = apply_removal(model, graph, graph.removal_mask(pick_units(graph, 0.5)))
     assert pruned(*x).shape == model(*x).shape
     assert F.relu is not None
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(3, 8, 3), torch.randn(1, 4, 8, 8)),
+    (nn.ConvTranspose2d(3, 8, 2, stride=2), torch.randn(1, 5, 8, 8)),
+    (nn.Linear(6, 4), torch.randn(2, 5)),
+])
+def test_shape_shortcuts_still_refuse_inputs_that_do_not_fit(layer, x):
+    with pytest.raises(ExampleInputError):
+        prunekit.build_graph(nn.Sequential(layer).eval(), x)
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(4, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), torch.randn(1, 4, 9, 11)),
+    (nn.Conv2d(4, 8, 3, groups=4, padding="same"), torch.randn(1, 4, 9, 11)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), torch.randn(1, 4, 5, 7)),
+    (nn.Conv3d(2, 3, 3, stride=2), torch.randn(1, 2, 7, 8, 9)),
+    (nn.Linear(5, 3), torch.randn(2, 4, 5)),
+    (nn.AdaptiveAvgPool2d((3, None)), torch.randn(1, 4, 9, 11)),
+    (nn.AdaptiveMaxPool1d(2), torch.randn(1, 4, 9)),
+])
+def test_shape_shortcuts_match_the_ops(layer, x):
+    traced = trace(nn.Sequential(layer).eval(), (x,))
+    node = next(n for n in traced.graph.nodes if n.op == "call_module")
+    assert tuple(traced.values[node].shape) == tuple(layer(x).shape)

@@ -315,8 +315,9 @@ def holder_carries(role: str, dim: int, module: nn.Module | None, sliced: set[in
 def conv_shape(args: tuple, m: nn.Module) -> tuple | None:
     x = args[0]
     rank = m.weight.dim() - 2
-    if len(args) != 1 or isinstance(m.padding, str) or x.dim() != rank + 2:
-        return None
+    cin = m.weight.shape[0] if m.transposed else m.weight.shape[1] * m.groups
+    if len(args) != 1 or isinstance(m.padding, str) or x.dim() != rank + 2 or x.shape[1] != cin:
+        return None  # let the op itself say what is wrong
     out = m.weight.shape[1] * m.groups if m.transposed else m.weight.shape[0]
     sizes = []
     for i, n in enumerate(x.shape[2:]):
@@ -329,7 +330,9 @@ def conv_shape(args: tuple, m: nn.Module) -> tuple | None:
 
 
 def linear_shape(args: tuple, m: nn.Module) -> tuple | None:
-    return (*args[0].shape[:-1], m.weight.shape[0]) if len(args) == 1 else None
+    if len(args) != 1 or args[0].dim() < 1 or args[0].shape[-1] != m.weight.shape[1]:
+        return None
+    return (*args[0].shape[:-1], m.weight.shape[0])
 
 
 def adaptive_pool_shape(rank: int):
