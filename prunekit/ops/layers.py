@@ -316,8 +316,10 @@ def conv_shape(args: tuple, m: nn.Module) -> tuple | None:
     x = args[0]
     rank = m.weight.dim() - 2
     cin = m.weight.shape[0] if m.transposed else m.weight.shape[1] * m.groups
-    if len(args) != 1 or isinstance(m.padding, str) or x.dim() != rank + 2 or x.shape[1] != cin:
-        return None  # let the op itself say what is wrong
+    if x.dim() == rank + 2 and x.shape[1] != cin:  # (some meta kernels let this pass)
+        raise RuntimeError(f"{type(m).__name__} expects {cin} input channels, got {x.shape[1]}")
+    if len(args) != 1 or isinstance(m.padding, str) or x.dim() != rank + 2:
+        return None
     out = m.weight.shape[1] * m.groups if m.transposed else m.weight.shape[0]
     sizes = []
     for i, n in enumerate(x.shape[2:]):
