@@ -203,6 +203,7 @@ def load_cli_model(spec: ModelSpec):
 
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
     example = _example(spec)
+    _check_unfinished(spec.path)
     run_dir = _run_dir_of(spec.path)
     if run_dir is not None:  # a pruned model, rebuilt from its manifest: data, not code
         from .artifacts import load_pruned
@@ -224,6 +225,15 @@ def input_paths(path: str) -> list[str]:
     if run_dir is None:
         return [path]
     return [path, str(run_dir / "manifest.json"), str(run_dir / "model.pt")]
+
+
+def _check_unfinished(path: str) -> None:
+    """A run directory without its model yet: say so, instead of "is a directory"."""
+    from .rundir import inspect
+
+    if Path(path).is_dir() and inspect(path) in ("started", "interrupted"):
+        raise PrunekitError(f"'{path}' holds a prunekit run that has not finished (no model.pt yet); finish it with "
+                            "prunekit prune ... --resume.")
 
 
 def _run_dir_of(path: str) -> Path | None:

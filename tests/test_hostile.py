@@ -714,6 +714,7 @@ def test_f_resume_with_another_config_is_refused(ws, monkeypatch):
 def test_f_an_interrupted_run_is_not_silently_replaced(ws, monkeypatch):
     _interrupted_run(ws, monkeypatch)
     refused(ws, prune_args("config.yaml", "cut"), "--resume")
+    refused(ws, report_args("cut"), "has not finished")
 
 
 def test_f_json_output_is_not_polluted_by_a_builder(ws):
