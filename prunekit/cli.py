@@ -98,9 +98,8 @@ def _sentence(text: str) -> str:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Every warning as one line on stderr (torch's are several lines long): prunekit's own as
     they are, others with their category."""
-    text = " ".join(str(message).split())
     if issubclass(category, PrunekitWarning):
-        click.echo(f"Warning: {text}", err=True)
+        click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
     else:
         first = str(message).strip().splitlines()[0].strip() if str(message).strip() else category.__name__
         click.echo(f"Warning: {category.__name__}: {first}", err=True)
@@ -176,7 +175,6 @@ def _example(spec: ModelSpec):
     import torch
 
     from .io import parse_input_shape
-
     from .safety import check_input_memory
 
     if spec.input_shape is None:
