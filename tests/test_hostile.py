@@ -927,6 +927,7 @@ def test_d_demo_never_overwrites_someone_elses_files(ws):
 def test_a_a_library_name_shadowed_by_a_file_in_the_run_directory(ws, monkeypatch):
     (ws / "done" / "timm.py").write_text("open('PWNED', 'w').close()\ndef create_model(**kw): pass\n")
     monkeypatch.syspath_prepend(str(ws / "done"))  # as if the run directory were the current directory
+    monkeypatch.delitem(sys.modules, "timm", raising=False)  # another test may have imported the real one
     set_manifest(ws / "done", builder="timm:create_model", kwargs={})
     refused(ws, report_args("done"), "well-known model library")
     assert not (ws / "PWNED").exists()
