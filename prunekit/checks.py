@@ -23,7 +23,7 @@ from .errors import PrunekitError, UserFunctionError
 from .safety import call_user, first_line
 from .trainer import main_output
 
-__all__ = ["check_leaf_modules", "check_labels", "weights_hash", "guard_scorer"]
+__all__ = ["check_leaf_modules", "check_labels", "warn_unmatched_limits", "weights_hash", "guard_scorer"]
 
 
 def check_leaf_modules(model: nn.Module, leaves, key: str = "model.leaf_modules") -> None:
@@ -33,6 +33,22 @@ def check_leaf_modules(model: nn.Module, leaves, key: str = "model.leaf_modules"
             close = difflib.get_close_matches(str(name), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else "."
             raise PrunekitError(f"{key} names {name!r}, which is not a submodule of the model{hint}")
+
+
+def warn_unmatched_limits(model: nn.Module, layers) -> None:
+    """A per-layer limit whose name or glob matches no module does nothing: say so (one line)."""
+    import fnmatch
+    import warnings
+
+    from .errors import PrunekitWarning
+
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in layers:
+        if pattern not in names and not any(fnmatch.fnmatchcase(n, str(pattern)) for n in names):
+            close = difflib.get_close_matches(str(pattern), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            warnings.warn(f"limits.layers {pattern!r} matches no module of the model, so it limits nothing{hint}",
+                          PrunekitWarning, stacklevel=3)
 
 
 def check_labels(model: nn.Module, batches, what: str) -> None:

@@ -98,9 +98,8 @@ def _sentence(text: str) -> str:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Every warning as one line on stderr (torch's are several lines long): prunekit's own as
     they are, others with their category."""
-    text = " ".join(str(message).split())
     if issubclass(category, PrunekitWarning):
-        click.echo(f"Warning: {text}", err=True)
+        click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
     else:
         first = str(message).strip().splitlines()[0].strip() if str(message).strip() else category.__name__
         click.echo(f"Warning: {category.__name__}: {first}", err=True)
@@ -176,7 +175,6 @@ def _example(spec: ModelSpec):
     import torch
 
     from .io import parse_input_shape
-
     from .safety import check_input_memory
 
     if spec.input_shape is None:
@@ -203,6 +201,7 @@ def load_cli_model(spec: ModelSpec):
 
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
     example = _example(spec)
+    _check_unfinished(spec.path)
     run_dir = _run_dir_of(spec.path)
     if run_dir is not None:  # a pruned model, rebuilt from its manifest: data, not code
         from .artifacts import load_pruned
@@ -224,6 +223,15 @@ def input_paths(path: str) -> list[str]:
     if run_dir is None:
         return [path]
     return [path, str(run_dir / "manifest.json"), str(run_dir / "model.pt")]
+
+
+def _check_unfinished(path: str) -> None:
+    """A run directory without its model yet: say so, instead of "is a directory"."""
+    from .rundir import inspect
+
+    if Path(path).is_dir() and inspect(path) in ("started", "interrupted"):
+        raise PrunekitError(f"'{path}' holds a prunekit run that has not finished (no model.pt yet); finish it with "
+                            "prunekit prune ... --resume.")
 
 
 def _run_dir_of(path: str) -> Path | None:

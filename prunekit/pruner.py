@@ -30,7 +30,7 @@ from torch import nn
 
 from . import rundir
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
-from .checks import check_labels, check_leaf_modules, guard_scorer, weights_hash
+from .checks import check_labels, check_leaf_modules, guard_scorer, warn_unmatched_limits, weights_hash
 from .config import Config, load_config, to_dict
 from .costs import CostModel
 from .data import load_batches
@@ -114,6 +114,7 @@ class _Run:
         if not isinstance(model, nn.Module):
             raise PrunekitError(f"prune needs a torch.nn.Module, got {type(model).__name__}.")
         check_leaf_modules(model, cfg.model.leaf_modules)
+        warn_unmatched_limits(model, cfg.limits.layers)
         check_finite_weights(model)
         for tensor in self.inputs:
             check_input_memory(tuple(tensor.shape), "example input shape")

@@ -714,6 +714,7 @@ def test_f_resume_with_another_config_is_refused(ws, monkeypatch):
 def test_f_an_interrupted_run_is_not_silently_replaced(ws, monkeypatch):
     _interrupted_run(ws, monkeypatch)
     refused(ws, prune_args("config.yaml", "cut"), "--resume")
+    refused(ws, report_args("cut"), "has not finished")
 
 
 def test_f_json_output_is_not_polluted_by_a_builder(ws):
@@ -958,3 +959,13 @@ def test_e_a_run_failing_in_its_first_step_leaves_no_parent_directories(ws):
     write_config(ws / "c.yaml", validate=f"{HERE}:returns_nan")
     refused(ws, prune_args("c.yaml", "new/deep/run"), "not a finite number")
     assert not (ws / "new").exists()
+
+
+def test_f_a_limit_that_matches_no_module_is_said_in_one_line(ws):
+    write_config(ws / "c.yaml", **{"limits.layers": {"out": 0.0, "dec9.*": 0.0}})
+    with warnings.catch_warnings():  # as outside pytest, whose own warning capture would take it
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(main, prune_args("c.yaml", "run"))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Warning")]
+    assert len(lines) == 1 and "'dec9.*' matches no module" in lines[0], result.stderr
