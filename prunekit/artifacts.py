@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
+from .ops import width_attributes
 
 MANIFEST_FORMAT = "prunekit-manifest/1"
-WIDTH_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
-               "num_channels", "num_groups", "num_parameters")
+WIDTH_ATTRS = width_attributes()  # every size attribute the op table's resizes rewrite
 
 
 class ManifestError(PrunekitError):
