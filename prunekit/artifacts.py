@@ -190,7 +190,7 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
     """
     import copy
 
-    from .io import build_model, read_weights
+    from .loading import build_model, read_weights
     from .safety import check_builder
 
     run = Path(run_dir)

@@ -174,7 +174,7 @@ def model_options(input_shape_required: bool = True) -> Callable:
 def _example(spec: ModelSpec):
     import torch
 
-    from .io import parse_input_shape
+    from .loading import parse_input_shape
     from .safety import check_input_memory
 
     if spec.input_shape is None:
@@ -197,7 +197,7 @@ def _check_leaves(model, leaf: tuple[str, ...]) -> None:
 
 def load_cli_model(spec: ModelSpec):
     """``(model, example_input)`` for a command: the input shape is checked before the file is read."""
-    from .io import load_model, parse_kwargs
+    from .loading import load_model, parse_kwargs
 
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
     example = _example(spec)
@@ -249,7 +249,7 @@ def load_compare_model(path: str, spec: ModelSpec, base=None):
     a weights file is loaded with the same builder and kwargs as MODEL."""
     from .artifacts import load_pruned
     from .errors import UsageError
-    from .io import load_model
+    from .loading import load_model
 
     run_dir = _run_dir_of(path)
     if run_dir is not None:
@@ -284,7 +284,7 @@ def make_console(stderr: bool = False):
 
 def echo_json(data: Any) -> None:
     """Machine-readable output: strict JSON only (NaN becomes null), on stdout."""
-    from .io import strict_json
+    from .files import strict_json
 
     click.echo(strict_json(data, indent=2))
 
@@ -302,7 +302,7 @@ def check_writable(path: str, inputs=()) -> Path:
 
 def write_text_file(path: str, text: str, inputs=()) -> None:
     """Write ``text`` atomically; OS errors become one sentence naming the path."""
-    from .io import atomic_write_text
+    from .files import atomic_write_text
 
     check_writable(path, inputs)
     atomic_write_text(path, text)
@@ -392,7 +392,7 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
     import torch
 
     from .config import load_config
-    from .io import load_model
+    from .loading import load_model
     from .pruner import prune as run_prune
     from .rundir import Interrupted, plan
     from .safety import check_input_memory

@@ -194,7 +194,7 @@ def load_batches(source: DataSource | None, input_shape, what: str) -> Batches |
     if source is None:
         return None
     if source.factory:
-        from .io import resolve_callable
+        from .loading import resolve_callable
 
         factory = resolve_callable(source.factory)
         role = "data factory"

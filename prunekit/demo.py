@@ -15,7 +15,7 @@ import yaml
 
 from .costs import count_flops_params
 from .datasets import nuclei_tiles
-from .io import atomic_save_torch, atomic_write_text
+from .files import atomic_save_torch, atomic_write_text
 from .pruner import prune
 from .trainer import evaluate, finetune
 from .zoo import unet

@@ -39,7 +39,7 @@ from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
 from .checkpoint import read_checkpoint, write_checkpoint
-from .io import resolve_callable
+from .loading import resolve_callable
 from .planner import Planner
 from .progress import progress_bar
 from .rundir import CHECKPOINT, RunDirError, RunWriter

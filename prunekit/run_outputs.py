@@ -17,7 +17,7 @@ from .config import to_dict
 from .costs import CONVENTION, CostModel
 from .graphs import ChannelGraph
 from .reports import tracing_report
-from .io import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
+from .files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
 
 
 def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, graph1: ChannelGraph) -> list[dict]:

@@ -213,7 +213,7 @@ class RunLock:
 
 
 def _write_marker(directory: Path, status: str) -> None:
-    from .io import atomic_write_text
+    from .files import atomic_write_text
 
     atomic_write_text(directory / MARKER, json.dumps({"format": MARKER_FORMAT, "status": status}) + "\n")
 

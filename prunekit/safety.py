@@ -77,7 +77,7 @@ def check_builder(spec: Any, source: str, allowed: Sequence[str] = (), trusted: 
         return spec
     module = spec.split(":", 1)[0]
     if _PLAIN_SPEC.match(spec) and _under(module, TRUSTED_BUILDER_MODULES) and not _shadowed(module, source):
-        from .io import resolve_callable
+        from .loading import resolve_callable
 
         obj = resolve_callable(spec)
         defined_in = getattr(obj, "__module__", None) or ""

@@ -583,7 +583,7 @@ def test_d_negative_labels_in_a_csv(ws):
     (errno.EDQUOT, "quota"),
 ])
 def test_d_resource_errors_name_the_path(ws, monkeypatch, err, fragment):
-    import prunekit.io as pio
+    import prunekit.loading as pio
 
     def failing_fsync(fd):
         raise OSError(err, os.strerror(err))
@@ -605,7 +605,7 @@ def test_d_unwritable_directory(ws, monkeypatch):
 
 
 def test_d_full_disk_during_a_run_names_the_file(ws, monkeypatch):
-    import prunekit.io as pio
+    import prunekit.loading as pio
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -616,7 +616,7 @@ def test_d_full_disk_during_a_run_names_the_file(ws, monkeypatch):
 
 
 def test_d_ctrl_c_during_start_up_is_one_line(ws, monkeypatch):
-    import prunekit.io as pio
+    import prunekit.loading as pio
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -730,7 +730,7 @@ def test_f_json_output_is_not_polluted_by_a_builder(ws):
 
 
 def test_f_json_is_strict():
-    from prunekit.io import strict_json
+    from prunekit.files import strict_json
 
     text = strict_json({"metric": float("nan"), "ratio": [1.0, float("inf")]})
     assert json.loads(text) == {"metric": None, "ratio": [1.0, None]}

@@ -9,17 +9,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError, UsageError
-from prunekit.io import (
-    atomic_dir,
-    atomic_save_torch,
-    atomic_write_bytes,
-    atomic_write_text,
-    load_model,
-    parse_input_shape,
-    parse_kwargs,
-    resolve_callable,
-    save_json,
-)
+from prunekit.files import atomic_dir, atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
+from prunekit.loading import load_model, parse_input_shape, parse_kwargs, resolve_callable
 from prunekit.zoo import small_cnn, unet
 
 UNET_KW = {"width": 2, "depth": 2, "num_classes": 3}
@@ -86,7 +77,7 @@ def test_resolve_callable_missing_attribute_suggests():
 
 def test_resolve_callable_not_callable():
     with pytest.raises(PrunekitError) as ei:
-        resolve_callable("prunekit.io:CHECKPOINT_KEYS")
+        resolve_callable("prunekit.loading:CHECKPOINT_KEYS")
     assert "not a function or class" in _one_sentence(ei)
 
 

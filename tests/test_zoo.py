@@ -94,7 +94,7 @@ def test_small_cnn():
 
 
 def test_builders_resolve_by_name():
-    from prunekit.io import load_model
+    from prunekit.loading import load_model
 
     model = load_model(None, builder="prunekit.zoo:unet", kwargs={"width": 2, "depth": 2})
     assert isinstance(model, nn.Module) and not model.training

@@ -48,7 +48,7 @@ def resolve_scorer(method) -> Callable:
     if method in SCORERS:
         return SCORERS[method]
     if isinstance(method, str) and ":" in method:
-        from ..io import resolve_callable
+        from ..loading import resolve_callable
 
         return resolve_callable(method)
     raise PrunekitError(
