@@ -447,3 +447,98 @@ def test_area_resize_costs_match_fvcore(functional):
     units = graph.units_for({"a": [0, 5]})
     pruned = assert_exact(model, graph, x, units)
     assert CostModel(model, graph).flops(graph.removal_mask(units)) == fvcore_counts(pruned, x)[0]
+
+
+# -- found by the sweep over timm and MONAI models (tests/test_real_models.py) ----------
+
+
+class _AsTensor(nn.Module):
+    def __init__(self, top: bool):
+        super().__init__()
+        self.top = top
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        if self.top:
+            return torch.as_tensor(self.b(self.a(x)))
+        return self.b(torch.as_tensor(self.a(x)))
+
+
+@pytest.mark.parametrize("top", [False, True])
+def test_as_tensor_of_a_traced_tensor_is_an_op_not_a_constant(top):
+    """MONAI's HighResNet: torch.as_tensor(x) was stowed as a constant, losing the data flow (a cut then
+    broke the model, or at the top level silently changed the output's channels)."""
+    torch.manual_seed(0)
+    model, x = _AsTensor(top).eval(), torch.randn(1, 3, 16, 16)
+    graph = prunekit.build_graph(model, x)
+    assert graph.fallbacks == [] and prunekit.count_flops_params(model, x, graph=graph)["flops"] > 0
+    assert graph.pinned[graph.producers["b"]].all()  # the model's output
+    pruned = assert_exact(model, graph, x, graph.units_for({"a": [0, 3, 5]}))
+    assert pruned.b.in_channels == 5
+
+
+class _BatchNormFunctional(nn.BatchNorm2d):
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1,
+                            self.eps)
+
+
+def test_train_mode_trace_of_a_batch_of_one_after_global_pooling():
+    """timm's mobilenetv4 and inception: the train-mode trace ran a batch of one through BatchNorm after
+    global pooling, which cannot take batch statistics, and the model was refused."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), _BatchNormFunctional(8), nn.Flatten(),
+                          nn.Linear(8, 2)).eval()
+    graph = prunekit.build_graph(model, torch.randn(1, 3, 16, 16))
+    assert "0" in graph.prunable_channels() and graph.notes == []
+
+
+class _GroupNormFunctional(nn.GroupNorm):
+    def forward(self, x):
+        return F.relu(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+def test_group_norm_subclass_with_a_functional_forward_is_prunable():
+    """timm's resnet50_gn (GroupNormAct): F.group_norm pinned every channel."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), _GroupNormFunctional(4, 8), nn.Conv2d(8, 2, 1)).eval(), \
+        torch.randn(1, 3, 16, 16)
+    graph = prunekit.build_graph(model, x)
+    assert graph.coupled_channels("0", 2) == {"0": [2, 3]}  # one group of two channels
+    pruned = assert_exact(model, graph, x, graph.units_for({"0": [2]}))
+    assert (pruned[1].num_groups, pruned[1].num_channels) == (3, 6)
+
+
+class _InstanceForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.forward = self.forward_fast  # timm's FasterNet Partial_conv3 picks its forward per instance
+
+    def forward_fast(self, x):
+        return self.c(x) + x
+
+
+def test_a_forward_chosen_per_instance_is_traced():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _InstanceForward(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    assert graph.fallbacks == [] and "1.c" in graph.prunable_channels()
+    assert_exact(model, graph, x, graph.units_for({"1.c": [1, 4]}))
+
+
+def test_a_whole_model_fallback_names_the_model_briefly_and_counts_its_cost():
+    class Numpy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return torch.from_numpy(y.detach().numpy())
+
+    model, x = Numpy().eval(), torch.randn(1, 3, 4, 4)
+    graph = prunekit.build_graph(model, x)
+    (fallback,) = graph.fallbacks
+    assert fallback.module == "" and graph.fallback_cost(fallback) > 0
+    assert all(len(reason) < 120 for reason in graph.unit_pin.values())

@@ -216,7 +216,8 @@ class ChannelGraph:
 
     def fallback_cost(self, fallback: Fallback) -> int:
         """How many channels a fallback leaf pinned (those not pinned for another reason first)."""
-        reason = f"{UNTRACEABLE} ({fallback.type} '{fallback.module}')"
+        where = f"'{fallback.module}'" if fallback.module else "(the whole model)"
+        reason = f"{UNTRACEABLE} ({fallback.type} {where})"
         return sum(1 for r in self._state.pin_reason.values() if r == reason)
 
     def __repr__(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import traceback
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -104,6 +105,9 @@ def structural_copy(module: nn.Module, convert: Callable[[torch.Tensor], torch.T
         copied = m.__class__.__new__(m.__class__)
         memo[id(m)] = copied
         state = {k: tensor(v) if isinstance(v, torch.Tensor) else v for k, v in m.__dict__.items()}
+        for k, v in state.items():  # self.forward = self.forward_fast: the copy's own method
+            if isinstance(v, types.MethodType) and v.__self__ is m:
+                state[k] = types.MethodType(v.__func__, copied)
         state["_parameters"] = {k: None if p is None else parameter(p) for k, p in m._parameters.items()}
         state["_buffers"] = {k: None if b is None else tensor(b) for k, b in m._buffers.items()}
         state["_modules"] = {k: None if c is None else copy(c) for k, c in m._modules.items()}
@@ -248,7 +252,15 @@ def trace_both_modes(model: nn.Module, inputs: tuple, leaf_modules: Iterable[str
     traces = [trace(model, inputs, leaf_modules, training=False)]
     if not traces[0].reads_training:
         return traces
-    train = trace(model, inputs, traces[0].leaves, training=True)
+    # a batch of one cannot take batch statistics (BatchNorm after global pooling): train on two
+    batch = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 1 and x.shape[0] == 1 else x
+                  for x in inputs)
+    try:
+        train = trace(model, batch, traces[0].leaves, training=True)
+    except ExampleInputError as exc:
+        traces[0].notes.append(f"the model does not run in train mode on the example input ({exc}); "
+                               "branches taken only in training were not traced")
+        return traces
     if train.signature() != traces[0].signature() or train.leaves != traces[0].leaves:
         traces.append(train)
     return traces

@@ -270,6 +270,9 @@ def _factories_take_values(tracer: "ConcreteTracer"):
             fx.node.map_aggregate((args, kwargs), lambda a: found.append(a) if type(a) is ConcreteProxy else None)
             if not found:
                 return original(*args, **kwargs)
+            if any(_python_isinstance(p.prunekit_value, torch.Tensor) for p in found):
+                # torch.as_tensor(x) of a traced tensor: an op on it, recorded
+                return tracer.create_proxy("call_function", original, args, kwargs)
             args, kwargs = fx.node.map_aggregate(
                 (args, kwargs), lambda a: tracer.concretize(a, lambda v: v) if type(a) is ConcreteProxy else a)
             if tracer.meta and "device" not in kwargs and name not in ("tensor", "as_tensor"):

@@ -232,6 +232,19 @@ def holder_function(param_args: dict[str, int]):
     return rule
 
 
+def group_norm_function(op: Op):
+    """F.group_norm inside a GroupNorm subclass (GroupNormAct...): its groups follow the cut as a
+    GroupNorm's do; anywhere else the group count is fixed in code, so the channels stay."""
+    names = [n for key, index in (("weight", 2), ("bias", 3)) if (n := _param_name(op, op.raw(index, key)))]
+    layer = _layer_of(op, names[0], nn.GroupNorm) if names else None
+    groups = op.value(1, "num_groups")
+    if layer is None or groups != layer[1].num_groups:
+        return pin_all("functional group_norm: num_groups is fixed in code")(op)
+    if groups == 1:
+        return pin_all("GroupNorm with one group normalises over every channel")(op)
+    return _holder(op, names, group_size=layer[1].num_channels // groups, name=layer[0])
+
+
 def norm_over_trailing(op: Op, normalized_ndim: int):
     chan, x = op.chan(0, "input"), op.value(0, "input")
     if chan is None:

@@ -41,6 +41,8 @@ class Op:
             return f"{type(self.module).__name__} '{target}'"
         if self.node.op == "call_method":
             return f"method .{target}() at '{self.node.name}'"
+        if isinstance(target, nn.Module):  # the whole model, as one opaque op
+            return f"{type(target).__name__} (the whole model)"
         return f"{getattr(target, '__name__', str(target))}() at '{self.node.name}'"
 
     def raw(self, index: int, keyword: str | None = None, default=None):

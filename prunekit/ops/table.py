@@ -26,7 +26,7 @@ from torch import fx, nn
 from . import flops as fl
 from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, reduce, softmax2d, \
     spatial, split, stack, _softmax_dim
-from .layers import adaptive_pool_shape, batchnorm_module, conv_shape, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
+from .layers import adaptive_pool_shape, batchnorm_module, conv_shape, group_norm_function, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
     holder_function, layernorm_function, layernorm_module, linear_carries, linear_function, linear_module, \
     prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, resize_prelu
 from .op import Op, constant, model_input, model_output, no_channels, pin_all, unknown
@@ -111,7 +111,7 @@ _UNARY_FUNCTIONS = [
     F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.threshold,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg, torch.sqrt,
     torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.dropout, torch.log, torch.sign,
-    torch.nan_to_num, torch.erf, operator.neg, operator.pos, torch.clone, torch.detach,
+    torch.nan_to_num, torch.erf, operator.neg, operator.pos, torch.clone, torch.detach, torch.as_tensor,
     torch.isnan, torch.isfinite, torch.isinf, operator.invert, torch.logical_not,
 ]
 _BINARY_FUNCTIONS = [
@@ -142,8 +142,8 @@ FUNCTIONS: dict[Any, OpSpec] = {
                          params=_BATCH_NORM_PARAMS),
     F.instance_norm: OpSpec(holder_function(_BATCH_NORM_PARAMS), fl.affine_norm_function(3), carries=holder_carries,
                             params=_BATCH_NORM_PARAMS),
-    F.group_norm: OpSpec(pin_all("functional group_norm: num_groups is fixed in code"), fl.affine_norm_function(2),
-                         carries=holder_carries, params={"weight": 2, "bias": 3}),
+    F.group_norm: OpSpec(group_norm_function, fl.affine_norm_function(2), carries=holder_carries,
+                         params={"weight": 2, "bias": 3}),
     F.prelu: OpSpec(holder_function({"weight": 1}), carries=holder_carries, params={"weight": 1}),
     F.layer_norm: OpSpec(layernorm_function, fl.affine_norm_function(2)),
     **{f: OpSpec(spatial(1)) for f in (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d,
