@@ -227,10 +227,14 @@ def _check_limits(config: Config) -> None:
 
 
 def load_config(source) -> Config:
-    """A validated :class:`Config` from a Config, a dict, or a YAML file path."""
+    """A validated :class:`Config` from a Config, a dict, or a YAML file path.
+
+    A Config built in code is checked exactly as YAML is (``Limits(default=2.0)``
+    is refused the same way), so each rule and each default lives in one place.
+    """
     if isinstance(source, Config):
-        return source
-    if isinstance(source, (str, Path)):
+        raw = _as_raw(source)
+    elif isinstance(source, (str, Path)):
         raw = read_yaml(source)
         raw = {} if raw is None else raw
     elif isinstance(source, dict):
@@ -242,6 +246,13 @@ def load_config(source) -> Config:
     config = _build(Config, raw)
     _check_limits(config)
     return config
+
+
+def _as_raw(value):
+    """A dataclass tree back to the mapping it would be built from (callables stay callables)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _as_raw(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
 
 
 def to_dict(config: Config) -> dict:

@@ -11,38 +11,22 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from .costs import count_flops_params
 from .datasets import nuclei_tiles
 from .files import atomic_save_torch, atomic_write_text
 from .pruner import prune
 from .trainer import evaluate, finetune
+from .yamlfile import read_yaml
 from .zoo import unet
 
-UNET_KWARGS = {"in_channels": 1, "num_classes": 2, "width": 8, "depth": 3}
-TILE = 64  # 48 training and 16 test tiles of 64x64 from the 512x512 image
-NUCLEI = "prunekit.datasets:nuclei_tiles"
+# the demo is `configs/unet.yaml`: the one place its settings live
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "unet.yaml"
 
 
-def demo_config(train_iterations: int = 20, final_iterations: int = 60) -> dict:
-    return {
-        "model": {"builder": "prunekit.zoo:unet", "kwargs": dict(UNET_KWARGS)},
-        "input_shape": [1, 1, TILE, TILE],
-        "targets": {"flops": 0.5, "params": 1.0, "stop_when": "both", "priority": "flops"},
-        "importance": {"method": "ipad", "norm": 1, "omega": 0.0},
-        # the last decoder block holds the few, sparse foreground detectors: IPAD's deviation
-        # criterion rates them low, so a limit keeps most of them
-        "limits": {"default": 0.75, "layers": {"out": 0.0, "dec1.*": 0.25}, "round_to": 1},
-        "schedule": {"steps": 4,
-                     "finetune": {"iterations": train_iterations, "lr": 1e-3},
-                     "final_finetune": {"iterations": final_iterations, "lr": 5e-4}},
-        "data": {"calibration": {"factory": NUCLEI, "kwargs": {"split": "train", "tile": TILE, "batch_size": 8}},
-                 "train": {"factory": NUCLEI, "kwargs": {"split": "train", "tile": TILE, "batch_size": 8}},
-                 "val": {"factory": NUCLEI, "kwargs": {"split": "test", "tile": TILE, "batch_size": 8}}},
-        "keep_best": 3,
-        "seed": 0,
-    }
+def demo_config() -> dict:
+    """The shipped U-Net config as data."""
+    return read_yaml(CONFIG)
 
 
 def run_demo(out_dir="out/demo", train_iterations: int = 200, force: bool = True, progress: bool = True,
@@ -52,16 +36,17 @@ def run_demo(out_dir="out/demo", train_iterations: int = 200, force: bool = True
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    train = nuclei_tiles("train", tile=TILE, batch_size=8)
-    test = nuclei_tiles("test", tile=TILE, batch_size=8)
-    model = unet(**UNET_KWARGS)
-    echo(f"Training the reference U-Net on 48 nuclei tiles of {TILE}x{TILE} ({train_iterations} iterations)...")
+    config = demo_config()
+    tile = config["input_shape"][-1]
+    train = nuclei_tiles("train", tile=tile, batch_size=8)
+    test = nuclei_tiles("test", tile=tile, batch_size=8)
+    model = unet(**config["model"]["kwargs"])
+    echo(f"Training the reference U-Net on 48 nuclei tiles of {tile}x{tile} ({train_iterations} iterations)...")
     finetune(model, train, train_iterations, lr=2e-3, seed=0, show_progress=progress, description="train")
-    example = torch.zeros(1, 1, TILE, TILE)
+    example = torch.zeros(config["input_shape"])
     before = {**count_flops_params(model, example), "iou": evaluate(model, test)}
     atomic_save_torch(model.state_dict(), out / "unet.pt")
-    config = demo_config()
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    atomic_write_text(out / "config.yaml", CONFIG.read_text())  # comments and all
     echo("Pruning to 50% of the FLOPs with IPAD (4 steps, fine-tuning after each)...")
     result = prune(model, example, config, run_dir=out / "run", force=force, progress=progress)
     after = {**result.final, "iou": evaluate(result.model, test)}

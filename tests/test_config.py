@@ -54,6 +54,17 @@ def test_yaml_problems(tmp_path):
         load_config(scalar)
 
 
-def test_config_object_passes_through():
+def test_config_object_is_checked_and_equal():
     cfg = prunekit.Config()
-    assert load_config(cfg) is cfg
+    assert load_config(cfg) == cfg
+
+
+def test_a_config_built_in_code_is_checked_like_yaml():
+    from prunekit.config import Config, Limits, Targets
+
+    with pytest.raises(prunekit.PrunekitError, match="limits.default"):
+        prunekit.load_config(Config(limits=Limits(default=2.0)))
+    with pytest.raises(prunekit.PrunekitError, match="targets.flops"):
+        prunekit.load_config(Config(targets=Targets(flops=0.0)))
+    good = Config(limits=Limits(default=0.5, layers={"fc": 0}))
+    assert prunekit.load_config(good) == good
