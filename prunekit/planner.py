@@ -32,6 +32,34 @@ def layer_limit(name: str, limits: Limits) -> float:
     return float(limits.default)
 
 
+@dataclass(frozen=True)
+class Targets:
+    """The run's targets in absolute terms: what each step aims at, and when the run is done."""
+
+    flops0: int  # the original model's
+    params0: int
+    flops: float  # fractions of the original to keep at most
+    params: float
+    stop_when: str = "both"  # both | any
+    priority: str = "flops"  # the resource whose geometric schedule sizes the steps
+    steps: int = 1
+
+    def done(self, flops: int, params: int) -> bool:
+        ok = (flops <= self.flops * self.flops0 + 0.5, params <= self.params * self.params0 + 0.5)
+        return all(ok) if self.stop_when == "both" else any(ok)
+
+    def goal(self, step: int) -> Callable[[int, int], bool]:
+        """Step ``step`` of ``steps`` removes a geometric share of the way (or reaches the targets)."""
+        if step >= self.steps:
+            return self.done
+        fraction = step / self.steps
+        if self.priority == "flops":
+            limit = self.flops0 * self.flops ** fraction
+            return lambda flops, params: flops <= limit or self.done(flops, params)
+        limit = self.params0 * self.params ** fraction
+        return lambda flops, params: params <= limit or self.done(flops, params)
+
+
 @dataclass
 class Plan:
     units: np.ndarray  # unit ids to remove

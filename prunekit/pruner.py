@@ -22,7 +22,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
 from .checkpoint import read_checkpoint, write_checkpoint
 from .loading import resolve_callable
-from .planner import Planner
+from .planner import Planner, Targets
 from .progress import progress_bar
 from .rundir import CHECKPOINT, RunDirError, RunWriter
 from .safety import call_user, check_finite_weights, check_input_memory, describe, user_number
@@ -154,26 +153,12 @@ class _Run:
             raise PrunekitError(f"the model has {self.flops0} FLOPs and {self.params0} parameters that prunekit can "
                                 "count; there is nothing to prune.")
         self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}
-        self.target_flops = cfg.targets.flops * self.flops0
-        self.target_params = cfg.targets.params * self.params0
+        t = cfg.targets
+        self.targets = Targets(self.flops0, self.params0, t.flops, t.params, t.stop_when, t.priority,
+                               cfg.schedule.steps)
         self.task = None
 
     # -- helpers -----------------------------------------------------------
-
-    def meets(self, flops: int, params: int) -> bool:
-        ok = (flops <= self.target_flops + 0.5, params <= self.target_params + 0.5)
-        return all(ok) if self.config.targets.stop_when == "both" else any(ok)
-
-    def goal(self, step: int) -> Callable[[int, int], bool]:
-        cfg = self.config
-        if step >= cfg.schedule.steps:
-            return self.meets
-        fraction = step / cfg.schedule.steps
-        if cfg.targets.priority == "flops":
-            limit = self.flops0 * cfg.targets.flops ** fraction
-            return lambda flops, params: flops <= limit or self.meets(flops, params)
-        limit = self.params0 * cfg.targets.params ** fraction
-        return lambda flops, params: params <= limit or self.meets(flops, params)
 
     def calibration_inputs(self):
         source = self.calibration or self.train
@@ -326,7 +311,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
         costs = CostModel(current, graph)
         flops, params = costs.flops(), costs.params()
-        if run.meets(flops, params):
+        if run.targets.done(flops, params):
             message = "targets met"
             break
         step += 1
@@ -334,7 +319,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         started = time.perf_counter()
         scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
                              cfg.importance.combine, cfg.importance.normalize)
-        plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.goal(step))
+        plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.targets.goal(step))
         if plan.units.size == 0:
             step -= 1
             message = _unreachable(run, flops, params)
@@ -348,7 +333,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         history.append(record)
         run.log(f"step {step}: FLOPs {record.flops_ratio:.1%}, params {record.params_ratio:.1%}"
                 + (f", metric {metric:.4f}" if metric is not None else ""))
-        candidates.append(_Candidate(step, metric, run.meets(plan.flops, plan.params), _state_copy(current),
+        candidates.append(_Candidate(step, metric, run.targets.done(plan.flops, plan.params), _state_copy(current),
                                      width_changes(run.original_widths, current)))
         candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
         if writer is not None:  # the first checkpoint comes after a whole step: a failing step writes nothing
@@ -373,7 +358,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
     result = PruneResult(
         model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},
-        final=final, targets_met=run.meets(final["flops"], final["params"]), message=message,
+        final=final, targets_met=run.targets.done(final["flops"], final["params"]), message=message,
         best_step=best_step, config=cfg,
         manifest={"format": MANIFEST_FORMAT, "builder": builder or cfg.model.builder,
                   "kwargs": builder_kwargs if builder_kwargs is not None else cfg.model.kwargs,
