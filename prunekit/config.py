@@ -167,37 +167,37 @@ def _convert(value, tp, path: str):
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
-        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.")
+        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.")
+            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}.")
+            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}.", key=path)
         return _build(tp, value, path)
     if tp is Callable or origin is typing.get_origin(Callable):
         if callable(value):
             return value
-        raise ConfigError(f"config key '{path}' must be callable.")
+        raise ConfigError(f"config key '{path}' must be callable.", key=path)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{path}' must be a number, got {value!r}.")
+            raise ConfigError(f"config key '{path}' must be a number, got {value!r}.", key=path)
         try:
             number = float(value)
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}.")
+            raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}.", key=path)
         return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}.")
+            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}.", key=path)
         return value
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}.")
+        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}.", key=path)
     if tp in (str, dict, list) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.")
+        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
     return value
 
 
@@ -211,11 +211,11 @@ def _build(cls, raw: dict, prefix: str = ""):
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             nearest = f"{prefix}.{close[0]}" if prefix and close else (close[0] if close else None)
             hint = f"; did you mean '{nearest}'?" if nearest else f"; valid keys here: {', '.join(names)}."
-            raise ConfigError(f"config key '{path}' does not exist{hint}")
+            raise ConfigError(f"config key '{path}' does not exist{hint}", key=path, suggestion=nearest)
         converted = _convert(value, hints[key], path)
         check = _CHECKS.get(path)
         if check and converted is not None and not check[0](converted):
-            raise ConfigError(f"config key '{path}' must be {check[1]}, got {value!r}.")
+            raise ConfigError(f"config key '{path}' must be {check[1]}, got {value!r}.", key=path)
         values[key] = converted
     return cls(**values)
 

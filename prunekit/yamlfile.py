@@ -23,11 +23,13 @@ MAX_NODES = 100_000  # scalars, lists and mappings after expanding every alias
 
 
 class ConfigError(PrunekitError):
-    """A config file or dict that does not fit the schema; ``path`` and ``key`` say where."""
+    """A config file or dict that does not fit the schema; ``path`` and ``key`` say where, and
+    ``suggestion`` the nearest valid key when the key does not exist."""
 
-    def __init__(self, message: str, path: str | None = None, key: str | None = None):
+    def __init__(self, message: str, path: str | None = None, key: str | None = None,
+                 suggestion: str | None = None):
         super().__init__(message)
-        self.path, self.key = path, key
+        self.path, self.key, self.suggestion = path, key, suggestion
 
 
 class _Loader(yaml.SafeLoader):

@@ -68,3 +68,12 @@ def test_a_config_built_in_code_is_checked_like_yaml():
         prunekit.load_config(Config(targets=Targets(flops=0.0)))
     good = Config(limits=Limits(default=0.5, layers={"fc": 0}))
     assert prunekit.load_config(good) == good
+
+
+def test_config_errors_carry_the_key_and_the_nearest_valid_one():
+    with pytest.raises(prunekit.PrunekitError) as info:
+        load_config({"targets": {"flop": 0.5}})
+    assert info.value.key == "targets.flop" and info.value.suggestion == "targets.flops"
+    with pytest.raises(prunekit.PrunekitError) as info:
+        load_config({"limits": {"default": 3}})
+    assert info.value.key == "limits.default"
