@@ -39,7 +39,6 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,6 +52,10 @@ from prunekit.surgery import apply_removal  # noqa: E402
 
 FAMILIES = {"timm": sweep.TIMM, "monai": sweep.MONAI}
 PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+class NotPruned(Exception):
+    """The tool ran without error but did not prune (nothing prunable, nothing removed)."""
 
 
 @contextmanager
@@ -75,14 +78,14 @@ def time_limit(seconds: int, what: str):
 
 
 def short_error(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    text = " ".join((str(exc) if isinstance(exc, NotPruned) else f"{type(exc).__name__}: {exc}").split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def where(exc: BaseException) -> str:
     """The innermost frame of the traceback, as file:line (site-packages paths shortened)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
+    if not frames or isinstance(exc, NotPruned):
         return ""
     f = frames[-1]
     path = f.filename.split("site-packages/")[-1].replace(str(Path(__file__).resolve().parents[1]) + "/", "")
@@ -135,7 +138,7 @@ def run_prunekit(model: nn.Module, x: torch.Tensor, expected, limit: int) -> dic
             row["stage"] = "cut"
             units = pick_units(graph, 0.5, 0)
             if not units:
-                raise RuntimeError("nothing prunable: every channel is pinned")
+                raise NotPruned("nothing prunable: every channel is pinned")
             mask = graph.removal_mask(units)
             pruned = apply_removal(model, graph, mask).eval()
             row["removed_units"] = len(units)
@@ -144,7 +147,7 @@ def run_prunekit(model: nn.Module, x: torch.Tensor, expected, limit: int) -> dic
                 assert_same_structure(pruned(x), expected)
             row["params_kept"] = params(pruned) / params(model)
             if params(pruned) >= params(model):
-                raise RuntimeError("the cut removed no parameters")
+                raise NotPruned("the cut removed no parameters")
             row["pruned"], row["stage"] = True, "done"
     except Exception as exc:  # noqa: BLE001 -- every failure is a result here
         row["error"], row["where"] = short_error(exc), where(exc)
@@ -170,7 +173,7 @@ def run_tp(model: nn.Module, x: torch.Tensor, expected, limit: int) -> dict:
                 assert_same_structure(model(x), expected)
             row["params_kept"] = params(model) / before
             if params(model) >= before:
-                raise RuntimeError("the step removed no parameters")
+                raise NotPruned("the step removed no parameters")
             row["pruned"], row["stage"] = True, "done"
     except Exception as exc:  # noqa: BLE001
         row["error"], row["where"] = short_error(exc), where(exc)
@@ -272,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a subset of the sweep's models (timm names, MONAI as Net_2d / Net_3d)")
     parser.add_argument("--family", choices=sorted(FAMILIES), help="only timm or only MONAI models")
     parser.add_argument("--no-tp", action="store_true", help="prunekit only")
-    parser.add_argument("--time-limit", type=int, default=180, metavar="SECONDS",
-                        help="per model and tool (default 180)")
+    parser.add_argument("--time-limit", type=int, default=60, metavar="SECONDS",
+                        help="per model and tool (default 60; the slowest prunekit case takes about 10 s)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="save every row here")
     args = parser.parse_args(argv)

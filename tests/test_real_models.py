@@ -10,7 +10,12 @@ Models nobody on the team wrote, with random weights. For each one:
   parameters are counted exactly (``prunekit.count_flops_params``, and the
   graph's cost model for the cut before it is made);
 - removing a third of the prunable units after zeroing them changes nothing
-  (``helpers.assert_exact``).
+  (``helpers.assert_exact``, in float64 so that summation order cannot hide a
+  wrong cut).
+
+A model in which every channel is rightly pinned (``NOTHING_PRUNABLE``, with
+the reason) gets only the graph and count checks; any other model with nothing
+prunable fails.
 
 Modules traced as opaque leaves (``g.fallbacks``) are recorded as the test's
 ``fallbacks`` property (``--junitxml`` shows them) and printed with ``-s``;
@@ -72,12 +77,20 @@ TIMM = [
 TIMM_SIDE: dict[str, int] = {"inception_v3": 75, "inception_v4": 75}
 # extra create_model arguments: attention biases sized for the 64x64 input
 TIMM_KWARGS: dict[str, dict] = {"efficientformerv2_s0": {"img_size": 64}, "levit_conv_128s": {"img_size": 64}}
-# models in which every channel is rightly pinned: only the graph and the counts are checked
+# models in which prunekit's rules rightly pin every channel: only the graph and the counts are checked
 # (if prunekit ever finds prunable units in one, the whole check runs)
 NOTHING_PRUNABLE = {
     "convnextv2_atto": "LayerNorm over channels on the residual stream; GlobalResponseNorm divides by the mean "
                        "over channels in the MLP",
-    "mambaout_femto": "LayerNorm over channels on the residual stream; the gated MLP splits at fixed sizes",
+    "mambaout_femto": "LayerNorm over channels on the residual stream; the gated MLP's hidden channels are split "
+                      "at fixed sizes",
+    "nf_resnet26": "weight standardisation (F.batch_norm over each filter's weights before the conv) is not "
+                   "understood: the conv weights are computed in the forward, so their channels stay",
+}
+# models where a zeroed channel does not stay zero on its way to the next layer (an op with f(0) != 0 in
+# between), so removing it cannot leave the output unchanged: every check but the exactness one runs
+NOT_ZERO_PRESERVING = {
+    "efficientformerv2_s0": "softmax over tokens between the talking-head convs turns a zeroed channel into 1/N",
 }
 
 
@@ -87,13 +100,13 @@ def build_timm(name: str) -> tuple[nn.Module, int]:
 
 # -- MONAI: each network in 2D and 3D, small widths and inputs ---------------------------------------
 
-def _highresnet_layers(dims: int) -> tuple:
-    return ({"name": "conv_0", "n_features": 8, "kernel_size": 3},
-            {"name": "res_1", "n_features": 8, "kernels": (3, 3), "repeat": 2},
-            {"name": "res_2", "n_features": 16, "kernels": (3, 3), "repeat": 2},
-            {"name": "res_3", "n_features": 16, "kernels": (3, 3), "repeat": 2},
-            {"name": "conv_1", "n_features": 32, "kernel_size": 1},
-            {"name": "conv_2", "kernel_size": 1})
+# HighResNet's default widths (16/32/64/80) at full resolution are too slow in 3D on a CPU
+HIGHRESNET_LAYERS = ({"name": "conv_0", "n_features": 8, "kernel_size": 3},
+                     {"name": "res_1", "n_features": 8, "kernels": (3, 3), "repeat": 2},
+                     {"name": "res_2", "n_features": 16, "kernels": (3, 3), "repeat": 2},
+                     {"name": "res_3", "n_features": 16, "kernels": (3, 3), "repeat": 2},
+                     {"name": "conv_1", "n_features": 32, "kernel_size": 1},
+                     {"name": "conv_2", "kernel_size": 1})
 
 
 MONAI_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
@@ -117,13 +130,11 @@ MONAI_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
                                                       decoder_channels=(64, 32, 16, 8, 8)),
     "VNet": lambda d: monai_nets.VNet(spatial_dims=d, in_channels=1, out_channels=2),
     "HighResNet": lambda d: monai_nets.HighResNet(spatial_dims=d, in_channels=1, out_channels=2,
-                                                  layer_params=_highresnet_layers(d)),
+                                                  layer_params=HIGHRESNET_LAYERS),
     "DenseNet121": lambda d: monai_nets.DenseNet121(spatial_dims=d, in_channels=1, out_channels=2, init_features=16,
                                                     growth_rate=8),
 }
-MONAI = [f"{net}_{d}d" for net in MONAI_BUILDERS for d in (2, 3)]
-# input side per spatial dim: 2D 64x64, 3D 32x32x32 unless listed
-MONAI_SIDE: dict[str, int] = {}
+MONAI = [f"{net}_{d}d" for net in MONAI_BUILDERS for d in (2, 3)]  # inputs 1x1x64x64 and 1x1x32x32x32
 
 
 def build_monai(name: str) -> tuple[nn.Module, int]:
@@ -133,12 +144,13 @@ def build_monai(name: str) -> tuple[nn.Module, int]:
 
 # -- the check -----------------------------------------------------------------------------------------
 
-# seconds per case before the guard fails it
-TIMEOUT: dict[str, int] = {}
-DEFAULT_TIMEOUT = 120
+# seconds per case before the guard fails it (the slowest take about 30 s with -n 2 on 2 busy cores)
+TIMEOUT = 120
 
-# the default (fast) run
-SMOKE: list[str] = []
+# the default (fast) run, each well under a second: timm's BatchNormAct2d and Linear subclasses with
+# functional forwards, a star (product) block, MONAI residual units with skip concatenation, and a
+# train-only deep-supervision output with instance norm
+SMOKE = ["resnet10t", "starnet_s050", "UNet_2d", "DynUNet_2d"]
 
 
 @contextmanager
@@ -166,7 +178,7 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     if name in MONAI:
         model, channels = build_monai(name)
         dims = int(name.rsplit("_", 1)[1][0])
-        side = MONAI_SIDE.get(name, 64 if dims == 2 else 32)
+        side = 64 if dims == 2 else 32
     else:
         model, channels = build_timm(name)
         dims, side = 2, TIMM_SIDE.get(name, 64)
@@ -184,7 +196,7 @@ def _params(model: nn.Module) -> int:
 
 def check(name: str, seed: int = 0) -> list:
     """The whole check for one model; returns its fallbacks."""
-    with time_limit(TIMEOUT.get(name, DEFAULT_TIMEOUT), name):
+    with time_limit(TIMEOUT, name):
         model, x1, x2 = build(name)
         graph = prunekit.build_graph(model, x1)
 
@@ -216,6 +228,8 @@ def check(name: str, seed: int = 0) -> list:
         _close(counted_after["flops"], flops_after, f"{name} pruned FLOPs, counted afresh")
         assert counted_after["params"] == _params(pruned)
 
+        if name in NOT_ZERO_PRESERVING:
+            return list(graph.fallbacks)
         # in float64, so that the summation order of the smaller convs cannot hide a wrong cut
         assert_exact(copy.deepcopy(model).double(), graph, x1.double(), pick_units(graph, 1 / 3, seed),
                      rtol=1e-9, atol=1e-10)
@@ -249,4 +263,4 @@ def test_real_model_lists():
     assert len(TIMM) >= 60 and len(set(TIMM)) == len(TIMM)
     assert not set(TIMM) - set(timm.list_models()), "a listed timm model no longer exists"
     assert set(SMOKE) <= set(TIMM + MONAI)
-    assert set(TIMM_SIDE) | set(TIMM_KWARGS) | set(NOTHING_PRUNABLE) <= set(TIMM) and set(MONAI_SIDE) <= set(MONAI)
+    assert set(TIMM_SIDE) | set(TIMM_KWARGS) | set(NOTHING_PRUNABLE) | set(NOT_ZERO_PRESERVING) <= set(TIMM)
