@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import signal
 import sys
 import time
 import traceback
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,7 +45,7 @@ from common import environment, environment_line, load_average, params, prunekit
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 import test_real_models as sweep  # noqa: E402  (the model lists and builders)
-from helpers import assert_same_structure, pick_units  # noqa: E402
+from helpers import assert_same_structure, pick_units, time_limit  # noqa: E402
 from prunekit.surgery import apply_removal  # noqa: E402
 
 FAMILIES = {"timm": sweep.TIMM, "monai": sweep.MONAI}
@@ -56,25 +54,6 @@ PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 class NotPruned(Exception):
     """The tool ran without error but did not prune (nothing prunable, nothing removed)."""
-
-
-@contextmanager
-def time_limit(seconds: int, what: str):
-    """Raise TimeoutError in a step that runs past ``seconds`` (SIGALRM; a no-op without it)."""
-    if not hasattr(signal, "SIGALRM") or seconds <= 0:
-        yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"{what} ran past {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def short_error(exc: BaseException, limit: int = 160) -> str:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+from contextlib import contextmanager
 from typing import Any, Iterable
 
 import numpy as np
@@ -34,9 +36,29 @@ __all__ = [
     "output_shapes",
     "pick_units",
     "randomize_norms",
+    "time_limit",
     "zero_roles",
     "zero_units",
 ]
+
+@contextmanager
+def time_limit(seconds: int, what: str):
+    """Raise TimeoutError in a step that runs past ``seconds`` (SIGALRM); a no-op without it or for 0."""
+    if not hasattr(signal, "SIGALRM") or seconds <= 0:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{what} ran past {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
 
 def as_tuple(inputs) -> tuple:
     if isinstance(inputs, torch.Tensor):

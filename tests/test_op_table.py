@@ -143,7 +143,6 @@ def _function_call(key, name, fn, spec, extra):
     if name == "lp_pool2d":
         return (lambda a: fn(a, 2, 2)), False, C, rank
     if name.startswith("conv"):
-        transposed = "transpose" in name
         weight = torch.randn(C, C, *([1] * rank)) * 0.3
         return (lambda a: fn(a, weight)), False, C, rank
     simple = {

@@ -28,8 +28,6 @@ also run in the default suite.
 from __future__ import annotations
 
 import copy
-import signal
-from contextlib import contextmanager
 from typing import Callable
 
 import pytest
@@ -38,7 +36,7 @@ from torch import nn
 
 import prunekit
 from helpers import assert_attributes_consistent, assert_exact, assert_same_structure, assert_train_mode_runs, \
-    pick_units
+    pick_units, time_limit
 from prunekit.costs import CostModel, fvcore_counts
 from prunekit.surgery import apply_removal
 
@@ -151,25 +149,6 @@ TIMEOUT = 120
 # functional forwards, a star (product) block, MONAI residual units with skip concatenation, and a
 # train-only deep-supervision output with instance norm
 SMOKE = ["resnet10t", "starnet_s050", "UNet_2d", "DynUNet_2d"]
-
-
-@contextmanager
-def time_limit(seconds: int, what: str):
-    """Fail (rather than hang) a case that runs past ``seconds``; a no-op where SIGALRM is missing."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"{what} ran past {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -12,8 +12,6 @@ structurally different models also run in the default suite.
 
 from __future__ import annotations
 
-import signal
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ import torchvision
 from torchvision import models
 
 import prunekit
-from helpers import assert_attributes_consistent, assert_same_structure
+from helpers import assert_attributes_consistent, assert_same_structure, time_limit
 from prunekit.costs import CostModel, fvcore_counts
 from prunekit.surgery import apply_removal
 
@@ -47,25 +45,6 @@ DEFAULT_TIMEOUT = 240
 # grouped and depthwise convs, SE gates, channel shuffle, train-only aux heads, LayerNorm, dict outputs
 SMOKE = ["resnet18", "mobilenet_v3_small", "densenet121", "googlenet", "shufflenet_v2_x0_5", "efficientnet_b0",
          "convnext_tiny", "regnet_x_400mf", "squeezenet1_1", "lraspp_mobilenet_v3_large"]
-
-
-@contextmanager
-def time_limit(seconds: int, what: str):
-    """Fail (rather than hang) a case that runs past ``seconds``; a no-op where SIGALRM is missing."""
-    if not hasattr(signal, "SIGALRM"):
-        yield
-        return
-
-    def expired(signum, frame):
-        raise TimeoutError(f"{what} ran past {seconds}s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def build(name: str) -> torch.nn.Module:

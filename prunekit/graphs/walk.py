@@ -9,14 +9,13 @@ value, so the walk reads them, applies the op's rule from the table in
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
 
 from ..ops import is_leaf_type, spec_for
-from ..ops.op import Op
+from ..ops.op import Op, size_reads
 from .state import Chan, ChannelState
 from .trace import Traced
 
@@ -57,58 +56,10 @@ def _pin_control_sizes(traced: Traced, chans: dict, state: ChannelState) -> None
     """A channel count that steered Python (``if x.size(1) == 64``, ``range(c)``) would steer it
     differently once channels go: those channels are pinned. Spatial and batch sizes are free."""
     for node in traced.control:
-        for source, dims in size_reads(node):
+        for source, dims in size_reads([node]):
             chan = chans.get(source)
             if isinstance(chan, Chan) and chan.dim in dims:
                 state.pin(chan.atoms, f"its channel count decides a branch ({node.name})")
-
-
-def _shape_dims(node: fx.Node) -> tuple[fx.Node, set[int]] | None:
-    """(tensor, dims) when ``node`` reads sizes of a tensor: x.size(), x.size(1), x.shape[2:], x.numel()."""
-    if node.op == "call_method" and node.target in ("size", "numel", "nelement") \
-            and isinstance(node.args[0], fx.Node):
-        ndim = _ndim(node.args[0])
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if isinstance(dim, int):
-            return node.args[0], {dim % ndim if ndim else dim}
-        return node.args[0], set(range(ndim))
-    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape" \
-            and isinstance(node.args[0], fx.Node):
-        return node.args[0], set(range(_ndim(node.args[0])))
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        whole = _shape_dims(node.args[0])
-        index = node.args[1]
-        if whole is not None and isinstance(index, (int, slice)):
-            dims = sorted(whole[1])
-            picked = dims[index] if isinstance(index, slice) else [dims[index]]
-            return whole[0], set(picked)
-    return None
-
-
-def size_reads(node: fx.Node) -> list[tuple[fx.Node, set[int]]]:
-    """Every (tensor, dims) whose sizes ``node``'s value is computed from, through arithmetic."""
-    found, seen, stack = [], set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        read = _shape_dims(n)
-        if read is not None:
-            found.append(read)
-        elif n.op in ("call_function", "call_method") and not _is_tensor(n):
-            stack.extend(n.all_input_nodes)
-    return found
-
-
-def _ndim(node: fx.Node) -> int:
-    shape = node.meta.get("prunekit_shape")
-    return len(shape) if isinstance(shape, tuple) else 0
-
-
-def _is_tensor(node: fx.Node) -> bool:
-    shape = node.meta.get("prunekit_shape")
-    return isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)
 
 
 def _shape_of(value):

@@ -69,11 +69,9 @@ class Op:
         for c in self.all_chans():
             self.state.pin(c.atoms, f"{why} ({self.label()})")
         # a channel count read in code (n, c, h, w = t.size()) and handed to this op stays fixed too
-        for source, dim in _size_reads(self.node):
+        for source, dims in size_reads(n for n in self.node.all_input_nodes if not _is_tensor_node(n)):
             chan = self.chans.get(source)
-            shape = source.meta.get("prunekit_shape")
-            if isinstance(chan, Chan) and (dim is None or (isinstance(shape, tuple)
-                                                          and _norm_dim(dim, len(shape)) == chan.dim)):
+            if isinstance(chan, Chan) and chan.dim in dims:
                 self.state.pin(chan.atoms, f"its channel count is read by {self.label()}")
 
     def opaque(self, why: str):
@@ -95,21 +93,48 @@ def _is_tensor_node(node: fx.Node) -> bool:
     return isinstance(shape, tuple) and all(isinstance(s, int) for s in shape)
 
 
-def _size_reads(node: fx.Node) -> list[tuple[fx.Node, int | None]]:
-    """(tensor, dim) for every size query that the non-tensor arguments of ``node`` are computed from."""
-    found, seen = [], set()
-    stack = [n for n in node.all_input_nodes if not _is_tensor_node(n)]
+def _shape_dims(node: fx.Node) -> tuple[fx.Node, set[int]] | None:
+    """(tensor, dims) when ``node`` reads sizes of a tensor: x.size(), x.size(1), x.shape[2:], x.numel()."""
+    if node.op == "call_method" and node.target in ("size", "numel", "nelement") \
+            and isinstance(node.args[0], fx.Node):
+        ndim = _node_ndim(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if isinstance(dim, int):
+            return node.args[0], {dim % ndim if ndim else dim}
+        return node.args[0], set(range(ndim))
+    if node.op == "call_function" and node.target is torch.numel and isinstance(node.args[0], fx.Node):
+        return node.args[0], set(range(_node_ndim(node.args[0])))
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape" \
+            and isinstance(node.args[0], fx.Node):
+        return node.args[0], set(range(_node_ndim(node.args[0])))
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        whole = _shape_dims(node.args[0])
+        index = node.args[1]
+        if whole is not None and isinstance(index, (int, slice)):
+            dims = sorted(whole[1])
+            return whole[0], set(dims[index] if isinstance(index, slice) else [dims[index]])
+    return None
+
+
+def size_reads(starts) -> list[tuple[fx.Node, set[int]]]:
+    """Every (tensor, dims) whose sizes the values of ``starts`` are computed from, through arithmetic."""
+    found, seen, stack = [], set(), list(starts)
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        source = _shape_source(n)
-        if source is not None:
-            found.append(source)
-        elif n.op in ("call_function", "call_method"):
-            stack.extend(m for m in n.all_input_nodes if not _is_tensor_node(m))
+        read = _shape_dims(n)
+        if read is not None:
+            found.append(read)
+        elif n.op in ("call_function", "call_method") and not _is_tensor_node(n):
+            stack.extend(n.all_input_nodes)
     return found
+
+
+def _node_ndim(node: fx.Node) -> int:
+    shape = node.meta.get("prunekit_shape")
+    return len(shape) if isinstance(shape, tuple) else 0
 
 
 def _collect(chan, found: list) -> None:
