@@ -334,3 +334,20 @@ def test_shape_shortcuts_match_the_ops(layer, x):
     traced = trace(nn.Sequential(layer).eval(), (x,))
     node = next(n for n in traced.graph.nodes if n.op == "call_module")
     assert tuple(traced.values[node].shape) == tuple(layer(x).shape)
+
+
+def test_prune_warns_in_one_line_and_reports_the_fallback(tmp_path):
+    from archs import WithUntraceable
+    from prunekit.errors import PrunekitWarning
+
+    torch.manual_seed(0)
+    model, x = WithUntraceable().eval(), torch.randn(1, 3, 16, 16)
+    config = {"input_shape": [1, 3, 16, 16], "targets": {"flops": 0.8}, "importance": {"method": "l1"},
+              "schedule": {"steps": 1, "finetune": None, "final_finetune": None}}
+    with pytest.warns(PrunekitWarning) as caught:
+        prunekit.prune(model, x, config, run_dir=tmp_path / "run", progress=False)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, PrunekitWarning)]
+    assert "'gate' (DataDependent)" in message and "archs.py:" in message and "16 channels pinned" in message
+    assert "\n" not in message
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Tracing" in report and "`gate` (DataDependent) traced as an opaque leaf" in report
