@@ -16,7 +16,7 @@ import importlib
 _EXPORTS = {
     "ChannelGraph": ".graphs",
     "Config": ".config",
-    "PruneResult": ".pruner",
+    "PruneResult": ".loop",
     "PinnedChannelError": ".graphs",
     "PrunekitError": ".errors",
     "UntraceableModelError": ".graphs",
@@ -24,7 +24,7 @@ _EXPORTS = {
     "count_flops_params": ".costs",
     "load_config": ".config",
     "load_pruned": ".artifacts",
-    "prune": ".pruner",
+    "prune": ".loop",
     "remove_channels": ".surgery",
 }
 

@@ -393,7 +393,7 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
 
     from .config import load_config
     from .loading import load_model
-    from .pruner import prune as run_prune
+    from .loop import prune as run_prune
     from .rundir import Interrupted, plan
     from .safety import check_input_memory
 

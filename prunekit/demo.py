@@ -15,7 +15,7 @@ import torch
 from .costs import count_flops_params
 from .datasets import nuclei_tiles
 from .files import atomic_save_torch, atomic_write_text
-from .pruner import prune
+from .loop import prune
 from .trainer import evaluate, finetune
 from .yamlfile import read_yaml
 from .zoo import unet

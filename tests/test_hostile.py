@@ -681,7 +681,7 @@ def test_e_a_scorer_with_the_wrong_shape_leaves_no_checkpoint(ws):
 
 def _interrupted_run(ws: Path, monkeypatch) -> None:
     """``ws/cut``: a run interrupted after its first step."""
-    import prunekit.pruner as pruner
+    import prunekit.loop as pruner
 
     calls = {"n": 0}
     original = pruner.score_units
@@ -764,7 +764,7 @@ def test_g_a_locked_run_directory_is_refused(ws, out, flags):
 
 
 def test_g_ctrl_c_before_the_first_checkpoint_writes_nothing(ws, monkeypatch):
-    import prunekit.pruner as pruner
+    import prunekit.loop as pruner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -775,7 +775,7 @@ def test_g_ctrl_c_before_the_first_checkpoint_writes_nothing(ws, monkeypatch):
 
 
 def test_g_ctrl_c_in_a_forced_run_keeps_the_earlier_run(ws, monkeypatch):
-    import prunekit.pruner as pruner
+    import prunekit.loop as pruner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

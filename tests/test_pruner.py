@@ -188,7 +188,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     full = prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "full", progress=False)
 
     calls = {"n": 0}
-    import prunekit.pruner as pruner_module
+    import prunekit.loop as pruner_module
 
     original = pruner_module.score_units
 

@@ -1,5 +1,6 @@
 """Reports: one data schema (:mod:`.data`, plain dicts ready for JSON), drawn by renderers:
-rich tables (:mod:`.console`) and Graphviz text (:mod:`.dot`)."""
+rich tables (:mod:`.console`) and Graphviz text (:mod:`.dot`); a prune run's report, markdown
+and plots are written by :mod:`.run`."""
 
 from .console import human, render_compare_report, render_graph_report, render_model_report, render_tracing
 from .data import check_depth, compare_report, graph_report, model_report, tracing_report

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .config import to_dict
-from .costs import CONVENTION, CostModel
-from .graphs import ChannelGraph
-from .reports import tracing_report
-from .files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
+from ..config import to_dict
+from ..costs import CONVENTION, CostModel
+from ..graphs import ChannelGraph
+from ..files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
+from .data import tracing_report
 
 
 def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, graph1: ChannelGraph) -> list[dict]:

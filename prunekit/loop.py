@@ -368,7 +368,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
     )
     if writer is not None:
-        from .run_outputs import write_outputs
+        from .reports.run import write_outputs
 
         if not writer.began:  # the model met the targets before any step: still a complete run
             _save_checkpoint(run, writer, step, current, history, candidates)
