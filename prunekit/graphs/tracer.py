@@ -8,6 +8,7 @@ sizes read from proxies, and reads of ``module.training`` are noted.
 from __future__ import annotations
 
 import builtins
+import inspect
 import os
 import traceback
 from contextlib import contextmanager
@@ -96,8 +97,6 @@ class ConcreteTracer(fx.Tracer):
     # -- the root's arguments: the example inputs, then the forward's defaults
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        import inspect
-
         names = [p.name for p in inspect.signature(root_fn).parameters.values()
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
         proxies = []
