@@ -24,6 +24,7 @@ _EXPORTS = {
     "count_flops_params": ".costs",
     "load_config": ".config",
     "load_pruned": ".artifacts",
+    "measure_latency": ".latency",
     "prune": ".loop",
     "remove_channels": ".surgery",
 }
