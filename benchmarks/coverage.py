@@ -45,7 +45,7 @@ from common import environment, environment_line, load_average, params, prunekit
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 import test_real_models as sweep  # noqa: E402  (the model lists and builders)
-from helpers import assert_same_structure, pick_units, time_limit  # noqa: E402
+from helpers import assert_same_structure, pick_units, tensor_leaves, time_limit  # noqa: E402
 from prunekit.surgery import apply_removal  # noqa: E402
 
 FAMILIES = {"timm": sweep.TIMM, "monai": sweep.MONAI}
@@ -71,16 +71,6 @@ def where(exc: BaseException) -> str:
     return f"{path}:{f.lineno}"
 
 
-def _leaves(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _leaves(v)]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _leaves(v)]
-    return []
-
-
 def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     """The convs / linears whose outputs are model outputs; else the last conv / linear to run."""
     ran: list[tuple[nn.Module, torch.Tensor]] = []
@@ -92,7 +82,7 @@ def output_layers(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
     finally:
         for h in hooks:
             h.remove()
-    outputs = {id(t) for t in _leaves(out)}
+    outputs = {id(t) for t in tensor_leaves(out)}
     found = list(dict.fromkeys(m for m, o in ran if isinstance(o, torch.Tensor) and id(o) in outputs))
     if found or not ran:
         return found

@@ -36,6 +36,7 @@ __all__ = [
     "output_shapes",
     "pick_units",
     "randomize_norms",
+    "tensor_leaves",
     "time_limit",
     "zero_roles",
     "zero_units",
@@ -208,20 +209,21 @@ def assert_same_structure(a, b, path: str = "output") -> None:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-def _leaves(x) -> list[torch.Tensor]:
+def tensor_leaves(x) -> list[torch.Tensor]:
+    """Every tensor in a nested output (tensors, dicts, tuples, lists), in order."""
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, dict):
-        return [t for v in x.values() for t in _leaves(v)]
+        return [t for v in x.values() for t in tensor_leaves(v)]
     if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _leaves(v)]
+        return [t for v in x for t in tensor_leaves(v)]
     return []
 
 
 def assert_close_nested(actual, expected, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Same structure; every tensor within ``rtol`` and ``atol`` scaled by the tensor's magnitude."""
     assert_same_structure(actual, expected)
-    for i, (a, e) in enumerate(zip(_leaves(actual), _leaves(expected))):
+    for i, (a, e) in enumerate(zip(tensor_leaves(actual), tensor_leaves(expected))):
         assert torch.isfinite(e).all(), f"output {i} of the reference is not finite"
         scale = max(1.0, float(e.abs().max())) if e.numel() else 1.0
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale,
@@ -364,7 +366,7 @@ def assert_train_mode_runs(original: nn.Module, pruned: nn.Module, inputs) -> No
     actual = candidate(*inputs)
     assert_same_structure(actual, expected)
     # and gradients flow through the smaller model
-    loss = sum(t.float().sum() for t in _leaves(actual) if t.is_floating_point())
+    loss = sum(t.float().sum() for t in tensor_leaves(actual) if t.is_floating_point())
     loss.backward()
     grads = [p.grad for p in candidate.parameters() if p.requires_grad]
     assert any(g is not None for g in grads)
