@@ -7,12 +7,12 @@
 Two tasks, each from one shared pretrained starting point:
 
 - unet: the reference U-Net ``unet(in_channels=1, num_classes=2, width=16,
-  depth=3)`` on the nuclei tiles (``prunekit.datasets.nuclei_tiles``, tile
+  depth=3)`` on the nuclei tiles (``prunekit.data.datasets.nuclei_tiles``, tile
   128: 12 train tiles, 4 test tiles); metric: foreground IoU on the test tiles.
 - fmnist: ``prunekit.zoo.small_cnn()`` on a Fashion-MNIST subset (the first
   N train images, the first M test images); metric: test accuracy.
 
-The model is trained once (``prunekit.trainer.finetune``, seed 0) and
+The model is trained once (``prunekit.data.trainer.finetune``, seed 0) and
 deep-copied for each method. Each method prunes to 50% of the FLOPs in 4
 steps, fine-tunes the same number of iterations after every step and once
 more at the end, with the same seeds, and is evaluated on the test split:
@@ -48,7 +48,7 @@ import torch
 
 from common import dist_version, environment_line, load_average, params, prunekit, save_json, table, tp
 from prunekit.costs import fvcore_counts
-from prunekit.trainer import evaluate, finetune
+from prunekit.data.trainer import evaluate, finetune
 
 FLOPS_TARGET = 0.5
 STEPS = 4
@@ -82,12 +82,12 @@ FINAL_LR = {"unet": 5e-4, "fmnist": 5e-4}
 def data_sources(task: str, budget: dict) -> dict:
     """The ``data`` section of the prunekit config: calibration and training batches (no validation)."""
     if task == "unet":
-        train = {"factory": "prunekit.datasets:nuclei_tiles",
+        train = {"factory": "prunekit.data.datasets:nuclei_tiles",
                  "kwargs": {"split": "train", "tile": UNET_TILE, "batch_size": UNET_BATCH}}
         return {"calibration": train, "train": train}
-    train = {"factory": "prunekit.datasets:fashion_mnist",
+    train = {"factory": "prunekit.data.datasets:fashion_mnist",
              "kwargs": {"split": "train", "limit": budget["train"], "batch_size": FMNIST_BATCH}}
-    calibration = {"factory": "prunekit.datasets:fashion_mnist",
+    calibration = {"factory": "prunekit.data.datasets:fashion_mnist",
                    "kwargs": {"split": "train", "limit": FMNIST_CALIBRATION_IMAGES, "batch_size": FMNIST_BATCH}}
     return {"calibration": calibration, "train": train}
 
@@ -118,7 +118,8 @@ def last_layer(task: str) -> str:
 
 def load_task(task: str, budget: dict):
     """(fresh model, example input, train batches, test batches)."""
-    from prunekit import datasets, zoo
+    from prunekit import zoo
+    from prunekit.data import datasets
 
     torch.manual_seed(PRETRAIN_SEED)
     if task == "unet":

@@ -8,7 +8,7 @@ widths agree with its tensors.
 
 A run directory is data, like a state dict: :func:`load_pruned` imports only a
 builder that is prunekit's own, from a well-known model library, named by the
-caller, or ``trusted`` (see :func:`prunekit.safety.check_builder`), and a
+caller, or ``trusted`` (see :func:`prunekit.builders.check_builder`), and a
 manifest may set nothing but the width attributes in :data:`WIDTH_ATTRS`.
 """
 
@@ -191,7 +191,7 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
     import copy
 
     from .loading import build_model, read_weights
-    from .safety import check_builder
+    from .builders import check_builder
 
     run = Path(run_dir)
     manifest_path, weights_path = run / "manifest.json", run / "model.pt"

@@ -21,7 +21,7 @@ from torch import nn
 from .data import DataError
 from .errors import PrunekitError, UserFunctionError
 from .safety import call_user, first_line
-from .trainer import main_output
+from .data.trainer import main_output
 
 __all__ = ["check_leaf_modules", "check_labels", "warn_unmatched_limits", "weights_hash", "guard_scorer"]
 

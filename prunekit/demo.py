@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from .costs import count_flops_params
-from .datasets import nuclei_tiles
+from .data.datasets import nuclei_tiles
 from .files import atomic_save_torch, atomic_write_text
 from .loop import prune
-from .trainer import evaluate, finetune
+from .data.trainer import evaluate, finetune
 from .yamlfile import read_yaml
 from .zoo import unet
 

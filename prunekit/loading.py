@@ -1,4 +1,4 @@
-"""Model files, builder specs and example-input shapes: everything prunekit reads from the user.
+"""Model files and example-input shapes: how prunekit reads the user's model (builders: :mod:`prunekit.builders`).
 
 Every problem with the user's input raises :class:`~prunekit.errors.PrunekitError`
 (or its subclass :class:`~prunekit.errors.UsageError`) with a one-sentence
@@ -7,23 +7,21 @@ message; nothing here prints.
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import json
 import os
 import pickle
 import pickletools
 import re
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.errors import PrunekitError, ResourceError, UsageError
-from prunekit.safety import first_line, quiet_stdout
+from prunekit.builders import build_model, parse_kwargs, resolve_callable  # noqa: F401 - part of this module's API
+from prunekit.errors import PrunekitError, UsageError
+from prunekit.safety import first_line
 
 __all__ = [
     "resolve_callable",
@@ -39,121 +37,6 @@ PathLike = str | os.PathLike
 
 # Keys under which training checkpoints commonly keep the model's weights.
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
-
-_SPEC_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-
-
-# --------------------------------------------------------------------------- callables
-
-
-def resolve_callable(spec: str) -> Callable[..., Any]:
-    """Return the callable named by ``"package.module:attr"`` (``attr`` may be dotted).
-
-    Raises :class:`UsageError` for a malformed spec and :class:`PrunekitError`
-    when the module cannot be imported, the attribute is missing, or it is not
-    callable.
-    """
-    if not isinstance(spec, str) or not _SPEC_RE.match(spec.strip()):
-        raise UsageError(
-            f"{spec!r} is not a valid callable name; use the form package.module:function, "
-            "for example torchvision.models:resnet50."
-        )
-    module_name, attr_path = spec.strip().split(":", 1)
-    try:
-        with quiet_stdout():  # what an imported module prints must not reach --json output
-            obj: Any = importlib.import_module(module_name)
-    except KeyboardInterrupt:
-        raise
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise PrunekitError(
-                f"Module {module_name!r} in {spec!r} cannot be found; check the spelling "
-                "and that its package is installed."
-            ) from None
-        raise PrunekitError(
-            f"Importing module {module_name!r} for {spec!r} failed because it needs "
-            f"{missing!r}, which is not installed."
-        ) from None
-    except SystemExit as exc:
-        raise PrunekitError(
-            f"Importing module {module_name!r} for {spec!r} failed: it called sys.exit({exc.code!r})."
-        ) from exc
-    except BaseException as exc:  # noqa: BLE001 - any import-time failure of user code
-        raise PrunekitError(
-            f"Importing module {module_name!r} for {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}."
-        ) from exc
-    where = f"Module {module_name!r}"
-    done: list[str] = []
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise PrunekitError(f"{where} has no attribute {part!r}{hint}")
-        obj = getattr(obj, part)
-        done.append(part)
-        where = repr(f"{module_name}:{'.'.join(done)}")
-    if not callable(obj):
-        raise PrunekitError(
-            f"{spec!r} names a {type(obj).__name__}, not a function or class that can be called."
-        )
-    return obj
-
-
-def parse_kwargs(text: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Parse builder keyword arguments given as a JSON object (or pass a mapping through)."""
-    if text is None:
-        return {}
-    if isinstance(text, Mapping):
-        return dict(text)
-    if not isinstance(text, str):
-        raise UsageError(f"Builder keyword arguments must be a JSON object, not {type(text).__name__}.")
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"Builder keyword arguments {text!r} are not valid JSON ({exc.msg} at character {exc.pos}); "
-            'write them like \'{"num_classes": 3}\'.'
-        ) from None
-    if not isinstance(value, dict):
-        raise UsageError(
-            f"Builder keyword arguments must be a JSON object like '{{\"num_classes\": 3}}', "
-            f"not a {type(value).__name__}."
-        )
-    return value
-
-
-def build_model(builder: str, kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """Call the builder named by ``builder`` with ``kwargs`` and check it returns an ``nn.Module``."""
-    fn = resolve_callable(builder)
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise UsageError(
-            f"Builder keyword arguments must be a mapping (a JSON object), not {type(kwargs).__name__}."
-        )
-    kw = dict(kwargs or {})
-    try:
-        with quiet_stdout():
-            model = fn(**kw)
-    except KeyboardInterrupt:
-        raise
-    except TypeError as exc:
-        raise PrunekitError(f"Builder {builder!r} rejected its arguments {kw!r}: {_first_line(exc)}.") from exc
-    except MemoryError as exc:
-        raise ResourceError(f"Builder {builder!r} ran out of memory building the model with {kw!r}.",
-                            reason="memory") from exc
-    except SystemExit as exc:
-        raise PrunekitError(f"Builder {builder!r} called sys.exit({exc.code!r}).") from exc
-    except BaseException as exc:  # noqa: BLE001 - user code
-        raise PrunekitError(f"Builder {builder!r} failed with {type(exc).__name__}: {_first_line(exc)}.") from exc
-    if not isinstance(model, nn.Module):
-        raise PrunekitError(
-            f"Builder {builder!r} returned a {type(model).__name__}, not a torch.nn.Module."
-        )
-    return model
-
 
 # --------------------------------------------------------------------------- loading
 

@@ -38,13 +38,13 @@ from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
 from .checkpoint import read_checkpoint, write_checkpoint
-from .loading import resolve_callable
+from .builders import resolve_callable
 from .planner import Planner, Targets
 from .progress import progress_bar
 from .rundir import CHECKPOINT, RunDirError, RunWriter
 from .safety import call_user, check_finite_weights, check_input_memory, describe, user_number
 from .surgery import apply_removal
-from .trainer import evaluate, finetune, loss_for, main_output, task_of
+from .data.trainer import evaluate, finetune, loss_for, main_output, task_of
 
 
 

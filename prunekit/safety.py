@@ -1,9 +1,5 @@
 """What prunekit runs and allocates on the user's behalf, and the one boundary around user code.
 
-* :func:`check_builder` decides whether a builder named by a *file* (a run
-  directory's manifest) may be imported: prunekit's own, a well-known model
-  library (:data:`TRUSTED_BUILDER_MODULES`), the builder the user named, or
-  anything when the user said ``trusted``.
 * :func:`call_user` runs a function the user supplied (scorer, validate
   function, data factory, fine-tune function) so that whatever it raises,
   ``sys.exit`` included, becomes one :class:`UserFunctionError`;
@@ -25,69 +21,14 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .errors import PrunekitError, ResourceError, UnsafeInputError, UserFunctionError
+from .errors import PrunekitError, ResourceError, UserFunctionError
 
-__all__ = ["TRUSTED_BUILDER_MODULES", "check_builder", "call_user", "user_number", "check_input_memory",
+__all__ = ["call_user", "user_number", "check_input_memory",
            "check_finite_weights", "first_line", "quiet_stdout"]
-
-# Builders a manifest may name without the user saying so: prunekit's reference models and the
-# model zoos of well-known libraries. Only a plain name directly in one of these modules (or below)
-# whose object is defined there counts: ``torchvision.models:resnet50``, ``timm:create_model``.
-TRUSTED_BUILDER_MODULES = ("prunekit.zoo", "torchvision.models", "timm", "segmentation_models_pytorch",
-                           "monai.networks")
-
-_PLAIN_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 # How many bytes the example input may need, as a multiple of its own size: the activations of a
 # CNN are several times its input (more channels), and tracing keeps a few of them alive.
 ACTIVATION_FACTOR = 8
-
-
-def _under(module: str, prefixes: Sequence[str]) -> bool:
-    return any(module == p or module.startswith(p + ".") for p in prefixes)
-
-
-def _shadowed(module: str, source: str) -> bool:
-    """True when the package ``module`` would be imported from the directory the file came with (a ``timm.py``
-    sent along with a run directory), not from where the library is installed."""
-    import importlib.util
-    from pathlib import Path
-
-    try:
-        found = importlib.util.find_spec(module.split(".")[0])  # the top level only: imports nothing
-    except (ImportError, ValueError):
-        return False
-    origin = getattr(found, "origin", None) or next(iter(getattr(found, "submodule_search_locations", None) or []),
-                                                    None)
-    if not origin:
-        return False
-    folder = Path(os.path.realpath(os.path.dirname(os.path.abspath(source))))
-    return folder in Path(os.path.realpath(origin)).parents
-
-
-def check_builder(spec: Any, source: str, allowed: Sequence[str] = (), trusted: bool = False) -> str:
-    """``spec`` if a builder named by the file ``source`` may be imported and called; else raise.
-
-    ``allowed``: builder specs the user named themselves (command line, config, argument).
-    """
-    if not isinstance(spec, str):
-        raise UnsafeInputError(f"'{source}' names a builder that is not a string ({type(spec).__name__}).",
-                               path=str(source))
-    if trusted or spec in allowed:
-        return spec
-    module = spec.split(":", 1)[0]
-    if _PLAIN_SPEC.match(spec) and _under(module, TRUSTED_BUILDER_MODULES) and not _shadowed(module, source):
-        from .loading import resolve_callable
-
-        obj = resolve_callable(spec)
-        defined_in = getattr(obj, "__module__", None) or ""
-        if _under(defined_in, TRUSTED_BUILDER_MODULES):
-            return spec
-    raise UnsafeInputError(
-        f"'{source}' names the builder {spec!r}, which is neither prunekit's own nor from a well-known model "
-        f"library, and loading it would run its code; name it yourself (--builder {spec}, or builder= in "
-        "Python) or pass --trusted (trusted=True) if you trust where the files came from.",
-        path=str(source), name=spec)
 
 
 def first_line(exc: BaseException) -> str:

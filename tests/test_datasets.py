@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prunekit
-import prunekit.datasets
+import prunekit.data.datasets
 from prunekit.demo import demo_config
 
 needs_stardist = pytest.mark.skipif(importlib.util.find_spec("stardist") is None,
@@ -17,22 +17,22 @@ needs_stardist = pytest.mark.skipif(importlib.util.find_spec("stardist") is None
 
 @needs_stardist
 def test_nuclei_tiles_split_and_shapes():
-    train = prunekit.datasets.nuclei_tiles("train", tile=64, batch_size=8)
-    test = prunekit.datasets.nuclei_tiles("test", tile=64, batch_size=8)
+    train = prunekit.data.datasets.nuclei_tiles("train", tile=64, batch_size=8)
+    test = prunekit.data.datasets.nuclei_tiles("test", tile=64, batch_size=8)
     assert sum(len(x) for x, _ in train) == 48 and sum(len(x) for x, _ in test) == 16
     x, y = train[0]
     assert x.shape == (8, 1, 64, 64) and y.shape == (8, 64, 64)
     assert 0 <= float(x.min()) and float(x.max()) <= 1 and set(y.unique().tolist()) <= {0, 1}
-    big = prunekit.datasets.nuclei_tiles("all", tile=128)
+    big = prunekit.data.datasets.nuclei_tiles("all", tile=128)
     assert sum(len(x) for x, _ in big) == 16
     assert 0.05 < float(torch.cat([y for _, y in big]).float().mean()) < 0.5  # nuclei cover ~20%
 
 
 def test_fashion_mnist_missing_is_one_sentence(monkeypatch, tmp_path):
-    monkeypatch.setattr(prunekit.datasets, "FASHION_MNIST_DIRS", (str(tmp_path),))
+    monkeypatch.setattr(prunekit.data.datasets, "FASHION_MNIST_DIRS", (str(tmp_path),))
     monkeypatch.delenv("PRUNEKIT_FASHION_MNIST", raising=False)
     with pytest.raises(prunekit.PrunekitError, match="Fashion-MNIST not found"):
-        prunekit.datasets.fashion_mnist("train", limit=10)
+        prunekit.data.datasets.fashion_mnist("train", limit=10)
 
 
 def test_demo_config_is_the_shipped_unet_config():

@@ -249,7 +249,7 @@ def test_taylor_uses_the_training_loss():
     assert result.targets_met
     graph = prunekit.build_graph(model, x)
     from prunekit.importance.activations import taylor
-    from prunekit.trainer import loss_for
+    from prunekit.data.trainer import loss_for
 
     scores = taylor(model, graph, [], loss_batches=seg_batches(), loss_fn=loss_for("segmentation"))
     assert set(scores) >= {"enc1.block.0", "dec1.block.3"}

@@ -48,7 +48,7 @@ def resolve_scorer(method) -> Callable:
     if method in SCORERS:
         return SCORERS[method]
     if isinstance(method, str) and ":" in method:
-        from ..loading import resolve_callable
+        from ..builders import resolve_callable
 
         return resolve_callable(method)
     raise PrunekitError(

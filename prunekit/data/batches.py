@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataSource
-from .errors import PrunekitError
-from .safety import call_user, first_line
+from ..config import DataSource
+from ..errors import PrunekitError
+from ..safety import call_user, first_line
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -194,13 +194,13 @@ def load_batches(source: DataSource | None, input_shape, what: str) -> Batches |
     if source is None:
         return None
     if source.factory:
-        from .loading import resolve_callable
+        from ..builders import resolve_callable
 
         factory = resolve_callable(source.factory)
         role = "data factory"
         produced = call_user(factory, role, source.factory, **source.kwargs)
         if produced is None or isinstance(produced, (str, bytes)) or not hasattr(produced, "__iter__"):
-            from .errors import UserFunctionError
+            from ..errors import UserFunctionError
 
             problem = f"returned {type(produced).__name__}, not a DataLoader or an iterable of batches"
             raise UserFunctionError(f"your {role} {source.factory!r} (data.{what}.factory) {problem}.",

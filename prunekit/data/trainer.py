@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PrunekitError
-from .progress import progress_bar
+from ..errors import PrunekitError
+from ..progress import progress_bar
 
 
 def task_of(output: torch.Tensor, target: torch.Tensor) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError
+from .batches import DataError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 
