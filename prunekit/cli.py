@@ -168,17 +168,25 @@ def write_text_file(path: str, text: str, inputs=()) -> None:
                    "for the same builder, or a whole pickled module with --trusted.")
 @click.option("--depth", type=int, metavar="N",
               help="Sum the layers by the first N parts of their names (1: layer1, layer2, ...).")
+@click.option("--latency", is_flag=True,
+              help="Also measure the forward latency (both models, interleaved, with --compare).")
+@click.option("--device", default="cpu", show_default=True, metavar="DEVICE", help="Where --latency measures.")
+@click.option("--threads", type=click.IntRange(1), metavar="N", help="CPU threads for --latency (default: torch's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON only.")
-def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: bool) -> None:
+def report(spec: ModelSpec, compare: str | None, depth: int | None, latency: bool, device: str,
+           threads: int | None, as_json: bool) -> None:
     """FLOPs and parameters of MODEL per layer, checked against fvcore.
 
     One fused multiply-add counts as one flop (fvcore's convention).
     """
     from . import reports as rep
+    from .latency import check_device
 
     from .safety import quiet_stdout
 
     rep.check_depth(depth)
+    if latency:
+        check_device(device)
     with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json
         model, example = load_cli_model(spec)
         if compare is None:
@@ -186,6 +194,8 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, as_json: boo
         else:
             other = load_compare_model(compare, spec, base=model)
             data = rep.compare_report(model, other, example, depth, leaf_modules=spec.leaf)
+        if latency:
+            data["latency"] = rep.latency_report(model, other if compare else None, example, device, threads)
     if as_json:
         echo_json(data)
     elif compare is None:

@@ -29,10 +29,28 @@ class ModelConfig:
 
 @dataclass
 class Targets:
-    flops: float = 0.5  # keep at most this fraction of the original FLOPs
+    flops: Optional[float] = None  # keep at most this fraction of the original FLOPs (0.5; 1.0 with a latency target)
     params: float = 1.0  # keep at most this fraction of the original parameters
-    stop_when: Literal["both", "any"] = "both"
-    priority: Literal["flops", "params"] = "flops"
+    latency: Optional[float] = None  # run in at most this fraction of the original's latency, measured
+    stop_when: Literal["both", "any"] = "both"  # "both": every target holds; "any": one does
+    priority: Optional[Literal["flops", "params", "latency"]] = None  # what sizes the steps (latency when set)
+
+    def __post_init__(self):
+        # defaults that depend on each other: with a latency target, FLOPs are free and latency sizes the steps
+        if self.flops is None:
+            self.flops = 1.0 if self.latency is not None else 0.5
+        if self.priority is None:
+            self.priority = "latency" if self.latency is not None else "flops"
+
+
+@dataclass
+class LatencyConfig:
+    """Where latency is measured: for a latency target, round_to: auto and the run report."""
+
+    device: str = "cpu"
+    threads: Optional[int] = None  # intra-op threads on the CPU (default: torch's)
+    repeats: int = 20  # timed runs per measurement (the median counts)
+    warmup: int = 3
 
 
 @dataclass
@@ -51,7 +69,7 @@ class ImportanceConfig:
 class Limits:
     default: float = 0.75  # at most this fraction of any layer's filters may be removed
     layers: dict = field(default_factory=dict)  # module name or glob -> max fraction; 0 = never
-    round_to: int = 1  # keep channel counts multiples of this
+    round_to: Union[int, Literal["auto"]] = 1  # keep channel counts multiples of this; auto: what the device rewards
 
 
 @dataclass
@@ -98,6 +116,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     schedule: Schedule = field(default_factory=Schedule)
     data: Data = field(default_factory=Data)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     validate: Optional[str] = None  # package.module:fn(model) -> float, higher is better
     keep_best: int = 3
     seed: int = 0
@@ -120,10 +139,14 @@ def _shape(v) -> bool:
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "targets.flops": (_ratio, "a ratio in (0, 1]"),
     "targets.params": (_ratio, "a ratio in (0, 1]"),
+    "targets.latency": (_ratio, "a ratio in (0, 1]"),
+    "latency.threads": (lambda v: v >= 1, "an integer >= 1 (or null for torch's default)"),
+    "latency.repeats": (lambda v: v >= 3, "an integer >= 3"),
+    "latency.warmup": (lambda v: v >= 0, "an integer >= 0"),
     "importance.norm": (lambda v: v in (1, 2), "1 or 2"),
     "importance.omega": (_fraction, "a number in [0, 1]"),
     "limits.default": (_fraction, "a fraction in [0, 1]"),
-    "limits.round_to": (lambda v: v >= 1, "an integer >= 1"),
+    "limits.round_to": (lambda v: v == "auto" or v >= 1, "an integer >= 1 or 'auto'"),
     "schedule.steps": (lambda v: v >= 1, "an integer >= 1"),
     "keep_best": (lambda v: v >= 1, "an integer >= 1"),
     "input_shape": (_shape, "a list of at least two positive integers, like [1, 3, 256, 256]"),
@@ -245,7 +268,14 @@ def load_config(source) -> Config:
         raise ConfigError("config must be a mapping at the top level.")
     config = _build(Config, raw)
     _check_limits(config)
+    _check_targets(config.targets)
     return config
+
+
+def _check_targets(targets: Targets) -> None:
+    if targets.priority == "latency" and targets.latency is None:
+        raise ConfigError("config key 'targets.priority' is 'latency' but no targets.latency is set.",
+                          key="targets.priority")
 
 
 def _as_raw(value):

@@ -87,6 +87,11 @@ def _summary(samples: list[float], device: str, threads: int) -> Latency:
     return Latency(statistics.median(samples), q3 - q1, len(samples), device, threads, torch.__version__)
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, refused in one sentence when it is not one or is not here."""
+    return _device(device)
+
+
 def _device(device: str) -> torch.device:
     try:
         target = torch.device(device)

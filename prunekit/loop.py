@@ -37,6 +37,7 @@ from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
+from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment
 from .checkpoint import read_checkpoint, write_checkpoint
 from .builders import resolve_callable
 from .planner import Planner, Targets
@@ -58,6 +59,7 @@ class StepRecord:
     removed_units: int
     metric: float | None
     seconds: float
+    latency_ratio: float | None = None  # measured after the cut, when the run has a latency target
 
 
 @dataclass
@@ -73,6 +75,7 @@ class PruneResult:
     manifest: dict
     run_dir: Path | None = None
     candidates: list[dict] = field(default_factory=list)
+    latency: dict | None = None  # the original's and the pruned model's measured latency, and where
 
 
 @dataclass
@@ -155,8 +158,27 @@ class _Run:
         self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}
         t = cfg.targets
         self.targets = Targets(self.flops0, self.params0, t.flops, t.params, t.stop_when, t.priority,
-                               cfg.schedule.steps)
+                               cfg.schedule.steps, t.latency)
+        self.gauge, self.round_to = None, cfg.limits.round_to
+        if t.latency is not None or cfg.limits.round_to == "auto":
+            self.gauge = self._latency_gauge(model)
         self.task = None
+
+    def _latency_gauge(self, model: nn.Module) -> LatencyGauge:
+        """Latency tables from the checkpoint being resumed, or measured on the device now."""
+        lat = self.config.latency
+        settings = Settings(lat.device, lat.threads)
+        saved = getattr(self, "saved_tables", None)
+        tables = LatencyTables.from_json(saved, settings) if saved else None
+        if tables is None:
+            self.log(f"measuring latency tables on {lat.device}")
+            tables = LatencyTables.measure(model, self.graph0, self.inputs, settings)
+            if self.config.limits.round_to == "auto":
+                tables.alignment = choose_alignment(model, self.graph0, tables, settings)
+        if self.config.limits.round_to == "auto":
+            self.round_to = tables.alignment or 1
+            self.log(f"round_to: auto chose {self.round_to}")
+        return LatencyGauge(model, self.inputs, tables, Settings(lat.device, lat.threads, lat.repeats, lat.warmup))
 
     # -- helpers -----------------------------------------------------------
 
@@ -243,6 +265,7 @@ def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, 
         "history": json.dumps([asdict(h) for h in history]),
         "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "state": c.state,
                         "widths": json.dumps(c.widths)} for c in candidates],
+        "latency_tables": run.gauge.tables.as_json() if run.gauge is not None else None,
     })
     writer.saved_checkpoint()
 
@@ -251,6 +274,7 @@ def _load_checkpoint(run: _Run):
     """The saved state of an interrupted run, checked to belong to this model and config."""
     path = run.run_dir / CHECKPOINT
     payload = read_checkpoint(path, run.identity())
+    run.saved_tables = payload.get("latency_tables")
     try:
         model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
         history = [StepRecord(**h) for h in json.loads(payload["history"])]
@@ -311,15 +335,24 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
         costs = CostModel(current, graph)
         flops, params = costs.flops(), costs.params()
-        if run.targets.done(flops, params):
+        latency = history[-1].latency_ratio if history and run.gauge is not None else 1.0
+        if run.targets.done(flops, params, latency):
             message = "targets met"
+            break
+        if run.gauge is not None and cfg.targets.latency is not None and step >= cfg.schedule.steps + EXTRA_STEPS:
+            message = (f"the latency target ({cfg.targets.latency:.0%}) was not met in {step} steps: the model "
+                       f"measures {latency:.1%} of the original's latency; prune further from this run's model")
             break
         step += 1
         _seed(cfg.seed + step)
         started = time.perf_counter()
         scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
                              cfg.importance.combine, cfg.importance.normalize)
-        plan = Planner(graph, costs, cfg.limits, run.producer_widths0).plan(scores, run.targets.goal(step))
+        predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
+        if predicted is not None and cfg.targets.latency is not None:
+            scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first
+        plan = Planner(graph, costs, cfg.limits, run.producer_widths0, predicted if cfg.targets.latency else None,
+                       run.round_to).plan(scores, run.targets.goal(step))
         if plan.units.size == 0:
             step -= 1
             message = _unreachable(run, flops, params)
@@ -328,12 +361,15 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         graph = None
         run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
         metric = run.metric(current)
+        measured = run.gauge.measure(current)["ratio"] if cfg.targets.latency is not None else None
         record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,
-                            int(plan.units.size), metric, time.perf_counter() - started)
+                            int(plan.units.size), metric, time.perf_counter() - started, measured)
         history.append(record)
         run.log(f"step {step}: FLOPs {record.flops_ratio:.1%}, params {record.params_ratio:.1%}"
+                + (f", latency {measured:.1%} (predicted {plan.latency:.1%})" if measured is not None else "")
                 + (f", metric {metric:.4f}" if metric is not None else ""))
-        candidates.append(_Candidate(step, metric, run.targets.done(plan.flops, plan.params), _state_copy(current),
+        candidates.append(_Candidate(step, metric, run.targets.done(plan.flops, plan.params, measured),
+                                     _state_copy(current),
                                      width_changes(run.original_widths, current)))
         candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
         if writer is not None:  # the first checkpoint comes after a whole step: a failing step writes nothing
@@ -356,9 +392,16 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         final_graph = build_graph(model_out, run.inputs, cfg.model.leaf_modules)
     final_costs = CostModel(model_out, final_graph)
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
+    latency = None
+    if run.gauge is not None or writer is not None:  # the report's before/after row; a latency target's verdict
+        gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, Settings(
+            cfg.latency.device, cfg.latency.threads, cfg.latency.repeats, cfg.latency.warmup))
+        latency = gauge.measure(model_out.eval(), repeats=max(cfg.latency.repeats, 30))
+        final["latency_ratio"] = latency["ratio"]
     result = PruneResult(
         model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},
-        final=final, targets_met=run.targets.done(final["flops"], final["params"]), message=message,
+        final=final, targets_met=run.targets.done(final["flops"], final["params"], final.get("latency_ratio")),
+        message=message,
         best_step=best_step, config=cfg,
         manifest={"format": MANIFEST_FORMAT, "builder": builder or cfg.model.builder,
                   "kwargs": builder_kwargs if builder_kwargs is not None else cfg.model.kwargs,
@@ -366,6 +409,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
                   "modules": width_changes(run.original_widths, model_out)},
         run_dir=run.run_dir,
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
+        latency=latency,
     )
     if writer is not None:
         from .reports.run import write_outputs
@@ -375,6 +419,10 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         write_outputs(result, run.original, run.graph0, final_graph, run.inputs, directory=writer.work)
         writer.complete()
     return result
+
+
+# steps a latency target may take beyond schedule.steps when the measured latency is still above it
+EXTRA_STEPS = 4
 
 
 def _unreachable(run: _Run, flops: int, params: int) -> str:

@@ -13,13 +13,16 @@ import fnmatch
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from .config import Limits
 from .costs import CostModel
 from .graphs import ChannelGraph
+
+if TYPE_CHECKING:
+    from .latency_model import LatencyModel
 
 
 def layer_limit(name: str, limits: Limits) -> float:
@@ -34,7 +37,11 @@ def layer_limit(name: str, limits: Limits) -> float:
 
 @dataclass(frozen=True)
 class Targets:
-    """The run's targets in absolute terms: what each step aims at, and when the run is done."""
+    """The run's targets in absolute terms: what each step aims at, and when the run is done.
+
+    Latency is a fraction of the original's (measured after a cut, predicted while planning);
+    a check without a latency value counts a latency target as not yet met.
+    """
 
     flops0: int  # the original model's
     params0: int
@@ -43,21 +50,28 @@ class Targets:
     stop_when: str = "both"  # both | any
     priority: str = "flops"  # the resource whose geometric schedule sizes the steps
     steps: int = 1
+    latency: float | None = None
 
-    def done(self, flops: int, params: int) -> bool:
-        ok = (flops <= self.flops * self.flops0 + 0.5, params <= self.params * self.params0 + 0.5)
+    def done(self, flops: int, params: int, latency: float | None = None) -> bool:
+        ok = [flops <= self.flops * self.flops0 + 0.5, params <= self.params * self.params0 + 0.5]
+        if self.latency is not None:
+            ok.append(latency is not None and latency <= self.latency)
         return all(ok) if self.stop_when == "both" else any(ok)
 
-    def goal(self, step: int) -> Callable[[int, int], bool]:
+    def goal(self, step: int) -> Callable[..., bool]:
         """Step ``step`` of ``steps`` removes a geometric share of the way (or reaches the targets)."""
         if step >= self.steps:
             return self.done
         fraction = step / self.steps
+        if self.priority == "latency":
+            limit = self.latency ** fraction
+            return lambda flops, params, latency=None: (latency is not None and latency <= limit) or \
+                self.done(flops, params, latency)
         if self.priority == "flops":
             limit = self.flops0 * self.flops ** fraction
-            return lambda flops, params: flops <= limit or self.done(flops, params)
+            return lambda flops, params, latency=None: flops <= limit or self.done(flops, params, latency)
         limit = self.params0 * self.params ** fraction
-        return lambda flops, params: params <= limit or self.done(flops, params)
+        return lambda flops, params, latency=None: params <= limit or self.done(flops, params, latency)
 
 
 @dataclass
@@ -66,14 +80,18 @@ class Plan:
     flops: int
     params: int
     reached: bool  # the goal holds after this removal
+    latency: float | None = None  # predicted, as a fraction of the original's
 
 
 class Planner:
     """Greedy, limit-respecting removal sequences priced with analytic costs."""
 
     def __init__(self, graph: ChannelGraph, costs: CostModel, limits: Limits,
-                 original_widths: dict[str, int]):
-        self.graph, self.costs, self.limits = graph, costs, limits
+                 original_widths: dict[str, int], latency: LatencyModel | None = None, round_to: int | None = None):
+        self.graph, self.costs, self.limits, self.latency = graph, costs, limits, latency
+        self.round_to = limits.round_to if round_to is None else round_to
+        if not isinstance(self.round_to, int):
+            raise ValueError("round_to: auto is resolved from latency tables before planning")
         self.budget: dict[str, int] = {}
         for name, units in graph.producers.items():
             original = original_widths.get(name, len(units))
@@ -109,7 +127,7 @@ class Planner:
         to date as units go; a unit dropped late can misalign a layer again, so passes
         repeat until none drops anything (one or two in practice, each linear).
         """
-        step = self.limits.round_to
+        step = self.round_to
         if step <= 1:
             return units
         removed: dict[str, int] = defaultdict(int)
@@ -139,24 +157,31 @@ class Planner:
             kept = survivors
         return kept
 
-    def plan(self, scores: np.ndarray, goal: Callable[[int, int], bool]) -> Plan:
-        """The shortest prefix of the removal sequence whose costs satisfy ``goal(flops, params)``."""
+    def plan(self, scores: np.ndarray, goal: Callable[..., bool]) -> Plan:
+        """The shortest prefix of the removal sequence whose costs satisfy ``goal(flops, params[, latency])``
+        (latency when the planner has a latency model)."""
         sequence = self.sequence(scores)
 
-        def price(k: int) -> tuple[np.ndarray, int, int]:
+        def price(k: int) -> Plan:
             units = np.array(self._rounded(sequence[:k]), dtype=np.int64)
             mask = self.graph.removal_mask(units)
-            return units, self.costs.flops(mask), self.costs.params(mask)
+            latency = self.latency.ratio(mask) if self.latency is not None else None
+            return Plan(units, self.costs.flops(mask), self.costs.params(mask), False, latency)
+
+        def meets(plan: Plan) -> bool:
+            values = (plan.flops, plan.params) if plan.latency is None else (plan.flops, plan.params, plan.latency)
+            return goal(*values)
 
         low, high = 0, len(sequence)
         best = price(high)
-        if not goal(best[1], best[2]):
-            return Plan(*best, reached=False)
+        if not meets(best):
+            return best
         while low < high:  # smallest k that reaches the goal
             mid = (low + high) // 2
             candidate = price(mid)
-            if goal(candidate[1], candidate[2]):
+            if meets(candidate):
                 best, high = candidate, mid
             else:
                 low = mid + 1
-        return Plan(*best, reached=True)
+        best.reached = True
+        return best

@@ -3,8 +3,8 @@ rich tables (:mod:`.console`) and Graphviz text (:mod:`.dot`); a prune run's rep
 and plots are written by :mod:`.run`."""
 
 from .console import human, render_compare_report, render_graph_report, render_model_report, render_tracing
-from .data import check_depth, compare_report, graph_report, model_report, tracing_report
+from .data import check_depth, compare_report, graph_report, latency_report, model_report, tracing_report
 from .dot import to_dot
 
-__all__ = ["check_depth", "compare_report", "graph_report", "human", "model_report", "render_compare_report",
+__all__ = ["check_depth", "compare_report", "graph_report", "human", "latency_report", "model_report", "render_compare_report",
            "render_graph_report", "render_model_report", "render_tracing", "to_dot", "tracing_report"]

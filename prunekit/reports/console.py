@@ -127,7 +127,23 @@ def render_model_report(data: dict, console) -> None:
     line = _fvcore_line(data["fvcore"], totals["flops"])
     if line:
         console.print(_txt(line, "dim"))
+    render_latency(data.get("latency"), console)
     render_tracing(data["tracing"], console)
+
+
+def render_latency(latency: dict | None, console) -> None:
+    """One line: the measured latency (before and after, and their ratio, when two models were timed)."""
+    if not latency:
+        return
+    before, after = latency["before"], latency.get("after")
+    where = (f"median of {before['repeats']} runs on {before['device']}, {before['threads']} threads, "
+             f"torch {before['torch']}" + (", interleaved" if after else ""))
+    if after is None:
+        text = f"Latency: {before['median'] * 1e3:.2f} ms (spread {before['spread'] * 1e3:.2f} ms; {where})."
+    else:
+        text = (f"Latency: {before['median'] * 1e3:.2f} ms -> {after['median'] * 1e3:.2f} ms "
+                f"= {100 * latency['ratio']:.1f}% ({where}).")
+    console.print(_txt(text, "bold"))
 
 
 def render_compare_report(data: dict, console) -> None:
@@ -166,6 +182,7 @@ def render_compare_report(data: dict, console) -> None:
             line = _fvcore_line(data["fvcore"][side], t[side]["flops"], label)
             if line:
                 console.print(_txt(line, "dim"))
+    render_latency(data.get("latency"), console)
 
 
 def render_graph_report(data: dict, console) -> None:

@@ -247,3 +247,15 @@ def graph_report(graph: ChannelGraph) -> dict:
         },
         "tracing": tracing_report(graph),
     }
+
+
+def latency_report(model: nn.Module, other: nn.Module | None, example_inputs, device: str = "cpu",
+                   threads: int | None = None) -> dict:
+    """Measured forward latency of ``model`` (and ``other``, interleaved with it, and their ratio)."""
+    from ..latency import compare_latency
+
+    models = {"before": model} if other is None else {"before": model, "after": other}
+    measured = {k: v.as_dict() for k, v in compare_latency(models, example_inputs, device, threads).items()}
+    if other is not None:
+        measured["ratio"] = measured["after"]["median"] / measured["before"]["median"]
+    return measured

@@ -51,6 +51,7 @@ def build_report(result, rows: list[dict]) -> dict:
         "original": result.original,
         "final": result.final,
         "ratios": {k: result.final[k] / result.original[k] for k in ("flops", "params")},
+        "latency": result.latency,
         "steps": [asdict(h) for h in result.history],
         "candidates": result.candidates,
         "layers": rows,
@@ -70,18 +71,22 @@ def render_markdown(report: dict) -> str:
         "# prunekit run report", "",
         f"- Importance: `{report['importance']['method']}` (norm {report['importance']['norm']}, "
         f"omega {report['importance']['omega']})",
-        f"- Targets: FLOPs <= {report['targets']['flops']:.0%}, params <= {report['targets']['params']:.0%} "
+        f"- Targets: FLOPs <= {report['targets']['flops']:.0%}, params <= {report['targets']['params']:.0%}"
+        + (f", latency <= {report['targets']['latency']:.0%} " if report["targets"].get("latency") else " ") +
         f"(stop when {report['targets']['stop_when']}); {'met' if report['targets_met'] else 'NOT met'}"
         + (f" ({report['message']})" if report["message"] and not report["targets_met"] else ""),
         f"- FLOPs: {_human(o['flops'])} -> {_human(f['flops'])} ({r['flops']:.1%}); "
         f"parameters: {_human(o['params'])} -> {_human(f['params'])} ({r['params']:.1%})",
+        *_latency_lines(report.get("latency")),
         f"- Best step: {report['best_step']}; convention: {report['convention']}", "",
-        "## Steps", "", "| step | FLOPs | params | units removed | metric | seconds |", "|---:|---:|---:|---:|---:|---:|",
+        "## Steps", "", "| step | FLOPs | params | latency | units removed | metric | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in report["steps"]:
         metric = "" if s["metric"] is None else f"{s['metric']:.4f}"
-        lines.append(f"| {s['step']} | {s['flops_ratio']:.1%} | {s['params_ratio']:.1%} | {s['removed_units']} "
-                     f"| {metric} | {s['seconds']:.1f} |")
+        latency = "" if s.get("latency_ratio") is None else f"{s['latency_ratio']:.1%}"
+        lines.append(f"| {s['step']} | {s['flops_ratio']:.1%} | {s['params_ratio']:.1%} | {latency} "
+                     f"| {s['removed_units']} | {metric} | {s['seconds']:.1f} |")
     tracing = report.get("tracing", {})
     if tracing.get("fallbacks") or tracing.get("notes"):
         lines += ["", "## Tracing", ""]
@@ -97,6 +102,14 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {row['name']} | {row['type']} | {channels} | {_human(row['params_before'])} -> "
                      f"{_human(row['params_after'])} | {_human(row['flops_before'])} -> {_human(row['flops_after'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _latency_lines(latency: dict | None) -> list[str]:
+    if not latency:
+        return []
+    return [f"- Latency: {latency['original_seconds'] * 1e3:.2f} ms -> {latency['pruned_seconds'] * 1e3:.2f} ms "
+            f"({latency['ratio']:.1%}; median of {latency['repeats']} interleaved runs on {latency['device']}, "
+            f"{latency['threads']} threads, torch {latency['torch']})"]
 
 
 def _png(figure) -> bytes:
@@ -117,6 +130,10 @@ def plot_trajectory(report: dict) -> bytes:
     ax.plot(steps, [1] + [s["params_ratio"] for s in report["steps"]], "s-", label="parameters")
     ax.axhline(report["targets"]["flops"], ls="--", c="C0", lw=0.8)
     ax.axhline(report["targets"]["params"], ls="--", c="C1", lw=0.8)
+    measured = [(s["step"], s["latency_ratio"]) for s in report["steps"] if s.get("latency_ratio") is not None]
+    if measured:
+        ax.plot([0] + [m[0] for m in measured], [1] + [m[1] for m in measured], "d-", c="C3", label="latency")
+        ax.axhline(report["targets"]["latency"], ls="--", c="C3", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of original")
     metrics = [(s["step"], s["metric"]) for s in report["steps"] if s["metric"] is not None]
