@@ -48,6 +48,7 @@ import torch
 
 from common import dist_version, environment_line, load_average, params, prunekit, save_json, table, tp
 from prunekit.costs import fvcore_counts
+from prunekit.data import DataError
 from prunekit.data.trainer import evaluate, finetune
 
 FLOPS_TARGET = 0.5
@@ -287,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         for task in args.tasks:
-            results.append(bench_task(task, args.budget, methods, args.seeds))
+            try:
+                results.append(bench_task(task, args.budget, methods, args.seeds))
+            except DataError as exc:  # a dataset this machine does not have: the other tasks still run
+                print(f"  {task}: skipped: {exc}", flush=True)
     total = time.perf_counter() - started
     for result in results:
         print()

@@ -1,0 +1,153 @@
+"""How much of a FLOPs saving turns into time: pruned models' measured latency, side by side.
+
+    python benchmarks/latency.py                              # all models below
+    python benchmarks/latency.py --models resnet50 unet --json out/latency.json
+
+For each model (random weights, seed 0), four models are timed together, interleaved, in
+one run (``prunekit.latency.compare_latency``): the original; prunekit at 50% of the FLOPs
+(``flops``: L1 norms, 8 steps, no fine-tuning, the classifier or output conv left alone);
+the same with ``limits.round_to: 8`` (``flops/8``); prunekit with ``targets.latency: 0.5``
+measured at one thread (``latency``); and Torch-Pruning's model at the same FLOPs
+(``tp``: MetaPruner, L1, 50 steps of at most 0.9 per layer, stopping at half the MACs).
+
+Columns: the FLOPs ratio (fvcore), the latency ratio at one thread and at all of this
+machine's cores, and the efficiency, the latency speed-up over the FLOPs speed-up
+(``flops ratio / latency ratio``: 1.0 means every saved flop saved its share of time).
+Targets: efficiency >= 0.9 at one thread and >= 0.8 at all cores; the latency run within
+5% of its target (ratio <= 0.525 at one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common import environment, environment_line, prunekit, save_json, table, tp
+from prunekit.costs import fvcore_counts
+from prunekit.latency import compare_latency
+
+MODELS = ["resnet50", "mobilenet_v2", "densenet121", "unet", "smp_unet"]
+ALL_CORES = torch.get_num_threads()
+LATENCY_TARGET = 0.5
+TP_STEPS = 50
+
+
+def build_model(name: str) -> tuple[nn.Module, torch.Tensor, str] | None:
+    """The model, its example input and its last layer (left unpruned); None when its package is missing."""
+    torch.manual_seed(0)
+    if name == "unet":
+        from prunekit.zoo import unet
+
+        return unet(width=32).eval(), torch.randn(1, 3, 256, 256), "out"
+    if name == "smp_unet":
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError:
+            return None
+        return smp.Unet("resnet34", encoder_weights=None, classes=2).eval(), torch.randn(1, 3, 256, 256), \
+            "segmentation_head.0"
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    return model, torch.randn(1, 3, 224, 224), last
+
+
+def config(last: str, **changes) -> dict:
+    cfg = {"targets": {"flops": 0.5, "params": 1.0}, "importance": {"method": "l1"}, "schedule": {"steps": 8},
+           "limits": {"default": 0.9, "layers": {last: 0}}}
+    for key, value in changes.items():
+        section, name = key.split("__")
+        cfg[section] = {**cfg.get(section, {}), name: value}
+    return cfg
+
+
+def run_tp(model: nn.Module, x: torch.Tensor, last: str) -> nn.Module:
+    model = copy.deepcopy(model)
+    base, _ = tp.utils.count_ops_and_params(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                      iterative_steps=TP_STEPS, pruning_ratio=0.9,
+                                      ignored_layers=[model.get_submodule(last)])
+        for _ in range(TP_STEPS):
+            pruner.step()
+            if tp.utils.count_ops_and_params(model, x)[0] <= 0.5 * base:
+                break
+    return model.eval()
+
+
+def bench_model(name: str, repeats: int, use_tp: bool) -> dict | None:
+    built = build_model(name)
+    if built is None:
+        return None
+    model, x, last = built
+    variants: dict[str, nn.Module] = {}
+    seconds: dict[str, float] = {}
+    runs = {"flops": config(last), "flops/8": config(last, limits__round_to=8),
+            "latency": config(last, targets__latency=LATENCY_TARGET, targets__flops=1.0, latency__threads=1)}
+    for label, cfg in runs.items():
+        t0 = time.perf_counter()
+        torch.set_num_threads(1)
+        result = prunekit.prune(model, x, cfg, progress=False)
+        torch.set_num_threads(ALL_CORES)
+        seconds[label] = time.perf_counter() - t0
+        variants[label] = result.model
+        print(f"  {name} {label}: pruned in {seconds[label]:.1f} s ({result.message})", flush=True)
+    if use_tp:
+        t0 = time.perf_counter()
+        variants["tp"] = run_tp(model, x, last)
+        seconds["tp"] = time.perf_counter() - t0
+    flops0 = fvcore_counts(model, x)[0]
+    flops = {k: fvcore_counts(m, x)[0] / flops0 for k, m in variants.items()}
+    timed = {"original": model, **variants}
+    one = compare_latency(timed, x, threads=1, repeats=repeats)
+    every = compare_latency(timed, x, threads=ALL_CORES, repeats=repeats)
+    rows = {}
+    for k in variants:
+        lat1, latn = one[k].median / one["original"].median, every[k].median / every["original"].median
+        rows[k] = {"flops_ratio": flops[k], "latency_1": lat1, "latency_all": latn,
+                   "efficiency_1": flops[k] / lat1, "efficiency_all": flops[k] / latn, "seconds": seconds[k]}
+    return {"model": name, "input": list(x.shape), "original_ms": {"1": one["original"].median * 1e3,
+            "all": every["original"].median * 1e3}, "variants": rows}
+
+
+def format_results(results: list[dict]) -> str:
+    header = ["model", "variant", "FLOPs", "latency 1t", "eff 1t", f"latency {ALL_CORES}t", f"eff {ALL_CORES}t",
+              "prune s"]
+    rows = []
+    for r in results:
+        for k, v in r["variants"].items():
+            rows.append([r["model"], k, f"{v['flops_ratio']:.1%}", f"{v['latency_1']:.1%}", f"{v['efficiency_1']:.2f}",
+                         f"{v['latency_all']:.1%}", f"{v['efficiency_all']:.2f}", f"{v['seconds']:.1f}"])
+    return table(header, rows, right={2, 3, 4, 5, 6, 7})
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per model and thread count")
+    parser.add_argument("--no-tp", action="store_true", help="leave Torch-Pruning out")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="save all results here")
+    args = parser.parse_args(argv)
+    env = environment(fvcore=True)
+    print(environment_line(env), flush=True)
+    results = [r for r in (bench_model(m, args.repeats, tp is not None and not args.no_tp) for m in args.models) if r]
+    print()
+    print(format_results(results))
+    print(f"\nlatency = pruned / original, median of {args.repeats} interleaved runs; eff = FLOPs ratio / latency "
+          f"ratio; targets: eff >= 0.9 at 1 thread, >= 0.8 at {ALL_CORES}; 'latency' run <= "
+          f"{LATENCY_TARGET * 1.05:.3f} at 1 thread.")
+    save_json(args.json, {"environment": env, "repeats": args.repeats, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
