@@ -104,18 +104,25 @@ class Planner:
             ids, counts = np.unique(units, return_counts=True)
             for u, c in zip(ids.tolist(), counts.tolist()):
                 self.touches[u].append((name, c))
+        self._touch_list = [self.touches.get(u, ()) for u in range(graph.num_units)]
+        self._touching = np.array([bool(t) for t in self._touch_list], dtype=bool)
 
     def sequence(self, scores: np.ndarray) -> list[int]:
         """Every removable unit, cheapest to lose first, as far as the limits allow."""
-        used: dict[str, int] = defaultdict(int)
         order = np.argsort(scores, kind="stable")
+        candidate = np.isfinite(scores) & ~self.graph.pinned & self._touching
+        budget, touches = self.budget, self._touch_list
+        used = dict.fromkeys(budget, 0)
         chosen = []
-        for u in order.tolist():
-            if not np.isfinite(scores[u]) or self.graph.pinned[u] or u not in self.touches:
-                continue
-            touches = self.touches[u]
-            if all(used[p] + c <= self.budget[p] for p, c in touches):
-                for p, c in touches:
+        for u in order[candidate[order]].tolist():
+            unit_touches = touches[u]
+            if len(unit_touches) == 1:  # the common case: one producer, one check
+                p, c = unit_touches[0]
+                if used[p] + c <= budget[p]:
+                    used[p] += c
+                    chosen.append(u)
+            elif all(used[p] + c <= budget[p] for p, c in unit_touches):
+                for p, c in unit_touches:
                     used[p] += c
                 chosen.append(u)
         return chosen
