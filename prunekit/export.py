@@ -54,9 +54,11 @@ class ExportError(PrunekitError):
 
 
 class OnnxMismatchError(PrunekitError):
-    """ONNX Runtime's outputs differ from PyTorch's; the file is kept at ``path`` for inspection.
+    """ONNX Runtime's outputs differ from PyTorch's, or it cannot load or run the file; the file is
+    kept at ``path`` for inspection.
 
-    ``output`` names the first output that differs, ``batch`` the batch size it was run with.
+    ``output`` names the first output that differs ("" when none was compared), ``batch`` the batch
+    size it was run with (0 when the file did not load).
     """
 
     exit_code = 1
@@ -337,7 +339,11 @@ def _session(ort, path: Path, threads: int | None):
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own error types: an op or opset it does not support
+        raise OnnxMismatchError(f"ONNX Runtime could not load '{path}': {_first_line(exc)}; the file is kept for "
+                                "inspection.", str(path), "", float("inf"), 0) from None
 
 
 def _feeds(session, inputs) -> dict:

@@ -204,3 +204,26 @@ def test_a_run_without_a_recorded_shape_needs_input_shape(run_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = run("export", copy, "--onnx", tmp_path / "a.onnx")
     assert result.exit_code == 2 and "pass --input-shape" in result.stderr
+
+
+def test_a_file_onnxruntime_cannot_load_is_a_failed_check(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+
+    def garbage(model, inputs, target, *rest):
+        target.write_bytes(b"not an onnx model")
+
+    monkeypatch.setattr(export_module, "_dynamo", garbage)
+    path = tmp_path / "m.onnx"
+    with pytest.raises(OnnxMismatchError, match="ONNX Runtime could not load") as err:
+        export_onnx(FixedBatch().eval(), torch.randn(1, 3, 8, 8), path, repeats=0)
+    assert err.value.exit_code == 1 and path.read_bytes() == b"not an onnx model"
+
+
+def test_large_weights_go_to_a_data_file_beside_the_model(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    monkeypatch.setattr(export_module, "_EXTERNAL_DATA_BYTES", 0)  # every model counts as large
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    result = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", repeats=0)
+    assert result.exporter == "dynamo" and result.checked  # onnxruntime found the weights beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
