@@ -169,6 +169,7 @@ def export_inputs(run_dir: str, input_shape: str | None) -> tuple[Path, list[str
 
     from .artifacts import recorded_input_shape
     from .loading import parse_input_shape
+    from .rundir import KNOWN
     from .safety import check_input_memory
 
     if not Path(run_dir).exists():
@@ -186,4 +187,5 @@ def export_inputs(run_dir: str, input_shape: str | None) -> tuple[Path, list[str
             raise PrunekitError(f"the run in '{found}' records no input shape; pass --input-shape, e.g. 1,3,256,256.")
     check_input_memory(shape, what)
     torch.manual_seed(0)
-    return found, input_paths(run_dir), torch.randn(shape)
+    # every file of the run is kept safe from --onnx, not only the two that are read
+    return found, [*input_paths(run_dir), *(str(found / name) for name in KNOWN)], torch.randn(shape)

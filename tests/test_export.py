@@ -179,6 +179,7 @@ def test_bad_input_exits_2_before_any_work(run_dir, tmp_path):
         ([tmp_path / "not_a_run", "--onnx", tmp_path / "a.onnx"], "not a prunekit run directory"),
         ([run_dir, "--onnx", run_dir / "model.pt"], "is the input"),
         ([run_dir, "--onnx", run_dir / "manifest.json"], "is the input"),
+        ([run_dir / "model.pt", "--onnx", run_dir / "report.json"], "is the input"),
         ([run_dir, "--onnx", tmp_path / "no" / "dir" / "a.onnx"], "does not exist"),
         ([run_dir, "--onnx", tmp_path], "is a directory"),
         ([run_dir], "Missing option '--onnx'"),
