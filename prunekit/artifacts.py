@@ -213,3 +213,15 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
         raise PrunekitError("this run was started from a Python model with no builder; pass model= to load_pruned.")
     state = read_weights(weights_path)
     return resize_to(base, manifest.get("modules") or {}, state, str(manifest_path)).eval()
+
+
+def recorded_input_shape(run_dir) -> list[int] | None:
+    """The example input shape a run directory's manifest records (its first input), or None."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        return None
+    shape = _read_manifest(path).get("input_shape")
+    if isinstance(shape, list) and shape and all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                                 for s in shape):
+        return shape
+    return None

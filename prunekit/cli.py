@@ -10,7 +10,8 @@ Adding a command::
         ...
 
 Every :class:`~prunekit.errors.PrunekitError` raised inside a command is
-printed as ``Error: <one sentence>`` on stderr and exits with code 2 (see
+printed as ``Error: <one sentence>`` on stderr and exits with its ``exit_code``:
+2, or 1 for a check that failed (``export``'s ONNX comparison) (see
 :class:`PrunekitGroup`), and so are what the machine refuses (an OSError:
 disk full, permission denied, read-only file system, with the path; running
 out of memory). Ctrl-C prints one line and exits with code 130. ``--debug``
@@ -36,12 +37,15 @@ __all__ = ["main", "ModelSpec", "model_options", "load_cli_model", "load_compare
 
 
 class CliError(click.ClickException):
-    """A user-facing error: ``Error: <message>`` on stderr, exit code 2."""
+    """A user-facing error: ``Error: <message>`` on stderr, exit code 2 (or the error's own: 1 for a
+    failed check)."""
 
     exit_code = 2
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(" ".join(str(message).split()))  # always one line
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class PrunekitGroup(click.Group):
@@ -58,7 +62,7 @@ class PrunekitGroup(click.Group):
             raise CliError(f"{_sentence(exc.format_message()).rstrip('.')} (see {where}).") from None
         except PrunekitError as exc:
             _show_traceback(exc, debug)
-            raise CliError(_sentence(str(exc))) from None
+            raise CliError(_sentence(str(exc)), exc.exit_code) from None
         except OSError as exc:
             from .paths import os_error
 
@@ -229,6 +233,48 @@ def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
         rep.render_graph_report(data, make_console())
     if dot is not None:
         click.echo(f"Wrote {dot} (render it with: dot -Tsvg {dot} -o groups.svg).", err=as_json)
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.option("--onnx", "onnx_path", required=True, metavar="FILE", help="Where to write the ONNX model.")
+@click.option("--input-shape", "-i", metavar="SHAPE",
+              help="Shape of the example input, e.g. 1,3,256,256 (default: the one the run recorded).")
+@click.option("--builder", "-b", metavar="PKG.MOD:FN",
+              help="The builder the run's manifest names, when it is your own code (see prunekit --help).")
+@click.option("--trusted", is_flag=True, help="Import whatever builder the run's manifest names.")
+@click.option("--opset", type=click.IntRange(7), metavar="N", help="ONNX opset version (default: the exporter's).")
+@click.option("--static-batch", is_flag=True, help="Fix the batch size to the example's (default: dynamic).")
+@click.option("--no-check", is_flag=True, help="Do not compare ONNX Runtime's outputs with PyTorch's.")
+@click.option("--threads", type=click.IntRange(1), metavar="N", help="Intra-op threads of both runtimes.")
+@click.option("--repeats", type=click.IntRange(0), default=30, show_default=True, metavar="N",
+              help="Timed runs of each runtime (0: no timing).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON only.")
+def export(run_dir: str, onnx_path: str, input_shape: str | None, builder: str | None, trusted: bool,
+           opset: int | None, static_batch: bool, no_check: bool, threads: int | None, repeats: int,
+           as_json: bool) -> None:
+    """Export the pruned model of RUN_DIR to ONNX, check that ONNX Runtime gives PyTorch's outputs,
+    and time both.
+
+    Exit code 1 when the outputs differ (the file is kept for inspection). Without onnxruntime
+    the file is written and the check skipped (pip install prunekit[onnx]).
+    """
+    from . import reports as rep
+    from .artifacts import load_pruned
+    from .cli_models import export_inputs
+    from .export import export_onnx
+    from .safety import quiet_stdout
+
+    found, inputs, example = export_inputs(run_dir, input_shape)
+    check_writable(onnx_path, inputs)
+    with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json
+        model = load_pruned(found, builder=builder, trusted=trusted)
+        result = export_onnx(model, example, onnx_path, check=not no_check, opset=opset,
+                             dynamic_batch=not static_batch, threads=threads, repeats=repeats)
+    if as_json:
+        echo_json(result.as_dict())
+    else:
+        rep.render_export_report(result.as_dict(), make_console())
 
 
 # --------------------------------------------------------------------------- prune and demo

@@ -1,4 +1,4 @@
-"""How the ``report`` and ``graph`` commands take a model: the shared options (a file, a
+"""How the ``report``, ``graph`` and ``export`` commands take a model: the shared options (a file, a
 builder and its kwargs, --trusted, the input shape, leaf modules) and loading what they name."""
 
 from __future__ import annotations
@@ -6,11 +6,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from .errors import PrunekitError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -157,3 +160,32 @@ def load_compare_model(path: str, spec: ModelSpec, base=None):
             raise PrunekitError(f"{text}; to compare with a pruned model, give its whole pickled module "
                                 "and --trusted.") from None
         raise
+
+
+def export_inputs(run_dir: str, input_shape: str | None) -> tuple[Path, list[str], torch.Tensor]:
+    """The run directory ``export`` reads, its files and the example input, checked before anything is
+    loaded: ``--input-shape`` when given, else the shape the run recorded."""
+    import torch
+
+    from .artifacts import recorded_input_shape
+    from .loading import parse_input_shape
+    from .rundir import KNOWN
+    from .safety import check_input_memory
+
+    if not Path(run_dir).exists():
+        raise PrunekitError(f"'{run_dir}' does not exist; give the directory a prunekit prune run wrote.")
+    _check_unfinished(run_dir)
+    found = _run_dir_of(run_dir)
+    if found is None:
+        raise PrunekitError(f"'{run_dir}' is not a prunekit run directory (it needs manifest.json and model.pt); "
+                            "give the directory a prunekit prune run wrote.")
+    if input_shape is not None:
+        shape, what = parse_input_shape(input_shape), "--input-shape"
+    else:
+        shape, what = recorded_input_shape(found), "the run's input_shape"
+        if shape is None:
+            raise PrunekitError(f"the run in '{found}' records no input shape; pass --input-shape, e.g. 1,3,256,256.")
+    check_input_memory(shape, what)
+    torch.manual_seed(0)
+    # every file of the run is kept safe from --onnx, not only the two that are read
+    return found, [*input_paths(run_dir), *(str(found / name) for name in KNOWN)], torch.randn(shape)

@@ -10,17 +10,19 @@ Models are timed under ``torch.inference_mode`` in eval mode. When several
 models are compared (:func:`compare_latency`), their runs are interleaved
 (A, B, A, B...) so that a machine that slows down or speeds up during the
 measurement affects every model alike; ratios measured that way are far
-steadier than those of back-to-back runs.
+steadier than those of back-to-back runs. :func:`time_calls` times any
+zero-argument calls the same way (an ONNX Runtime session beside its model).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -57,29 +59,43 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs, device: str
                     threads: int | None = None, repeats: int = 30, warmup: int = 5) -> dict[str, Latency]:
     """:func:`measure_latency` for several models, their runs interleaved."""
     target = _device(device)
+    _check_counts(repeats, warmup, threads)
+    inputs = tuple(x.to(target) if isinstance(x, torch.Tensor) else x for x in as_inputs(example_inputs))
+    placed = {name: _placed(m, target) for name, m in models.items()}
+    return time_calls({name: functools.partial(m, *inputs) for name, m in placed.items()}, device, threads,
+                      repeats, warmup)
+
+
+def time_calls(calls: Mapping[str, Callable[[], object]], device: str = "cpu", threads: int | None = None,
+               repeats: int = 30, warmup: int = 5) -> dict[str, Latency]:
+    """Median and spread of each zero-argument call, their runs interleaved as in :func:`compare_latency`
+    (under ``torch.inference_mode``; ``device`` is the one to synchronise after each call)."""
+    target = _device(device)
+    _check_counts(repeats, warmup, threads)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    with _threads(threads) as used, torch.inference_mode():
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        _sync(target)
+        names = list(calls)
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+            for name in order:
+                start = time.perf_counter()
+                calls[name]()
+                _sync(target)
+                samples[name].append(time.perf_counter() - start)
+    return {name: _summary(s, str(target), used) for name, s in samples.items()}
+
+
+def _check_counts(repeats, warmup, threads) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise PrunekitError(f"repeats must be a whole number of at least 1, got {repeats!r}.")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise PrunekitError(f"warmup must be a whole number of at least 0, got {warmup!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise PrunekitError(f"threads must be a whole number of at least 1, got {threads!r}.")
-    inputs = tuple(x.to(target) if isinstance(x, torch.Tensor) else x for x in as_inputs(example_inputs))
-    placed = {name: _placed(m, target) for name, m in models.items()}
-    samples: dict[str, list[float]] = {name: [] for name in placed}
-    with _threads(threads) as used, torch.inference_mode():
-        for _ in range(warmup):
-            for model in placed.values():
-                model(*inputs)
-        _sync(target)
-        names = list(placed)
-        for r in range(repeats):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-            for name in order:
-                start = time.perf_counter()
-                placed[name](*inputs)
-                _sync(target)
-                samples[name].append(time.perf_counter() - start)
-    return {name: _summary(s, str(target), used) for name, s in samples.items()}
 
 
 def _summary(samples: list[float], device: str, threads: int) -> Latency:

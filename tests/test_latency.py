@@ -48,3 +48,12 @@ def test_bad_arguments_are_one_sentence(kwargs, match):
 def test_cuda_without_a_gpu_is_one_sentence():
     with pytest.raises(prunekit.PrunekitError, match="no CUDA device"):
         measure_latency(_model(), torch.randn(1, 3, 8, 8), device="cuda")
+
+
+def test_time_calls_times_any_zero_argument_calls_interleaved():
+    from prunekit.latency import time_calls
+
+    seen = []
+    result = time_calls({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, repeats=4, warmup=1)
+    assert set(result) == {"a", "b"} and all(r.repeats == 4 and r.median >= 0 for r in result.values())
+    assert seen[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after the warm-up, who goes first rotates

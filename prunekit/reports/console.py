@@ -232,3 +232,52 @@ def render_tracing(data: dict, console) -> None:
                            f"{f['reason']}{where}; {f['pinned_channels']} channels pinned.", "yellow"))
     for note in data.get("notes", []):
         console.print(_txt(f"Note: {note}.", "dim"))
+
+
+def render_export_report(data: dict, console) -> None:
+    """Draw :meth:`prunekit.export.ExportResult.as_dict` data: what was written, the check, the timings."""
+    from rich import box
+    from rich.table import Table
+
+    batch = "dynamic batch" if data["dynamic_batch"] else "fixed batch"
+    opset = f", opset {data['opset']}" if data["opset"] else ""
+    console.print(_txt(f"Wrote {data['path']} ({data['exporter']} exporter{opset}, {batch}; "
+                       f"input {_inputs_text(data['input_shapes'])})."))
+    if data["fallback_reason"]:
+        console.print(_txt(f"The dynamo exporter was not used: {data['fallback_reason']}.", "yellow"))
+    if data["checked"]:
+        n = len(data["outputs"])
+        first = data["input_shapes"][0][0] if data["input_shapes"][0] else 1
+        batches = f"batch sizes {first} and {first + 1}" if data["dynamic_batch"] else f"batch size {first}"
+        console.print(_txt(f"Check: ONNX Runtime matches PyTorch on {n} output{'s' if n != 1 else ''} at {batches} "
+                           f"(largest difference {data['max_abs_diff']:.2g}).", "green"))
+    elif data["skipped"]:
+        console.print(_txt(f"Check skipped: {data['skipped']}."))
+    else:
+        console.print(_txt("Check skipped (--no-check)."))
+    pt, ort = data["pytorch_latency"], data["onnxruntime_latency"]
+    if pt is None or ort is None:
+        return
+    table = Table(box=box.SIMPLE_HEAD, title="Latency per forward pass (median of interleaved runs)",
+                  title_justify="left")
+    table.add_column("Runtime")
+    table.add_column("median ms", justify="right")
+    table.add_column("spread ms (IQR)", justify="right")
+    table.add_column("speed-up", justify="right")
+    for name, lat in (("PyTorch", pt), ("ONNX Runtime", ort)):
+        speedup = pt["median"] / lat["median"] if lat["median"] else None
+        table.add_row(name, f"{1e3 * lat['median']:.3f}", f"{1e3 * lat['spread']:.3f}",
+                      _ratio_speedup(speedup))
+    console.print(table)
+    v = data["versions"]
+    console.print(_txt(f"{pt['device'].upper()}, {pt['threads']} thread{'s' if pt['threads'] != 1 else ''}, "
+                       f"{pt['repeats']} runs each; torch {v['torch']}, onnxruntime {v['onnxruntime']}.", "dim"))
+
+
+def _ratio_speedup(r: float | None):
+    from rich.text import Text
+
+    if r is None:
+        return Text("-", style="dim")
+    style = "dim" if math.isclose(r, 1.0, rel_tol=0.02) else ("green" if r > 1 else "yellow")
+    return Text(f"{r:.2f}x", style=style)
