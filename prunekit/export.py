@@ -23,6 +23,7 @@ timed, interleaved (:func:`prunekit.latency.time_calls`), with the same threads.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import io
 import os
@@ -205,9 +206,7 @@ def _dynamo_available() -> str | None:
     """None when torch.onnx's dynamo exporter can run here, else why not."""
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
         return f"torch {torch.__version__} has no dynamo ONNX exporter (torch >= 2.5 has)"
-    try:
-        import onnxscript  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxscript") is None:
         return f"the dynamo exporter needs onnxscript, which is not installed ({INSTALL_HINT})"
     return None
 
