@@ -117,6 +117,7 @@ class Config:
     schedule: Schedule = field(default_factory=Schedule)
     data: Data = field(default_factory=Data)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    device: str = "auto"  # where calibration, fine-tuning and validation run: auto (CUDA when there is one) | cpu | cuda[:N]
     validate: Optional[str] = None  # package.module:fn(model) -> float, higher is better
     keep_best: int = 3
     seed: int = 0

@@ -33,6 +33,7 @@ from .checks import check_labels, check_leaf_modules, guard_scorer, warn_unmatch
 from .config import Config, load_config, to_dict
 from .costs import CostModel
 from .data import load_batches
+from .data.devices import on_device, placed, resolve_device, to_device
 from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
 from .graphs.graph import as_inputs
@@ -102,6 +103,7 @@ class _Run:
                  progress: bool, input_files=()):
         self.config = cfg = load_config(config)
         self.inputs = as_inputs(example_inputs)
+        self.device = resolve_device(cfg.device)
         self.progress = progress
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
@@ -191,7 +193,7 @@ class _Run:
         cfg = self.config.importance
         options = {"norm": cfg.norm, "omega": cfg.omega, "seed": self.config.seed + step, **cfg.kwargs}
         if self.train is not None:
-            options["loss_batches"] = [(b[0], b[1]) for b in self.train]
+            options["loss_batches"] = [to_device((b[0], b[1]), self.device) for b in self.train]
             options["loss_fn"] = lambda out, y: loss_for(self._task(out, y))(main_output(out), y)
         return options
 
@@ -204,22 +206,28 @@ class _Run:
     def tune(self, model: nn.Module, ft, step: int, label: str) -> None:
         if ft is None or ft.iterations <= 0:
             return
-        if self.finetune_fn is not None and ft.function:
-            call_user(self.finetune_fn, "fine-tune function", ft.function, model, self.train, ft.iterations)
-            return
-        finetune(model, self.train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
-                 use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
-                 description=label)
+        with placed(model, self.device):
+            train = on_device(self.train, self.device)
+            if self.finetune_fn is not None and ft.function:
+                call_user(self.finetune_fn, "fine-tune function", ft.function, model, train, ft.iterations)
+                return
+            finetune(model, train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
+                     use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
+                     description=label)
 
     def metric(self, model: nn.Module) -> float | None:
         model.eval()
+        with placed(model, self.device):
+            return self._metric(model)
+
+    def _metric(self, model: nn.Module) -> float | None:
         if self.validate_fn is not None:
             role = "validate function"
             return user_number(call_user(self.validate_fn, role, self.config.validate, model), role,
                                self.config.validate)
         if self.val is not None:
             ft = self.config.schedule.finetune
-            return evaluate(model, self.val, ft.task if ft is not None else "auto")
+            return evaluate(model, on_device(self.val, self.device), ft.task if ft is not None else "auto")
         return None
 
     def identity(self) -> dict:
@@ -346,8 +354,9 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         step += 1
         _seed(cfg.seed + step)
         started = time.perf_counter()
-        scores = score_units(current, graph, run.scorer, run.calibration_inputs(), run.scoring_options(step),
-                             cfg.importance.combine, cfg.importance.normalize)
+        with placed(current, run.device):
+            scores = score_units(current, graph, run.scorer, on_device(run.calibration_inputs(), run.device),
+                                 run.scoring_options(step), cfg.importance.combine, cfg.importance.normalize)
         predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
         if predicted is not None and cfg.targets.latency is not None:
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first
