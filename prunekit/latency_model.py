@@ -31,7 +31,8 @@ from .surgery import apply_removal
 
 TABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                 nn.Linear)
-FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.125)
+FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+TABLE_SECONDS = 0.05  # per grid point: fewer repeats for slow layers (at least 3)
 ALIGNMENTS = (32, 16, 8, 4, 2)  # candidates for round_to: auto, largest first
 TABLES_FORMAT = 1
 
@@ -136,7 +137,9 @@ def _time_layer(module: nn.Module, shape: tuple, cin: int, cout: int, settings: 
     layer = _layer(module, cin, cout)
     with torch.random.fork_rng(devices=[]):
         x = torch.randn(size)
-    return measure_latency(layer, x, settings.device, settings.threads, settings.repeats, settings.warmup).median
+    first = measure_latency(layer, x, settings.device, settings.threads, repeats=1, warmup=1).median
+    repeats = max(3, min(settings.repeats, int(TABLE_SECONDS / max(first, 1e-6))))
+    return measure_latency(layer, x, settings.device, settings.threads, repeats, warmup=0).median
 
 
 def _measure_table(module: nn.Module, shape: tuple, settings: Settings) -> Table:

@@ -436,7 +436,8 @@ EXTRA_STEPS = 4
 
 def _unreachable(run: _Run, flops: int, params: int) -> str:
     cfg = run.config
+    latency = f", {cfg.targets.latency:.0%} latency" if cfg.targets.latency is not None else ""
     return (f"the per-layer limits stop pruning at {flops / run.flops0:.1%} of the FLOPs and "
             f"{params / run.params0:.1%} of the parameters, short of the targets "
-            f"({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters); "
+            f"({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters{latency}); "
             f"raise limits.default or the per-layer limits to go further.")

@@ -47,7 +47,7 @@ def test_table_interpolates_between_grid_points_and_hits_them_exactly():
 
 
 def test_grid_is_aligned_to_8_for_wide_layers_and_includes_the_full_width():
-    assert lm._grid(64) == [8, 16, 32, 48, 64]
+    assert lm._grid(64) == [16, 32, 48, 64]
     assert lm._grid(37)[-1] == 37 and all(w % 8 == 0 for w in lm._grid(37)[:-1])
     assert lm._grid(3) == [1, 2, 3]
 
