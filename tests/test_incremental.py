@@ -29,7 +29,8 @@ from prunekit.surgery import apply_removal
 NAMES = sorted(ARCHS)
 # battery entries whose trace depends on more than shapes: always traced again
 RETRACED = {"data_branch_top": "real data", "data_branch_module": "opaque leaves", "user_leaf": "real data",
-            "dict_in_out": "real data", "subclassed_layers": "computes with the cut tensor"}
+            "dict_in_out": "real data"}
+THIN = {"groupnorm_residual"}  # its GroupNorms reach one group at both cuts
 
 
 
@@ -97,8 +98,9 @@ def test_derived_graph_equals_a_fresh_trace(name):
     assert reasons
     if name in RETRACED:
         assert all(RETRACED[name] in r for r in reasons), reasons
-    else:  # thin layers of tiny models may reach a boundary
+    else:  # thin layers of tiny models may reach a boundary, but not at every cut
         assert all(r is None or "reached" in r for r in reasons), reasons
+        assert None in reasons or name in THIN, f"{name} was traced again at every cut: {reasons}"
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121", "unet"])
@@ -172,6 +174,29 @@ def test_group_norm_reaching_one_group_is_traced_again():
     assert_same_graph(updated, build_graph(pruned, x), pruned)
 
 
+class BranchOnWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.head = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.a.weight.shape[0] >= 4:  # an output count read from a weight: nothing pins it
+            y = y * 2
+        return self.head(y)
+
+
+def test_a_cut_weight_read_in_code_is_traced_again():
+    model, x = BranchOnWeight().eval(), torch.randn(1, 3, 8, 8)
+    graph = build_graph(model, x)
+    removed = graph.removal_mask(graph.units_for({"a": [0, 1, 2]}))
+    pruned = apply_removal(model, graph, removed)
+    updated = updated_graph(graph, removed, pruned, x)
+    assert "computes with the cut tensor 'a.weight'" in updated.retraced
+    assert_same_graph(updated, build_graph(pruned, x), pruned)
+
+
 def test_derivation_can_be_switched_off(monkeypatch):
     model, arch = build("zoo_resnet_small")
     x = example(arch)
@@ -193,7 +218,7 @@ def _prune(model, x, config):
         return f"{type(exc).__name__}: {exc}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in RETRACED])  # those trace at every step anyway
 def test_loop_result_is_the_one_of_a_loop_that_traces_every_step(name, monkeypatch):
     model, arch = build(name)
     x = example(arch)

@@ -25,7 +25,8 @@ make a fresh trace decide differently. Then the graph is traced again and
 - a grouped convolution reaches one channel per group on a side: channel j
   of every group leaving together becomes whole groups leaving;
 - an opaque op whose input shrank (its FLOPs were counted by fvcore on the
-  old shapes);
+  old shapes), or code that reads a cut weight other than as a layer's
+  weight or for a size the cut kept (``if self.conv.weight.shape[0] > 4``);
 - the trace depended on more than shapes: opaque fallback leaves, real data
   (an op without a meta kernel, a read of tensor data), or notes (a branch on
   data, a train mode that did not run): the weights the cut changed could
@@ -35,12 +36,14 @@ make a fresh trace decide differently. Then the graph is traced again and
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Iterable
 
 import numpy as np
 from torch import fx, nn
 
 from ..ops import layer_spec, spec_for
+from ..ops.op import _shape_dims as shape_dims
 from ..ops.layers import conv_grouping
 from .graph import ChannelGraph, build_graph, tensor_shapes, width_attributes
 from .state import Chan
@@ -80,9 +83,8 @@ def obstacle(graph: ChannelGraph, removed: np.ndarray, pruned: nn.Module) -> str
         return f"the trace was specialised: {graph.notes[0]}"
     if (removed & graph.pinned).any():
         return "pinned channels were removed"
-    layers = dict(pruned.named_modules())
     for name, before in graph.original_attrs.items():
-        module = layers[name]
+        module = pruned.get_submodule(name)
         spec = layer_spec(module)
         after = {a: getattr(module, a) for a in spec.widths}
         for attr, old in before.items():
@@ -108,7 +110,7 @@ def derive(graph: ChannelGraph, removed: np.ndarray, pruned: nn.Module) -> Chann
         for node in fx_graph.nodes:
             if node.op == "get_attr" and shapes.get(node.target, node.meta.get("prunekit_shape")) \
                     != node.meta.get("prunekit_shape"):
-                kept_atom[_cut_constant(node, shapes[node.target])] = False
+                kept_atom[_cut_constant(node, node.meta["prunekit_shape"], shapes[node.target])] = False
     gone = graph.unit_of_atom[~kept_atom]
     if (np.bincount(graph.unit_of_atom, minlength=graph.num_units)[gone] != 1).any():
         raise _Retrace("a cut weight's channels are coupled to others")
@@ -141,17 +143,37 @@ def derive(graph: ChannelGraph, removed: np.ndarray, pruned: nn.Module) -> Chann
     return derived
 
 
-def _cut_constant(node: fx.Node, shape: tuple) -> list[int]:
-    """The atoms of a get_attr node that a fresh trace of the smaller tensor would not create."""
+def _cut_constant(node: fx.Node, before: tuple, after: tuple) -> list[int]:
+    """The atoms of a get_attr node that a fresh trace of the smaller tensor would not create.
+
+    Its users must read it as a weight (a functional op's tensor argument) or read only sizes the
+    cut left alone (``self.weight.shape[-1]``); anything else computes with the cut tensor.
+    """
+    changed = {d for d, (b, a) in enumerate(zip(before, after)) if b != a}
     for user in node.users:
-        spec = spec_for(user, None) if user.op == "call_function" else None
-        positions = set((spec.params or {}).values()) if spec is not None else set()
-        keys = set(spec.params or {}) if spec is not None else set()
-        if not any(a is node for i, a in enumerate(user.args) if i in positions) and \
-                not any(v is node for k, v in user.kwargs.items() if k in keys):
+        if not (_as_weight(user, node) or changed.isdisjoint(_dims_read(user, len(before)))):
             raise _Retrace(f"'{user.name}' computes with the cut tensor '{node.target}'")
     chan = node.meta.get("prunekit_chan")
-    return list(chan.atoms[shape[chan.dim]:]) if isinstance(chan, Chan) and chan.dim < len(shape) else []
+    return list(chan.atoms[after[chan.dim]:]) if isinstance(chan, Chan) and chan.dim < len(after) else []
+
+
+def _as_weight(user: fx.Node, node: fx.Node) -> bool:
+    spec = spec_for(user, None) if user.op == "call_function" else None
+    params = (spec.params or {}) if spec is not None else {}
+    return any(a is node for i, a in enumerate(user.args) if i in params.values()) or \
+        any(v is node for k, v in user.kwargs.items() if k in params)
+
+
+def _dims_read(user: fx.Node, ndim: int) -> set[int]:
+    """The dims of its input whose sizes ``user`` reads: all of them unless it is a size query whose
+    result is only indexed (``w.shape[-1]``, ``w.size(2)``)."""
+    read = shape_dims(user)
+    if read is None:
+        return set(range(ndim))
+    if user.users and all(u.op == "call_function" and u.target is operator.getitem and shape_dims(u)
+                          for u in user.users):
+        return set().union(*(shape_dims(u)[1] for u in user.users))
+    return read[1]
 
 
 def _groups_after(kind: str, groups: int, in_units: np.ndarray, kept_unit: np.ndarray) -> int:
