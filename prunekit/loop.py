@@ -35,7 +35,7 @@ from .costs import CostModel
 from .data import load_batches
 from .data.devices import on_device, placed, resolve_device, to_device
 from .errors import PrunekitError, PrunekitWarning
-from .graphs import build_graph
+from .graphs import build_graph, updated_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment
@@ -338,8 +338,13 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         run.log(f"resuming after step {step}")
     message = ""
     graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
+    cut = None  # (graph, removed units) of the last step: the next graph is derived from them
     while True:
-        if graph is None:
+        if graph is None and cut is not None:
+            graph = updated_graph(*cut, current, run.inputs, cfg.model.leaf_modules)
+            if graph.retraced:
+                run.log(f"traced again after step {step}: {graph.retraced}")
+        elif graph is None:
             graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
         costs = CostModel(current, graph)
         flops, params = costs.flops(), costs.params()
@@ -366,7 +371,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             step -= 1
             message = _unreachable(run, flops, params)
             break
-        current = apply_removal(current, graph, graph.removal_mask(plan.units))
+        cut = (graph, graph.removal_mask(plan.units))
+        current = apply_removal(current, *cut)
         graph = None
         run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
         metric = run.metric(current)

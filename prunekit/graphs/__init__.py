@@ -11,7 +11,7 @@ import importlib
 
 _EXPORTS = {
     "ChannelGraph": ".graph", "Group": ".graph", "Pin": ".graph", "PinnedChannelError": ".graph",
-    "build_graph": ".graph", "UntraceableModelError": ".trace",
+    "build_graph": ".graph", "UntraceableModelError": ".trace", "updated_graph": ".update",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -80,6 +80,8 @@ class ChannelGraph:
         # what was specialised to the example input (branches on data at the top level)
         self.fallbacks: list[Fallback] = list(dict.fromkeys(f for t in traces for f in t.fallbacks))
         self.notes: list[str] = list(dict.fromkeys(n for t in traces for n in t.notes))
+        self.real_data = any(not t.meta for t in traces)  # some values were computed from the weights
+        self.retraced: str | None = None  # why this graph was traced again instead of derived (see update.py)
         self.grouping = dict(state.grouping)
         roots = np.asarray(state.parent, dtype=np.int64)
         while True:  # pointer jumping: every atom ends at its class's root
@@ -94,21 +96,17 @@ class ChannelGraph:
             self.unit_pin.setdefault(int(self.unit_of_atom[atom]), reason)
         self.pinned = np.zeros(self.num_units, dtype=bool)
         self.pinned[list(self.unit_pin)] = True
-        self._state = state
+        # pinned atom -> (where it comes from, why): what `pins` reports
+        self.pinned_atoms = {atom: (state.source[atom][0], reason) for atom, reason in state.pin_reason.items()}
 
         self.producers: dict[str, np.ndarray] = self._units(state.producers)
         self.producer_kind = dict(state.producer_kind)
         self.producer_weight = dict(state.producer_weight)
         self.slices: dict[tuple[str, int], np.ndarray] = self._units(state.slices)
         self.widths: dict[tuple[str, str], np.ndarray] = self._units(state.widths)
-        modules = traces[0].modules  # the traced copy's layers: same names, same attributes
-        self.original_attrs = {
-            name: {a: getattr(m, a) for a in spec.widths}
-            for (name, _role) in self.widths for m in [modules.get(name) or model.get_submodule(name)]
-            for spec in [layer_spec(m)] if spec is not None
-        }
-        self.tensor_shapes = {name: tuple(t.shape) for name, t in
-                              list(model.named_parameters()) + list(model.named_buffers())}
+        # the traced copy's layers: same names, same attributes
+        self.original_attrs = width_attributes(model, self.widths, traces[0].modules)
+        self.tensor_shapes = tensor_shapes(model)
 
     def _units(self, table: dict) -> dict:
         """Each atom vector of ``table`` as unit ids, converted in one pass (many small arrays are slow)."""
@@ -209,21 +207,34 @@ class ChannelGraph:
 
     @property
     def pins(self) -> list[Pin]:
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        for atom, reason in self._state.pin_reason.items():
-            counts[(self._state.source[atom][0], reason)] += 1
+        counts = Counter(self.pinned_atoms.values())
         return [Pin(src, n, reason) for (src, reason), n in sorted(counts.items())]
 
     def fallback_cost(self, fallback: Fallback) -> int:
         """How many channels a fallback leaf pinned (those not pinned for another reason first)."""
         where = f"'{fallback.module}'" if fallback.module else "(the whole model)"
         reason = f"{UNTRACEABLE} ({fallback.type} {where})"
-        return sum(1 for r in self._state.pin_reason.values() if r == reason)
+        return sum(1 for _source, r in self.pinned_atoms.values() if r == reason)
 
     def __repr__(self) -> str:
         prunable = int((~self.pinned).sum())
         return (f"ChannelGraph({len(self.producers)} producers, {self.num_units} units, "
                 f"{prunable} prunable, {len(self.groups)} groups)")
+
+
+def width_attributes(model: nn.Module, widths: Mapping[tuple[str, str], object],
+                     modules: Mapping[str, nn.Module] | None = None) -> dict[str, dict[str, int]]:
+    """The size attributes (in_channels, groups, num_features...) of every layer a cut resizes."""
+    modules = modules or {}
+    return {
+        name: {a: getattr(m, a) for a in spec.widths}
+        for (name, _role) in widths for m in [modules.get(name) or model.get_submodule(name)]
+        for spec in [layer_spec(m)] if spec is not None
+    }
+
+
+def tensor_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in list(model.named_parameters()) + list(model.named_buffers())}
 
 
 def _granularity(name: str, kind: str, groups: int) -> str:

@@ -39,17 +39,18 @@ def _conv_core(op: Op, name: str, weight: torch.Tensor, has_bias: bool, groups: 
     out_dim_w, in_dim_w = (1, 0) if transposed else (0, 1)
     kind = "conv_transpose" if transposed else "conv"
     cin_g, cout_g = cin // groups, cout // groups
-    if groups == 1:
+    grouping = conv_grouping(groups, cin, cout)
+    if grouping is None:
         out_atoms = state.producer_atoms(name, cout, kind, (weight_name, out_dim_w))
         state.add_slice(weight_name, in_dim_w, in_atoms)
         state.add_slice(weight_name, out_dim_w, out_atoms)
-    elif groups == cin == cout:
+    elif grouping == "depthwise":
         # depthwise: each channel keeps its unit, and this layer owns a filter of it
         out_atoms = in_atoms
         state.shared_producer(name, in_atoms, "depthwise", (weight_name, 0))
         state.add_slice(weight_name, 0, in_atoms)
         state.grouping[name] = ("depthwise", groups)
-    elif cin_g > 1 and cout_g > 1:
+    elif grouping == "positions":
         # grouped: channel j of every group leaves together, so the groups stay and each shrinks
         out_atoms = state.producer_atoms(name, cout, kind, (weight_name, out_dim_w))
         for atoms, size in ((in_atoms, cin_g), (out_atoms, cout_g)):
@@ -73,6 +74,16 @@ def _conv_core(op: Op, name: str, weight: torch.Tensor, has_bias: bool, groups: 
         state.add_width(name, "in", in_atoms)
         state.add_width(name, "out", out_atoms)
     return Chan(1, out_atoms)
+
+
+def conv_grouping(groups: int, cin: int, cout: int) -> str | None:
+    """How a convolution's channels are cut: None (one group), "depthwise", "positions" (channel j of
+    every group: the groups stay) or "whole" (one channel per group on a side: whole groups leave)."""
+    if groups == 1:
+        return None
+    if groups == cin == cout:
+        return "depthwise"
+    return "positions" if cin // groups > 1 and cout // groups > 1 else "whole"
 
 
 def _hooked_weight(m: nn.Module) -> bool:
