@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils._pytree
 from torch import nn
 
 from . import rundir
@@ -120,7 +121,8 @@ class _Run:
         check_leaf_modules(model, cfg.model.leaf_modules)
         warn_unmatched_limits(model, cfg.limits.layers)
         check_finite_weights(model)
-        for tensor in self.inputs:
+        self.input_tensors = [t for t in torch.utils._pytree.tree_leaves(self.inputs) if isinstance(t, torch.Tensor)]
+        for tensor in self.input_tensors:
             check_input_memory(tuple(tensor.shape), "example input shape")
         self.scorer = resolve_scorer(cfg.importance.method)
         if not (isinstance(cfg.importance.method, str) and cfg.importance.method in SCORERS):
@@ -131,7 +133,7 @@ class _Run:
         for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune):
             if ft is not None and ft.function:
                 self.finetune_fn, self.finetune_name = resolve_callable(ft.function), ft.function
-        shape = cfg.input_shape or list(self.inputs[0].shape)
+        shape = cfg.input_shape or (list(self.input_tensors[0].shape) if self.input_tensors else None)
         check_input_memory(shape, "input_shape")
         self.calibration = load_batches(cfg.data.calibration, shape, "calibration")
         self.train = load_batches(cfg.data.train, shape, "train")
@@ -232,7 +234,8 @@ class _Run:
 
     def identity(self) -> dict:
         """What a checkpoint must match to be resumed: the config and example input, and the weights."""
-        text = json.dumps([to_dict(self.config), [list(t.shape) for t in self.inputs]], sort_keys=True, default=str)
+        text = json.dumps([to_dict(self.config), [list(t.shape) for t in self.input_tensors]], sort_keys=True,
+                          default=str)
         return {"fingerprint": hashlib.sha256(text.encode()).hexdigest()[:16], "model_hash": self.model_hash}
 
     def log(self, text: str) -> None:
@@ -420,7 +423,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         best_step=best_step, config=cfg,
         manifest={"format": MANIFEST_FORMAT, "builder": builder or cfg.model.builder,
                   "kwargs": builder_kwargs if builder_kwargs is not None else cfg.model.kwargs,
-                  "input_shape": list(run.inputs[0].shape),
+                  "input_shape": list(run.inputs[0].shape) if isinstance(run.inputs[0], torch.Tensor) else None,
                   "modules": width_changes(run.original_widths, model_out)},
         run_dir=run.run_dir,
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],

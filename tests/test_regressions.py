@@ -542,3 +542,34 @@ def test_a_whole_model_fallback_names_the_model_briefly_and_counts_its_cost():
     (fallback,) = graph.fallbacks
     assert fallback.module == "" and graph.fallback_cost(fallback) > 0
     assert all(len(reason) < 120 for reason in graph.unit_pin.values())
+
+
+def test_filter_norms_of_a_grouped_transposed_conv_read_each_output_channels_own_weights():
+    # the weight of ConvTranspose2d(8, 8, groups=2) is (in, out / groups, ...): l1 once saw 4 filters, not 8
+    from prunekit.importance.weights import filter_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 1)).eval()
+    graph = prunekit.build_graph(model, torch.randn(1, 3, 8, 8))
+    rows, weight = filter_weights(model, graph, "2"), model[2].weight
+    for o in range(8):
+        group, j = divmod(o, 4)
+        assert torch.equal(rows[o], weight[group * 4:(group + 1) * 4, j].flatten())
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv3d", "transpose2d", "dict_in_out"])
+def test_prune_runs_on_grouped_transposed_convs_and_dict_inputs(name, tmp_path):
+    # l1 failed on grouped transposed convs; prune read .shape of a dict input
+    from archs import build
+
+    model, arch = build(name)
+    example = arch.inputs(1)
+    result = prunekit.prune(model, example, {"importance": {"method": "l1"}}, run_dir=tmp_path / "run",
+                            progress=False)
+    assert result.final["flops"] < result.original["flops"]
+    with torch.no_grad():
+        want, got = model(*example), result.model(*example)
+    shapes = lambda out: [t.shape for t in torch.utils._pytree.tree_leaves(out)]  # noqa: E731
+    assert shapes(got) == shapes(want)

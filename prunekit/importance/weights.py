@@ -13,7 +13,13 @@ def filter_weights(model: nn.Module, graph: ChannelGraph, name: str) -> torch.Te
     """The producer's filters as rows: (out channels, everything else)."""
     weight_name, out_dim = graph.producer_weight[name]
     weight = model.get_parameter(weight_name).detach()
-    return weight.transpose(0, out_dim).flatten(1) if out_dim else weight.flatten(1)
+    if not out_dim:
+        return weight.flatten(1)
+    groups = len(graph.producers[name]) // weight.shape[out_dim]
+    if groups > 1:  # a grouped transposed conv: (in, out / groups, ...) holds group g's inputs in block g of dim 0
+        per_group = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+        return per_group.transpose(1, 2).reshape(len(graph.producers[name]), -1)
+    return weight.transpose(0, out_dim).flatten(1)
 
 
 def filter_norms(model: nn.Module, graph: ChannelGraph, p: int) -> dict[str, torch.Tensor]:
