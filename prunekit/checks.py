@@ -2,7 +2,8 @@
 
 Each raises one :class:`~prunekit.errors.PrunekitError` sentence: leaf modules the
 model does not have, labels the model cannot predict, a model that cannot run its
-data; :func:`weights_hash` identifies the model a checkpoint was started from, and
+data, a data-driven criterion without data (:func:`calibration_source`);
+:func:`weights_hash` identifies the model a checkpoint was started from, and
 :func:`guard_scorer` puts a user's scorer behind the error boundary.
 """
 
@@ -22,8 +23,40 @@ from .data import DataError
 from .errors import PrunekitError, UserFunctionError
 from .safety import call_user, first_line
 from .data.trainer import main_output
+from .importance import SCORERS
 
-__all__ = ["check_leaf_modules", "check_labels", "warn_unmatched_limits", "weights_hash", "guard_scorer"]
+__all__ = ["DATA_DRIVEN", "calibration_source", "check_leaf_modules", "check_labels", "warn_unmatched_limits",
+           "weights_hash", "guard_scorer"]
+
+# criteria that score filters by running data through the model: they never calibrate on noise unasked
+DATA_DRIVEN = ("ipad", "taylor")
+
+
+def calibration_source(config) -> str | None:
+    """What a run calibrates on: ``"data.calibration"``, ``"data.train"`` (its fallback), ``"random"``
+    (``data.calibration: random``, asked for), ``"example input"`` (a custom scorer without data), or
+    None (a built-in criterion that reads only the weights). A data-driven criterion without data is an
+    error naming the key to add."""
+    method, data = config.importance.method, config.data
+    if data.calibration == "random":
+        return "random"
+    source = "data.calibration" if data.calibration is not None else "data.train" if data.train is not None else None
+    if method == "taylor" and data.train is None:
+        from .yamlfile import ConfigError
+
+        raise ConfigError("importance method 'taylor' needs a loss: set data.train (images with masks or labels, "
+                          "or a factory of (input, target) batches).", key="data.train")
+    if isinstance(method, str) and method in DATA_DRIVEN:
+        if source is None:
+            from .yamlfile import ConfigError
+
+            raise ConfigError(f"importance method '{method}' scores filters by running data through the model, but "
+                              "the config has no data: set data.calibration (an image folder or a factory), or "
+                              "data.calibration: random to calibrate on random inputs.", key="data.calibration")
+        return source
+    if isinstance(method, str) and method in SCORERS:
+        return None
+    return source or "example input"
 
 
 def check_leaf_modules(model: nn.Module, leaves, key: str = "model.leaf_modules") -> None:

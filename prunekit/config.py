@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import difflib
 import types
 import typing
@@ -89,11 +90,24 @@ class Schedule:
     final_finetune: Optional[Finetune] = None  # once more after the last step
 
 
+# named mean/std presets for data.<source>.normalize, for pixels scaled to [0, 1]
+NORMALIZE_PRESETS = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
+
+
+@dataclass
+class Normalize:
+    mean: list  # one value per channel, or one for all, of pixels scaled to [0, 1]
+    std: list
+
+
 @dataclass
 class DataSource:
-    images: Optional[str] = None  # folder of images
-    masks: Optional[str] = None  # folder of masks, same file stems (segmentation)
+    images: Optional[str] = None  # folder of images, or of class sub-folders (images/<class>/*.png)
+    masks: Optional[str] = None  # folder of masks with the images' file stems (segmentation)
     labels: Optional[str] = None  # CSV of file,label (classification)
+    size: Optional[list] = None  # [H, W]: resize images (and masks) to this; without it sizes must match
+    normalize: Union[Normalize, Literal[tuple(NORMALIZE_PRESETS)], None] = None  # {mean, std} or a preset
+    workers: int = 0  # DataLoader worker processes reading the images
     factory: Optional[str] = None  # package.module:fn(**kwargs) -> DataLoader or iterable of batches
     kwargs: dict = field(default_factory=dict)
     batch_size: int = 8
@@ -102,9 +116,11 @@ class DataSource:
 
 @dataclass
 class Data:
-    calibration: Optional[DataSource] = None
+    # random: calibrate a data-driven criterion (ipad) on random inputs, by choice
+    calibration: Union[DataSource, Literal["random"], None] = None
     train: Optional[DataSource] = None
     val: Optional[DataSource] = None
+    root: Optional[str] = None  # relative data paths start here; default: the config file's folder (else cwd)
 
 
 @dataclass
@@ -160,6 +176,16 @@ for _prefix in ("schedule.finetune", "schedule.final_finetune"):
 for _prefix in ("data.calibration", "data.train", "data.val"):
     _CHECKS[f"{_prefix}.batch_size"] = (lambda v: v >= 1, "an integer >= 1")
     _CHECKS[f"{_prefix}.limit"] = (lambda v: v >= 1, "an integer >= 1 (or null for all batches)")
+    _CHECKS[f"{_prefix}.workers"] = (lambda v: 0 <= v <= 256, "an integer in [0, 256]")
+    _CHECKS[f"{_prefix}.size"] = (lambda v: len(v) == 2 and all(isinstance(d, int) and not isinstance(d, bool)
+                                                                 and 0 < d < 2**16 for d in v),
+                                  "[height, width], two positive integers")
+    for _part in ("mean", "std"):
+        _CHECKS[f"{_prefix}.normalize.{_part}"] = (
+            lambda v, part=_part: 0 < len(v) <= 4 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (part == "mean" or x > 0) for x in v),
+            "a list of 1 to 4 finite numbers" + (", each above 0" if _part == "std" else ""))
 
 
 def _type_name(tp) -> str:
@@ -191,6 +217,11 @@ def _convert(value, tp, path: str):
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
+        tried = [o for o in options if o is not type(None)]
+        if isinstance(value, dict):  # a mapping is meant as the option that is one: keep its precise error
+            for option, error in zip(tried, errors):
+                if dataclasses.is_dataclass(option):
+                    raise error
         raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -255,12 +286,16 @@ def load_config(source) -> Config:
 
     A Config built in code is checked exactly as YAML is (``Limits(default=2.0)``
     is refused the same way), so each rule and each default lives in one place.
+    A YAML file's relative data paths start at the file's folder (``data.root``, itself relative
+    to that folder when set); those of a dict or Config at the current directory.
     """
+    folder = None
     if isinstance(source, Config):
         raw = _as_raw(source)
     elif isinstance(source, (str, Path)):
         raw = read_yaml(source)
         raw = {} if raw is None else raw
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(source)))
     elif isinstance(source, dict):
         raw = source
     else:
@@ -270,7 +305,39 @@ def load_config(source) -> Config:
     config = _build(Config, raw)
     _check_limits(config)
     _check_targets(config.targets)
+    _check_data(config.data)
+    if folder is not None:
+        root = config.data.root
+        config.data.root = os.path.normpath(os.path.join(folder, os.path.expanduser(root))) if root else folder
     return config
+
+
+def _check_data(data: Data) -> None:
+    """Keys of a data source that do not go together: one sentence naming them."""
+    for what in ("calibration", "train", "val"):
+        src = getattr(data, what)
+        if not isinstance(src, DataSource):
+            continue
+        key = f"data.{what}"
+        if src.images and src.factory:
+            raise ConfigError(f"config key '{key}' sets both images and factory; use one.", key=f"{key}.factory")
+        if not src.images and not src.factory:
+            raise ConfigError(f"config key '{key}' needs images (a folder) or factory (package.module:fn).",
+                              key=f"{key}.images")
+        if src.masks and src.labels:
+            raise ConfigError(f"config key '{key}' sets both masks (segmentation) and labels (classification); "
+                              "use one.", key=f"{key}.labels")
+        folder_only = [k for k in ("masks", "labels", "size", "normalize", "workers") if getattr(src, k)]
+        if src.factory and folder_only:
+            raise ConfigError(f"config key '{key}.{folder_only[0]}' applies to an image folder; a factory's batches "
+                              "are used as they are.", key=f"{key}.{folder_only[0]}")
+        if src.images and src.kwargs:
+            raise ConfigError(f"config key '{key}.kwargs' applies to a factory, not to an image folder.",
+                              key=f"{key}.kwargs")
+        norm = src.normalize
+        if isinstance(norm, Normalize) and len(norm.mean) != len(norm.std) and 1 not in (len(norm.mean), len(norm.std)):
+            raise ConfigError(f"config key '{key}.normalize' has {len(norm.mean)} means and {len(norm.std)} "
+                              "standard deviations; give one per channel (or one for all).", key=f"{key}.normalize")
 
 
 def _check_targets(targets: Targets) -> None:

@@ -30,10 +30,11 @@ from torch import nn
 
 from . import rundir
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
-from .checks import check_labels, check_leaf_modules, guard_scorer, warn_unmatched_limits, weights_hash
+from .checks import calibration_source, check_labels, check_leaf_modules, guard_scorer, warn_unmatched_limits, \
+    weights_hash
 from .config import Config, load_config, to_dict
 from .costs import CostModel
-from .data import load_batches
+from .data import data_paths, first_input, load_batches, random_batches
 from .data.devices import on_device, placed, resolve_device, to_device
 from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph, updated_graph
@@ -78,6 +79,9 @@ class PruneResult:
     run_dir: Path | None = None
     candidates: list[dict] = field(default_factory=list)
     latency: dict | None = None  # the original's and the pruned model's measured latency, and where
+    # what the importance scores were calibrated on: "data.calibration", "data.train", "random" (asked for
+    # with data.calibration: random), "example input" (a custom scorer without data), None (weights only)
+    calibration: str | None = None
 
 
 @dataclass
@@ -109,9 +113,8 @@ class _Run:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         self.mode = None
-        data_paths = [getattr(src, key) for src in (cfg.data.calibration, cfg.data.train, cfg.data.val)
-                      if src is not None for key in ("images", "masks", "labels") if getattr(src, key)]
-        self.input_files = [*input_files, *data_paths]
+        self.calibration_from = calibration_source(cfg)  # a data-driven criterion without data stops here
+        self.input_files = [*input_files, *data_paths(cfg.data)]
         if self.run_dir is not None:  # the directory is checked first: nothing runs for a run that cannot be written
             self.mode = rundir.plan(self.run_dir, resume, force, self.input_files)
         elif resume:
@@ -135,9 +138,11 @@ class _Run:
                 self.finetune_fn, self.finetune_name = resolve_callable(ft.function), ft.function
         shape = cfg.input_shape or (list(self.input_tensors[0].shape) if self.input_tensors else None)
         check_input_memory(shape, "input_shape")
-        self.calibration = load_batches(cfg.data.calibration, shape, "calibration")
-        self.train = load_batches(cfg.data.train, shape, "train")
-        self.val = load_batches(cfg.data.val, shape, "val")
+        root = cfg.data.root
+        self.calibration = random_batches(self.inputs, cfg.seed) if cfg.data.calibration == "random" else \
+            load_batches(cfg.data.calibration, shape, "calibration", root)
+        self.train = load_batches(cfg.data.train, shape, "train", root)
+        self.val = load_batches(cfg.data.val, shape, "val", root)
         wants_training = any(ft is not None and ft.iterations > 0 and not ft.function
                              for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune))
         if wants_training and self.train is None:
@@ -188,14 +193,14 @@ class _Run:
 
     def calibration_inputs(self):
         source = self.calibration or self.train
-        inputs = list(source.inputs()) if source is not None else list(self.inputs)
+        inputs = source.map(first_input) if source is not None else list(self.inputs)  # read lazily, every pass
         return _Shown(inputs, "calibration", self.progress)
 
     def scoring_options(self, step: int) -> dict:
         cfg = self.config.importance
         options = {"norm": cfg.norm, "omega": cfg.omega, "seed": self.config.seed + step, **cfg.kwargs}
         if self.train is not None:
-            options["loss_batches"] = [to_device((b[0], b[1]), self.device) for b in self.train]
+            options["loss_batches"] = self.train.map(lambda b: to_device((b[0], b[1]), self.device))  # lazily
             options["loss_fn"] = lambda out, y: loss_for(self._task(out, y))(main_output(out), y)
         return options
 
@@ -248,12 +253,13 @@ class _Shown:
 
     def __init__(self, items: list, label: str, enabled: bool):
         self.items, self.label, self.enabled = items, label, enabled
+        self.total = len(items) if isinstance(items, list) else items.length  # Batches: None when unknown
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.total
 
     def __iter__(self):
-        with progress_bar(self.label, len(self.items), self.enabled) as advance:
+        with progress_bar(self.label, self.total, self.enabled) as advance:
             for item in self.items:
                 yield item
                 advance()
@@ -428,6 +434,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         run_dir=run.run_dir,
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
         latency=latency,
+        calibration=run.calibration_from,
     )
     if writer is not None:
         from .reports.run import write_outputs

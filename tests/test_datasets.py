@@ -39,7 +39,9 @@ def test_demo_config_is_the_shipped_unet_config():
     from prunekit.demo import CONFIG
 
     assert CONFIG.resolve() == Path("configs/unet.yaml").resolve()
-    assert prunekit.load_config(demo_config()) == prunekit.load_config("configs/unet.yaml")
+    raw = demo_config()
+    from_dict = prunekit.load_config({**raw, "data": {**raw["data"], "root": str(CONFIG.parent)}})
+    assert from_dict == prunekit.load_config("configs/unet.yaml")  # a YAML file's data paths start at its folder
 
 
 @pytest.mark.slow

@@ -1,137 +1,21 @@
-"""Batches for calibration, fine-tuning and validation, from folders or factories.
+"""Batches for calibration, fine-tuning and validation: from image folders (read lazily through a
+DataLoader, see ``folders``), from a factory (any DataLoader or iterable of batches), or random
+inputs when the config asks for them (``data.calibration: random``).
 
-A batch is an input tensor, or a tuple/list whose first element is the input
-(and, for training, whose second is the target). Folder data is read once
-into memory: prunekit's data needs (calibration, short fine-tunes) are small.
+A batch is an input tensor, or a tuple/list whose first element is the input (and, for training
+and validation, whose second is the target).
 """
 
 from __future__ import annotations
 
-import csv
-import re
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import DataSource
-from ..errors import PrunekitError
-from ..safety import call_user, first_line
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
-
-
-class DataError(PrunekitError):
-    """Data that cannot be read or does not fit the model."""
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An image as an (H, W) or (H, W, C) array."""
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            array = np.asarray(tifffile.imread(path))
-        else:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                array = np.asarray(image)
-    except MemoryError:
-        raise DataError(f"cannot read image '{path}': it does not fit in memory.") from None
-    except Exception as exc:  # PIL and tifffile raise many types for bad files
-        raise DataError(f"cannot read image '{path}': {first_line(exc)}.") from None
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] > 4) or array.size == 0:
-        raise DataError(f"image '{path}' has shape {tuple(array.shape)}; prunekit reads 2-D images, grey (H, W) "
-                        "or with up to 4 channels (H, W, C), not stacks or volumes.")
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-            or array.dtype == bool):
-        raise DataError(f"image '{path}' holds {array.dtype} values, not numbers.")
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise DataError(f"image '{path}' holds NaN or infinite values.")
-    return array
-
-
-def to_tensor(image: np.ndarray, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """(C, H, W) float in [0, 1], with the model's channel count and spatial size."""
-    array = image.astype(np.float32)
-    if image.dtype == bool:
-        pass
-    elif np.issubdtype(image.dtype, np.integer):
-        array /= float(np.iinfo(image.dtype).max)
-    elif array.max() > 1:
-        array /= array.max()
-    t = torch.from_numpy(array)
-    t = t[None] if t.dim() == 2 else t.permute(2, 0, 1)
-    if t.shape[0] != channels:
-        t = t[:3].mean(0, keepdim=True).expand(channels, -1, -1) if channels != 3 or t.shape[0] < 3 \
-            else t[:3]
-    if tuple(t.shape[1:]) != tuple(size):
-        t = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0]
-    return t.contiguous()
-
-
-def to_mask(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) class indices; 0/255 masks become 0/1, instance labels become foreground."""
-    array = image if image.ndim == 2 else image[..., 0]
-    values = np.unique(array)
-    if set(values.tolist()) <= {0, 255}:
-        array = (array > 0)
-    elif len(values) > 2 and values.max() > 20:  # instance labels: foreground vs background
-        array = (array > 0)
-    t = torch.from_numpy(array.astype(np.int64))
-    if tuple(t.shape) != tuple(size):
-        t = F.interpolate(t[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    return t
-
-
-def _images(folder: str) -> list[Path]:
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"image folder '{folder}' does not exist.")
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"image folder '{folder}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-    return files
-
-
-def _folder_tensors(source: DataSource, input_shape) -> tuple[torch.Tensor, torch.Tensor | None]:
-    channels, size = input_shape[1], tuple(input_shape[2:])
-    files = _images(source.images)
-    x = torch.stack([to_tensor(read_image(p), channels, size) for p in files])
-    if source.masks:
-        masks = {p.stem: p for p in _images(source.masks)}
-        missing = [p.name for p in files if p.stem not in masks]
-        if missing:
-            raise DataError(f"no mask in '{source.masks}' for image '{missing[0]}' (masks match images by name).")
-        return x, torch.stack([to_mask(read_image(masks[p.stem]), size) for p in files])
-    if source.labels:
-        path = Path(source.labels)
-        if not path.is_file():
-            raise DataError(f"label file '{path}' does not exist.")
-        try:
-            with path.open(newline="", encoding="utf-8") as handle:
-                rows = {r[0].strip(): r[1].strip() for r in csv.reader(handle) if len(r) >= 2}
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(f"label file '{path}' cannot be read as a CSV of file,label: {first_line(exc)}.") \
-                from None
-        names = sorted(set(rows.values()))
-        numeric = [n for n in names if re.fullmatch(r"[+-]?\d+", n)]
-        if numeric and len(numeric) != len(names):
-            raise DataError(f"label file '{path}' mixes numeric labels and names ({numeric[0]!r} and "
-                            f"{next(n for n in names if n not in numeric)!r}); use one kind.")
-        negative = [n for n in numeric if int(n) < 0]
-        if negative:
-            raise DataError(f"label file '{path}' has the negative label {negative[0]}; class labels are 0, 1, ...")
-        lookup = {n: int(n) if numeric else names.index(n) for n in names}
-        missing = [p.name for p in files if p.name not in rows and p.stem not in rows]
-        if missing:
-            raise DataError(f"label file '{path}' has no label for '{missing[0]}'.")
-        y = torch.tensor([lookup[rows.get(p.name, rows.get(p.stem))] for p in files])
-        return x, y
-    return x, None
+from ..config import Data, DataSource
+from ..safety import call_user
+from .folders import folder_dataset, source_paths
+from .images import DataError
 
 
 _END = object()
@@ -141,13 +25,19 @@ class Batches:
     """A re-iterable source of batches: every pass yields the same data in the same order.
 
     ``origin``: the user's data factory when the batches come from one; whatever reading its
-    batches raises is then reported as that function's error.
+    batches raises is then reported as that function's error. ``length``: the number of batches
+    when known (for progress bars), before ``limit``. ``dataset``: the :class:`FolderDataset` of an
+    image-folder source (None otherwise).
     """
 
-    def __init__(self, make: Callable[[], Iterable], limit: int | None = None, origin: str | None = None):
+    dataset = None
+
+    def __init__(self, make: Callable[[], Iterable], limit: int | None = None, origin: str | None = None,
+                 length: int | None = None):
         self._make = make
         self.limit = limit
         self.origin = origin
+        self.length = length if limit is None or length is None else min(length, limit)
 
     def __iter__(self) -> Iterator:
         if self.origin is None:
@@ -164,6 +54,10 @@ class Batches:
                 return
             yield batch
             i += 1
+
+    def map(self, fn: Callable) -> "Batches":
+        """These batches with ``fn`` applied to each, lazily, on every pass."""
+        return Batches(lambda: (fn(b) for b in self), length=self.length)
 
     def inputs(self) -> Iterator[torch.Tensor]:
         for batch in self:
@@ -189,8 +83,41 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> 
     return make
 
 
-def load_batches(source: DataSource | None, input_shape, what: str) -> Batches | None:
-    """The batches a config's data source describes (None when not configured)."""
+def random_batches(example_inputs, seed: int) -> Batches:
+    """``data.calibration: random``: one batch of uniform noise shaped like each example input (tensors
+    inside tuples and dicts too), the same on every pass (seeded with the config's seed)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def noise(t: torch.Tensor) -> torch.Tensor:
+        return torch.rand(t.shape, generator=generator, dtype=t.dtype if t.is_floating_point() else None)
+
+    batches = [torch.utils._pytree.tree_map_only(torch.Tensor, noise, t) for t in example_inputs]
+    return Batches(lambda: iter(batches), length=len(batches))
+
+
+def data_paths(data: Data) -> list:
+    """Every folder and file the config's data sources read, resolved."""
+    return [path for src in (data.calibration, data.train, data.val) if isinstance(src, DataSource)
+            for path in source_paths(src, data.root)]
+
+
+def _loaded(loader) -> Iterator:
+    """A DataLoader's batches; a DataError raised in a worker process keeps its one sentence."""
+    try:
+        yield from loader
+    except DataError as exc:
+        lines = str(exc).strip().splitlines()
+        if len(lines) > 1 and "Traceback" in str(exc):  # a worker's error carries its traceback: keep the sentence
+            raise DataError(lines[-1].split(": ", 1)[-1], exc.key, exc.path) from None
+        raise
+
+
+def load_batches(source: DataSource | None, input_shape, what: str, root: str | None = None) -> Batches | None:
+    """The batches a config's data source describes (None when not configured), checked: folders listed,
+    files paired and their headers read, and the first batch fits the model's input.
+
+    ``root``: where relative paths start (``data.root``; None: the current directory).
+    """
     if source is None:
         return None
     if source.factory:
@@ -207,17 +134,19 @@ def load_batches(source: DataSource | None, input_shape, what: str) -> Batches |
                                     source.factory, role, problem)
         if call_user(iter, role, source.factory, produced) is produced:  # one-shot: keep it for every pass
             produced = call_user(list, role, source.factory, produced)
-        batches = Batches(lambda: produced, source.limit, origin=source.factory)
+        length = len(produced) if hasattr(produced, "__len__") else None
+        batches = Batches(lambda: produced, source.limit, origin=source.factory, length=length)
     elif source.images:
-        if input_shape is None:
-            raise DataError("input_shape is needed to read images from a folder.")
-        x, y = _folder_tensors(source, input_shape)
-        batches = Batches(tensor_batches(x, y, source.batch_size), source.limit)
+        dataset = folder_dataset(source, input_shape, what, root)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=source.batch_size, shuffle=False,
+                                             num_workers=source.workers)
+        batches = Batches(lambda: _loaded(loader), source.limit, length=len(loader))
+        batches.dataset = dataset
     else:
-        raise DataError(f"data.{what} needs 'images' (a folder) or 'factory'.")
+        raise DataError(f"data.{what} needs 'images' (a folder) or 'factory'.", key=f"data.{what}")
     first = next(iter(batches), None)
     if first is None:
-        raise DataError(f"data.{what} yields no batches.")
+        raise DataError(f"data.{what} yields no batches.", key=f"data.{what}")
     check_batch(first, input_shape, what)
     return batches
 
@@ -242,7 +171,18 @@ def check_batch(batch, input_shape, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"data.{what}: the first batch's input holds NaN or infinite values.")
     target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if what in ("train", "val") and target is None:
+        raise DataError(f"data.{what}: batches must be (input, target) pairs for fine-tuning and validation, but "
+                        f"the first batch is {_kind(batch)}.", key=f"data.{what}")
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel():
         if int(target.min()) < 0:
             raise DataError(f"data.{what}: the first batch has the negative label {int(target.min())}; class "
                             "labels are 0, 1, ...")
+
+
+def _kind(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"one tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batches import DataError
+from .images import DataError
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 

@@ -9,7 +9,7 @@ and mask alike. Metrics: accuracy, or mean foreground IoU.
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,17 @@ def _pairs(batches: Iterable):
         yield batch[0], batch[1]
 
 
+def _cycle(batches: Iterable):
+    """(input, target) pairs from ``batches``, pass after pass (a re-iterable), or nothing if it is empty."""
+    while True:
+        empty = True
+        for pair in _pairs(batches):
+            empty = False
+            yield pair
+        if empty:
+            return
+
+
 def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1e-3,
              weight_decay: float = 0.0, task: str = "auto", use_augment: bool = True, seed: int = 0,
              show_progress: bool = True, description: str = "fine-tune") -> list[float]:
@@ -87,14 +98,17 @@ def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1
                                  weight_decay=weight_decay)
     model.train()
     losses = []
-    pairs = list(_pairs(batches))
-    if not pairs:
+    if isinstance(batches, Iterator):  # a one-shot iterator: keep it for every pass
+        batches = list(batches)
+    stream = _cycle(batches)  # a re-iterable is read again on every pass, never held whole in memory
+    first = next(stream, None)
+    if first is None:
         raise PrunekitError("fine-tuning needs training batches; data.train yields none.")
     if task == "auto":
         with torch.no_grad():
-            task = task_of(main_output(model(pairs[0][0])), pairs[0][1])
+            task = task_of(main_output(model(first[0])), first[1])
     loss_fn = loss_for(task)
-    stream = itertools.cycle(pairs)
+    stream = itertools.chain([first], stream)
     with progress_bar(description, iterations, show_progress) as advance:
         for _ in range(iterations):
             x, y = next(stream)
