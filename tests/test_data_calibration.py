@@ -155,3 +155,13 @@ def test_cli_data_errors_exit_2_and_leave_no_directory(project, data, prepare, f
     assert fragment.format(root=project) in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (project / "fresh").exists()
+
+
+def test_random_batches_follow_the_example_structure():
+    from prunekit.data import random_batches
+
+    ids = torch.arange(4)
+    data = random_batches((torch.zeros(2, 3), {"ids": ids, "x": torch.zeros(5)}), 7)
+    first, second = list(data), list(data)
+    assert first[0].shape == (2, 3) and float(first[0].std()) > 0 and first[1]["ids"] is ids
+    assert torch.equal(first[1]["x"], second[1]["x"])  # the same noise on every pass

@@ -84,12 +84,12 @@ def tensor_batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int) -> 
 
 
 def random_batches(example_inputs, seed: int) -> Batches:
-    """``data.calibration: random``: one batch of uniform noise shaped like each example input (tensors
-    inside tuples and dicts too), the same on every pass (seeded with the config's seed)."""
+    """``data.calibration: random``: one batch of uniform noise shaped like each example input (float
+    tensors inside tuples and dicts too), the same on every pass (seeded with the config's seed)."""
     generator = torch.Generator().manual_seed(seed)
 
-    def noise(t: torch.Tensor) -> torch.Tensor:
-        return torch.rand(t.shape, generator=generator, dtype=t.dtype if t.is_floating_point() else None)
+    def noise(t: torch.Tensor) -> torch.Tensor:  # integer inputs (ids, sizes) are kept as they are
+        return torch.rand(t.shape, generator=generator, dtype=t.dtype) if t.is_floating_point() else t
 
     batches = [torch.utils._pytree.tree_map_only(torch.Tensor, noise, t) for t in example_inputs]
     return Batches(lambda: iter(batches), length=len(batches))
