@@ -80,6 +80,7 @@ class Finetune:
     weight_decay: float = 0.0
     task: Literal["auto", "classification", "segmentation"] = "auto"
     augment: bool = True
+    amp: bool = False  # mixed precision (float16 autocast, gradient scaling) on CUDA; the CPU trains in float32
     function: Optional[str] = None  # package.module:fn(model, train_batches, iterations) replaces the trainer
 
 

@@ -220,7 +220,7 @@ class _Run:
                 return
             finetune(model, train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
                      use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
-                     description=label)
+                     description=label, amp=ft.amp)
 
     def metric(self, model: nn.Module) -> float | None:
         model.eval()

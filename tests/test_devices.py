@@ -76,7 +76,7 @@ def test_a_run_on_cuda_fine_tunes_there_and_delivers_a_cpu_model():
     torch.manual_seed(0)
     factory = {"factory": f"{__name__}:segmentation_batches"}
     config = {"importance": {"method": "ipad"}, "device": "cuda", "data": {"calibration": factory, "train": factory},
-              "schedule": {"steps": 2, "finetune": {"iterations": 3}}}
+              "schedule": {"steps": 2, "finetune": {"iterations": 3, "amp": True}}}
     result = prunekit.prune(unet(width=8, depth=2).eval(), torch.randn(2, 3, 32, 32), config, progress=False)
     assert result.targets_met
     assert all(p.device.type == "cpu" for p in result.model.parameters())

@@ -8,6 +8,7 @@ and mask alike. Metrics: accuracy, or mean foreground IoU.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Callable, Iterable, Iterator
 
@@ -89,8 +90,11 @@ def _cycle(batches: Iterable):
 
 def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1e-3,
              weight_decay: float = 0.0, task: str = "auto", use_augment: bool = True, seed: int = 0,
-             show_progress: bool = True, description: str = "fine-tune") -> list[float]:
-    """Train ``model`` in place for ``iterations`` batches (cycling the data); returns the losses."""
+             show_progress: bool = True, description: str = "fine-tune", amp: bool = False) -> list[float]:
+    """Train ``model`` in place for ``iterations`` batches (cycling the data); returns the losses.
+
+    ``amp``: mixed precision (float16 autocast, gradient scaling) when the model is on CUDA.
+    """
     if iterations <= 0:
         return []
     generator = torch.Generator().manual_seed(seed)
@@ -109,15 +113,23 @@ def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1
             task = task_of(main_output(model(first[0])), first[1])
     loss_fn = loss_for(task)
     stream = itertools.chain([first], stream)
+    mixed = amp and next(model.parameters()).is_cuda
+    scaler = torch.amp.GradScaler("cuda") if mixed else None
     with progress_bar(description, iterations, show_progress) as advance:
         for _ in range(iterations):
             x, y = next(stream)
             if use_augment:
                 x, y = augment(x, y, generator, task)
-            loss = loss_fn(main_output(model(x)), y)
+            with torch.autocast("cuda", dtype=torch.float16) if mixed else contextlib.nullcontext():
+                loss = loss_fn(main_output(model(x)), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             losses.append(loss.item())
             advance(loss=losses[-1])
     model.eval()
