@@ -80,3 +80,17 @@ def test_a_run_on_cuda_fine_tunes_there_and_delivers_a_cpu_model():
     result = prunekit.prune(unet(width=8, depth=2).eval(), torch.randn(2, 3, 32, 32), config, progress=False)
     assert result.targets_met
     assert all(p.device.type == "cpu" for p in result.model.parameters())
+
+
+def test_amp_leaves_cpu_training_in_float32():
+    import copy
+
+    from prunekit.data.trainer import finetune
+
+    torch.manual_seed(0)
+    model = unet(width=4, depth=2)
+    twin = copy.deepcopy(model)
+    batches = segmentation_batches()
+    finetune(model, batches, 3, seed=0, show_progress=False, amp=True)
+    finetune(twin, batches, 3, seed=0, show_progress=False, amp=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
