@@ -301,8 +301,21 @@ def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
             memo.setdefault(id(p), nn.Parameter(state[name], p.requires_grad))
     for name, b in run.original.named_buffers(remove_duplicate=False):
         if isinstance(state.get(name), torch.Tensor):
-            memo.setdefault(id(b), state[name])
+            memo.setdefault(id(b), state[name].clone())
     return resize_to(_copy_with(run.original, memo), widths, state).eval()
+
+
+def _own_weights(model: nn.Module, candidates: list) -> None:
+    """Give ``model`` its own copy of the parameters a kept candidate shares (those the last cut left
+    whole), before fine-tuning writes to them."""
+    kept = {v.untyped_storage().data_ptr() for c in candidates if c.state for v in c.state.values()}
+    copies: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for attr, p in m._parameters.items():
+            if p is not None and p.untyped_storage().data_ptr() in kept:
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
+                m._parameters[attr] = copies[id(p)]
 
 
 def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, history, candidates) -> None:
@@ -376,7 +389,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     _seed(cfg.seed)
     history: list[StepRecord] = []
     candidates: list[_Candidate] = []
-    current = _shared_copy(run.original).eval()  # only read until the first cut makes new tensors
+    current = shared = _shared_copy(run.original).eval()  # the caller's weights: only read, then cut into a copy
     step = 0
     if writer is not None and writer.mode == "resume" and run.checkpoint is not None:
         step, current, history, candidates = run.checkpoint
@@ -417,8 +430,13 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             message = _unreachable(run, flops, params)
             break
         cut = (graph, graph.removal_mask(plan.units))
-        current = apply_removal(current, *cut)
-        graph = None
+        if run.validate_fn is None and run.val is None and candidates and not candidates[0].meets:
+            candidates[0].state = None  # no metric: this step's model will outrank it, so the cut may free it
+        current = apply_removal(current, *cut, in_place=current is not shared)
+        _own_weights(current, candidates)
+        graph = costs = predicted = None
+        if writer is None:
+            run.graph0 = None  # only the run directory's report reads it again
         run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
         metric = run.metric(current)
         measured = run.gauge.measure(current)["ratio"] if cfg.targets.latency is not None else None
