@@ -400,6 +400,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     while True:
         if graph is None and cut is not None:
             graph = updated_graph(*cut, current, run.inputs, cfg.model.leaf_modules)
+            cut = None  # the old graph is not needed any more
             if graph.retraced:
                 run.log(f"traced again after step {step}: {graph.retraced}")
         elif graph is None:
