@@ -476,7 +476,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     if run.gauge is not None or writer is not None:  # the report's before/after row; a latency target's verdict
         gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, Settings(
             cfg.latency.device, cfg.latency.threads, cfg.latency.repeats, cfg.latency.warmup))
-        latency = gauge.measure(model_out.eval(), repeats=max(cfg.latency.repeats, 30))
+        latency = gauge.measure(model_out.eval(), repeats=cfg.latency.repeats)
         final["latency_ratio"] = latency["ratio"]
     result = PruneResult(
         model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},
