@@ -40,7 +40,7 @@ from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph, updated_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
-from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment
+from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .checkpoint import read_checkpoint, write_checkpoint
 from .builders import resolve_callable
 from .planner import Planner, Targets
@@ -180,8 +180,10 @@ class _Run:
         saved = getattr(self, "saved_tables", None)
         tables = LatencyTables.from_json(saved, settings) if saved else None
         if tables is None:
-            self.log(f"measuring latency tables on {lat.device}")
-            tables = LatencyTables.measure(model, self.graph0, self.inputs, settings)
+            layers = sum(1 for _ in latency_calls(model, self.graph0))
+            with progress_bar(f"latency tables on {lat.device}", layers, self.progress) as advance:
+                tables = LatencyTables.measure(model, self.graph0, self.inputs, settings,
+                                               progress=lambda done, total: advance())
             if self.config.limits.round_to == "auto":
                 tables.alignment = choose_alignment(model, self.graph0, tables, settings)
         if self.config.limits.round_to == "auto":
