@@ -29,7 +29,7 @@ from torch import nn
 
 from . import rundir
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
-from .checks import check_labels, check_leaf_modules, guard_scorer, warn_unmatched_limits, weights_hash
+from .checks import check_labels, check_leaf_modules, guard_scorer, check_limits_match, weights_hash
 from .config import Config, load_config, to_dict
 from .costs import CostModel
 from .data import load_batches
@@ -76,6 +76,8 @@ class PruneResult:
     run_dir: Path | None = None
     candidates: list[dict] = field(default_factory=list)
     latency: dict | None = None  # the original's and the pruned model's measured latency, and where
+    # the original's metric, and the delivered model's after the final fine-tune (None without data.val/validate)
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -116,7 +118,7 @@ class _Run:
         if not isinstance(model, nn.Module):
             raise PrunekitError(f"prune needs a torch.nn.Module, got {type(model).__name__}.")
         check_leaf_modules(model, cfg.model.leaf_modules)
-        warn_unmatched_limits(model, cfg.limits.layers)
+        check_limits_match(model, cfg.limits.layers)
         check_finite_weights(model)
         for tensor in self.inputs:
             check_input_memory(tuple(tensor.shape), "example input shape")
@@ -329,6 +331,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         step, current, history, candidates = run.checkpoint
         run.log(f"resuming after step {step}")
     message = ""
+    original_metric = run.metric(copy.deepcopy(run.original))  # the report's baseline (the caller's model untouched)
     graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
     while True:
         if graph is None:
@@ -383,9 +386,14 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         best_step = best.step
     else:
         model_out, best_step = current, 0
+    final_started = time.perf_counter()
     if cfg.schedule.final_finetune is not None:
         _seed(cfg.seed + best_step + 1000)  # the same whether the run was resumed or not
         run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
+    final_metric = run.metric(model_out)  # the delivered model's, after the final fine-tune
+    final_seconds = time.perf_counter() - final_started
+    run.log(f"final: step {best_step}'s model" + (" after the final fine-tune" if cfg.schedule.final_finetune else "")
+            + (f", metric {final_metric:.4f}" if final_metric is not None else ""))
     if graph is not None and (best is None or best.step == step):
         final_graph = graph  # the loop's last graph already describes this model's structure
     else:
@@ -410,6 +418,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         run_dir=run.run_dir,
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
         latency=latency,
+        metrics={"original": original_metric, "final": final_metric, "final_finetune_seconds": final_seconds},
     )
     if writer is not None:
         from .reports.run import write_outputs

@@ -961,11 +961,9 @@ def test_e_a_run_failing_in_its_first_step_leaves_no_parent_directories(ws):
     assert not (ws / "new").exists()
 
 
-def test_f_a_limit_that_matches_no_module_is_said_in_one_line(ws):
+def test_f_a_limit_that_matches_no_module_is_an_error_naming_the_nearest_layers(ws):
     write_config(ws / "c.yaml", **{"limits.layers": {"out": 0.0, "dec9.*": 0.0}})
-    with warnings.catch_warnings():  # as outside pytest, whose own warning capture would take it
-        warnings.simplefilter("always")
-        result = CliRunner().invoke(main, prune_args("c.yaml", "run"))
-    assert result.exit_code == 0, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Warning")]
-    assert len(lines) == 1 and "'dec9.*' matches no module" in lines[0], result.stderr
+    result = CliRunner().invoke(main, prune_args("c.yaml", "run"))
+    assert result.exit_code == 2, result.output
+    assert "'dec9.*' matches no layer" in result.stderr and "nearest layer names" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (ws / "run").exists()
