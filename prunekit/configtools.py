@@ -252,6 +252,8 @@ def config_template(values: dict[str, Any] | None = None, flags: dict[str, str] 
         node[last] = value
     lines = ["# prunekit pruning config: every key, with its default. Use it with",
              "#   prunekit prune MODEL --config THIS_FILE -o RUN_DIR",
-             "# Keys may be left out (their default applies); an unknown key is an error naming the nearest one."]
+             "# Keys may be left out (their default applies); an unknown key is an error naming the nearest one.",
+             "# A section that is null is off; to switch it on, delete its null line and the '# ' of the block",
+             "# written below it."]
     _emit(lines, Config, raw, "", 0, None)
     return "\n".join(lines) + "\n"

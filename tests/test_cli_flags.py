@@ -260,3 +260,26 @@ def test_report_run_dir_needs_nothing_else(weights, tmp_path):
     assert json.loads(compared.stdout)["totals"]["flops_ratio"] < 1
     none = run("report", weights, "-b", "prunekit.zoo:unet")
     assert none.exit_code == 2 and "--input-shape" in none.stderr
+
+
+def test_a_model_that_does_not_fit_the_configs_data_leaves_no_run_directory(tmp_path):
+    """The README's old example: a 3-channel U-Net with the 1-channel configs/unet.yaml."""
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "unet.yaml"
+    with pytest.raises(prunekit.PrunekitError, match="cannot run the first batch"):
+        prunekit.prune(unet(num_classes=2).eval(), torch.randn(1, 3, 64, 64), str(config),
+                       run_dir=tmp_path / "out" / "run", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_resume_hint_repeats_the_flags():
+    from prunekit.cli_config import FLAGS, Overrides, command_line
+
+    given = Overrides(list(FLAGS), {"builder": "prunekit.zoo:unet", "kwargs": '{"num_classes": 2}',
+                                    "input_shape": None, "flops": "0.5", "params": None, "latency": None,
+                                    "method": None, "steps": None, "data": None, "trusted": True})
+    line = command_line("prunekit", "prune", "m.pt", *given.argv(), "-o", "out", "--resume")
+    assert line == "prunekit prune m.pt --builder prunekit.zoo:unet --kwargs '{\"num_classes\": 2}' --flops 0.5 " \
+                   "--trusted -o out --resume"
+    assert given.values()["model.trusted_pickle"] is True and given.flags["targets.flops"] == "--flops"
