@@ -832,11 +832,12 @@ def test_g_unreachable_target_keeps_the_best_model(ws):
 
 
 def validate_fails_after_the_first_step(model):
-    """A validate function that works once, then returns NaN."""
-    marker = Path("validated-once")
-    if marker.exists():
+    """A validate function that works twice (the original, then the first step), then returns NaN."""
+    marker = Path("validated")
+    calls = int(marker.read_text()) if marker.exists() else 0
+    if calls >= 2:
         return float("nan")
-    marker.write_text("1")
+    marker.write_text(str(calls + 1))
     return 0.5
 
 
@@ -908,7 +909,8 @@ def test_model_files_that_are_not_regular_files(ws):
 
 @pytest.mark.parametrize("args, fragment", [
     (["report", "unet.pt", "-i", SHAPE, "--depth", "abc"], "'abc' is not a valid integer"),
-    (["prune", "unet.pt", "-o", "run"], "Missing option"),
+    (["prune", "unet.pt", "-o", "run"], "prune needs input_shape"),
+    (["prune", "unet.pt"], "Missing option"),
     (["prnue", "unet.pt"], "No such command"),
     (["graph", "unet.pt", "-i", SHAPE, "--dott", "x.dot"], "No such option"),
     (["demo", "-o", "."], "current directory"),
