@@ -20,6 +20,8 @@ import tokenize
 import typing
 from typing import Any
 
+import yaml
+
 from . import config as config_module
 from .config import Config, load_config
 from .yamlfile import ConfigError, read_yaml
@@ -174,9 +176,12 @@ def _yaml_value(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, str):
-        return value if value and value.replace("_", "").replace(".", "").replace(":", "").replace("/", "").isalnum() \
-            and value not in ("null", "true", "false", "yes", "no", "on", "off") else json.dumps(value)
+    if isinstance(value, str):  # plain when YAML reads it back as the same string, quoted otherwise
+        try:
+            plain = yaml.safe_load(value) == value and "#" not in value and not value.startswith(("{", "["))
+        except yaml.YAMLError:
+            plain = False
+        return value if plain else json.dumps(value)
     return json.dumps(value)  # lists and mappings in flow style (JSON is YAML)
 
 
@@ -248,7 +253,9 @@ def config_template(values: dict[str, Any] | None = None, flags: dict[str, str] 
         node = raw
         *parents, last = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {}) if isinstance(node.get(part), dict) else node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
         node[last] = value
     lines = ["# prunekit pruning config: every key, with its default. Use it with",
              "#   prunekit prune MODEL --config THIS_FILE -o RUN_DIR",

@@ -70,6 +70,25 @@ def _metric_source(cfg) -> str | None:
     return None
 
 
+WEIGHT_ONLY = ("l1", "l2", "bn_scale", "random")  # scorers that read no data
+
+
+def _calibration_source(cfg) -> str:
+    """What the importance scores were computed on, in words."""
+    method = cfg.importance.method
+    if isinstance(method, str) and method in WEIGHT_ONLY:
+        return "none needed (the weights alone)"
+    for key in ("calibration", "train"):
+        source = getattr(cfg.data, key)
+        if isinstance(source, str):
+            return f"data.{key}: {source} (random noise, as the config asks)"
+        if source is not None:
+            what = (f"images '{source.images}'" if getattr(source, "images", None)
+                    else f"factory '{getattr(source, 'factory', None)}'")
+            return f"data.{key}: {what}"
+    return "the example input only (random values: set data.calibration to your images)"
+
+
 def _trajectory(result) -> list[dict]:
     """The original, every step, and the delivered model (the best step after the final fine-tune)."""
     o, f, m = result.original, result.final, result.metrics
@@ -113,6 +132,7 @@ def build_report(result, rows: list[dict], graph0: ChannelGraph | None = None) -
         "final": {**result.final, "metric": result.metrics.get("final")},
         "ratios": {k: result.final[k] / result.original[k] for k in ("flops", "params")},
         "metric_source": _metric_source(cfg),
+        "calibration": _calibration_source(cfg),
         "latency": result.latency,
         "steps": [asdict(h) for h in result.history],
         "trajectory": _trajectory(result),
@@ -173,6 +193,7 @@ def render_markdown(report: dict) -> str:
         + (f" ({report['message']})" if report["message"] and not report["targets_met"] else ""),
         f"- Importance: `{imp['method']}` (norm {imp['norm']}, omega {imp['omega']}, combine {imp.get('combine')}, "
         f"normalize {imp.get('normalize')})",
+        *([f"- Calibration data: {report['calibration']}"] if report.get("calibration") else []),
         f"- Metric: {report.get('metric_source') or 'none (no validate function and no data.val)'}",
         *_latency_lines(report.get("latency")),
         f"- Best step: {report['best_step']} of {len(report['steps'])}; convention: {report['convention']}", "",
