@@ -69,13 +69,14 @@ def with_overrides(source, overrides: dict[str, Any], flags: dict[str, str] | No
 # --------------------------------------------------------------------------- the commented template
 
 # Sections that are off (null) by default; the template shows them as commented-out blocks with
-# every key, ready to switch on.
+# every key, ready to switch on, holding these values (by key path, or by the section's class name).
 OPTIONAL_SECTIONS = {
     "schedule.finetune": {"iterations": 20, "lr": 0.001},
     "schedule.final_finetune": {"iterations": 60, "lr": 0.0005},
     "data.calibration": {"images": "path/to/images"},
     "data.train": {"images": "path/to/images", "masks": "path/to/masks"},
     "data.val": {"images": "path/to/val/images", "masks": "path/to/val/masks"},
+    "Normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},  # by class, wherever it sits
 }
 
 # Comments that say more than the field's own comment in config.py (or that a field lacks there).
@@ -196,12 +197,15 @@ def _emit(lines: list[str], cls, values: dict, prefix: str, indent: int, comment
         comment = _comment(path, cls, f.name)
         inner = _dataclass_of(hints[f.name])
         value = values.get(f.name)
-        if inner is not None and isinstance(value, dict):
+        example = None if inner is None else {**_defaults(inner), **OPTIONAL_SECTIONS.get(
+            path, OPTIONAL_SECTIONS.get(inner.__name__, {}))}
+        if inner is not None and (isinstance(value, dict) or (value is None and commented is not None)):
+            # a section that is on, or an optional one inside a block that is already commented out
             lines.append(_line(f"{pad}{mark}{f.name}:", comment))
-            _emit(lines, inner, _fields_of(value), path + ".", indent + 2, commented)
+            _emit(lines, inner, _fields_of(value) if isinstance(value, dict) else example, path + ".", indent + 2,
+                  commented)
         elif inner is not None:  # an optional section that is off: null, then every key commented out
             lines.append(_line(f"{pad}{mark}{f.name}: null", comment))
-            example = {**_defaults(inner), **OPTIONAL_SECTIONS.get(path, {})}
             lines.append(f"{pad}# {f.name}:")
             _emit(lines, inner, example, path + ".", indent + 2, indent)
         else:
