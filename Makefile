@@ -31,7 +31,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m slow
 
 # Train the reference U-Net on real nuclei tiles, prune it to half its FLOPs with IPAD, fine-tune,
-# and print FLOPs, parameters and IoU before and after; then the report and channel graph of the result.
+# and print FLOPs, parameters, latency and test IoU before and after (progress on stderr, also when piped).
+# It leaves out/demo/unet.pt, config.yaml and the run directory run/ (report.md, trajectory.png, widths.png);
+# see the result with: prunekit report out/demo/run
 demo: $(STAMP)
 	$(VENV)/bin/prunekit demo -o $(DEMO_DIR)
 

@@ -1,9 +1,10 @@
 """Checks a pruning run makes before any work and before anything is written.
 
 Each raises one :class:`~prunekit.errors.PrunekitError` sentence: leaf modules the
-model does not have, labels the model cannot predict, a model that cannot run its
-data, a data-driven criterion without data (:func:`calibration_source`);
-:func:`weights_hash` identifies the model a checkpoint was started from, and
+model does not have, per-layer limits that match no layer, labels the model cannot
+predict, a model that cannot run its data, a data-driven criterion without data
+(:func:`calibration_source`); :func:`weights_hash` identifies the model a checkpoint
+was started from, and
 :func:`guard_scorer` puts a user's scorer behind the error boundary.
 """
 
@@ -25,7 +26,7 @@ from .safety import call_user, first_line
 from .data.trainer import main_output
 from .importance import SCORERS
 
-__all__ = ["DATA_DRIVEN", "calibration_source", "check_leaf_modules", "check_labels", "warn_unmatched_limits",
+__all__ = ["DATA_DRIVEN", "calibration_source", "check_leaf_modules", "check_labels", "check_limits_match",
            "weights_hash", "guard_scorer"]
 
 # criteria that score filters by running data through the model: they never calibrate on noise unasked
@@ -68,20 +69,22 @@ def check_leaf_modules(model: nn.Module, leaves, key: str = "model.leaf_modules"
             raise PrunekitError(f"{key} names {name!r}, which is not a submodule of the model{hint}")
 
 
-def warn_unmatched_limits(model: nn.Module, layers) -> None:
-    """A per-layer limit whose name or glob matches no module does nothing: say so (one line)."""
+def check_limits_match(model: nn.Module, layers, key: str = "limits.layers") -> None:
+    """Every per-layer limit must name or match (as a glob) a module of the model: one that matches
+    nothing would limit nothing, silently. The error names the nearest module names."""
     import fnmatch
-    import warnings
 
-    from .errors import PrunekitWarning
+    from .yamlfile import ConfigError
 
     names = [n for n, _ in model.named_modules() if n]
     for pattern in layers:
-        if pattern not in names and not any(fnmatch.fnmatchcase(n, str(pattern)) for n in names):
-            close = difflib.get_close_matches(str(pattern), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            warnings.warn(f"limits.layers {pattern!r} matches no module of the model, so it limits nothing{hint}",
-                          PrunekitWarning, stacklevel=3)
+        if pattern in names or any(fnmatch.fnmatchcase(n, str(pattern)) for n in names):
+            continue
+        close = difflib.get_close_matches(str(pattern), names, n=3, cutoff=0.4)
+        hint = (f"; the nearest layer names: {', '.join(repr(c) for c in close)}." if close
+                else f"; the model's layers are named like {', '.join(repr(n) for n in names[:3])}.")
+        raise ConfigError(f"{key} {pattern!r} matches no layer of the model, so it would limit nothing{hint}",
+                          key=f"{key}.{pattern}", suggestion=close[0] if close else None)
 
 
 def check_labels(model: nn.Module, batches, what: str) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import click
 
+from .cli_config import Overrides, command_line, config_flags
 from .cli_models import ModelSpec, input_paths, load_cli_model, load_compare_model, model_options
 from .errors import PrunekitError, PrunekitWarning
 
@@ -108,7 +109,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         click.echo(f"Warning: {category.__name__}: {first}", err=True)
 
 
-@click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+Examples:
+  prunekit demo              # train, prune and compare a U-Net on real data
+  prunekit report model.pt -b torchvision.models:resnet18 -i 1,3,224,224
+  prunekit prune model.pt -b torchvision.models:resnet18 -i 1,3,224,224 \\
+      --flops 0.5 --method l1 -o out/run
+  prunekit report out/run    # the run's manifest gives builder and shape
+  prunekit COMMAND --help    # each command's options and examples
+""")
 @click.version_option(package_name="prunekit")
 @click.option("--debug", is_flag=True, help="Show the traceback behind an error (for bug reports).")
 def main(debug: bool) -> None:
@@ -165,11 +174,19 @@ def write_text_file(path: str, text: str, inputs=()) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-@main.command()
-@model_options()
+@main.command(short_help="FLOPs and parameters per layer, checked against fvcore.", epilog="""\b
+Examples:
+  prunekit report model.pt -i 1,3,256,256 -b prunekit.zoo:unet \\
+      -k '{"num_classes": 2}'
+  prunekit report out/run    # a run directory: its manifest gives the rest
+  prunekit report r18.pt -i 1,3,224,224 -b torchvision.models:resnet18 \\
+      --depth 1 --json
+  prunekit report model.pt -b prunekit.zoo:unet --compare out/run --latency
+""")
+@model_options(input_shape_required=False)
 @click.option("--compare", "compare", metavar="OTHER",
-              help="A second model (e.g. the pruned one) to compare with, layer by layer: a weights file "
-                   "for the same builder, or a whole pickled module with --trusted.")
+              help="A second model (e.g. the pruned one) to compare with, layer by layer: a run directory, a "
+                   "weights file for the same builder, or a whole pickled module with --trusted.")
 @click.option("--depth", type=int, metavar="N",
               help="Sum the layers by the first N parts of their names (1: layer1, layer2, ...).")
 @click.option("--latency", is_flag=True,
@@ -181,7 +198,9 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, latency: boo
            threads: int | None, as_json: bool) -> None:
     """FLOPs and parameters of MODEL per layer, checked against fvcore.
 
-    One fused multiply-add counts as one flop (fvcore's convention).
+    One fused multiply-add counts as one flop (fvcore's convention). MODEL may
+    be a prunekit run directory: its manifest gives the builder, kwargs and
+    input shape, so no other option is needed.
     """
     from . import reports as rep
     from .latency import check_device
@@ -192,7 +211,7 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, latency: boo
     if latency:
         check_device(device)
     with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json
-        model, example = load_cli_model(spec)
+        model, example = load_cli_model(spec, compare)
         if compare is None:
             data = rep.model_report(model, example, depth, leaf_modules=spec.leaf)
         else:
@@ -208,8 +227,13 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, latency: boo
         rep.render_compare_report(data, make_console())
 
 
-@main.command()
-@model_options()
+@main.command(short_help="Channel groups: what goes together, what is pinned, why.", epilog="""\b
+Examples:
+  prunekit graph model.pt -i 1,3,256,256 -b prunekit.zoo:unet
+  prunekit graph out/run --dot groups.dot
+  dot -Tsvg groups.dot -o groups.svg    # draw it with Graphviz
+""")
+@model_options(input_shape_required=False)
 @click.option("--dot", "dot", metavar="FILE", help="Also write the groups as a Graphviz file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON only.")
 def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
@@ -235,7 +259,11 @@ def graph(spec: ModelSpec, dot: str | None, as_json: bool) -> None:
         click.echo(f"Wrote {dot} (render it with: dot -Tsvg {dot} -o groups.svg).", err=as_json)
 
 
-@main.command()
+@main.command(short_help="Export RUN_DIR's pruned model to ONNX, checked and timed.", epilog="""\b
+Examples:
+  prunekit export out/run --onnx model.onnx
+  prunekit export out/run --onnx model.onnx --threads 1 --static-batch
+""")
 @click.argument("run_dir", metavar="RUN_DIR")
 @click.option("--onnx", "onnx_path", required=True, metavar="FILE", help="Where to write the ONNX model.")
 @click.option("--input-shape", "-i", metavar="SHAPE",
@@ -280,36 +308,57 @@ def export(run_dir: str, onnx_path: str, input_shape: str | None, builder: str |
 # --------------------------------------------------------------------------- prune and demo
 
 
-@main.command()
+# --------------------------------------------------------------------------- prune, init-config and demo
+
+
+@main.command(short_help="Prune MODEL to the FLOPs, parameter or latency targets.", epilog="""\b
+Examples:
+  prunekit prune model.pt -b prunekit.zoo:unet -k '{"num_classes": 2}' \\
+      -i 1,3,256,256 --flops 0.5 --data images/ -o out/run
+  prunekit prune r18.pt -b torchvision.models:resnet18 -i 1,3,224,224 \\
+      --flops 0.5 --method l1 -o out/r18
+  prunekit prune out/demo/unet.pt --config configs/unet.yaml -o out/run
+  prunekit prune out/demo/unet.pt -c configs/unet.yaml --flops 0.3 -o out/r30
+  prunekit init-config -b prunekit.zoo:unet -o prunekit.yaml  # every key
+""")
 @click.argument("model", metavar="MODEL")
-@click.option("--config", "-c", "config_path", required=True, metavar="CONFIG", help="The YAML pruning config.")
+@click.option("--config", "-c", "config_path", metavar="CONFIG",
+              help="A YAML pruning config (prunekit init-config writes one); the flags below override its keys.")
 @click.option("--output", "-o", "run_dir", required=True, metavar="RUN_DIR",
               help="Run directory: checkpoint, model.pt, manifest.json, reports and plots.")
+@config_flags()
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
-@click.option("--force", is_flag=True, help="Overwrite an existing run directory.")
+@click.option("--force", is_flag=True, help="Replace an earlier run in RUN_DIR (kept until the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
-def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool, quiet: bool) -> None:
-    """Prune MODEL until the config's FLOPs and parameter targets hold.
+def prune(model: str, config_path: str | None, run_dir: str, overrides: Overrides, resume: bool, force: bool,
+          quiet: bool) -> None:
+    """Prune MODEL until the targets hold; write the smaller model and its report to RUN_DIR.
 
-    MODEL is a state_dict for the config's model.builder (or a whole pickled
-    module when model.trusted_pickle is true). Loads the pruned model later
-    with prunekit.load_pruned(RUN_DIR), no pickle involved.
+    MODEL is a state_dict for the builder (--builder or the config's
+    model.builder), or a whole pickled module with --trusted. The settings come
+    from --config, from the flags, or both (a flag wins); without a config the
+    defaults of `prunekit init-config` apply. Load the pruned model later with
+    prunekit.load_pruned(RUN_DIR), no pickle involved.
     """
     import torch
 
-    from .config import load_config
+    from .configtools import with_overrides
     from .loading import load_model
     from .loop import prune as run_prune
+    from .reports.run import summary_lines
     from .rundir import Interrupted, plan
     from .safety import check_input_memory
 
-    inputs = [model, config_path]
-    config = load_config(config_path)
+    inputs = [model] + ([config_path] if config_path else [])
+    config = with_overrides(config_path, overrides.values(), overrides.flags)
+    where = f"the config '{config_path}'" if config_path else "a config"
     if config.input_shape is None:
-        raise PrunekitError(f"config '{config_path}' needs input_shape, e.g. [1, 3, 256, 256].")
+        raise PrunekitError(f"prune needs input_shape (the example input's shape): pass --input-shape, e.g. "
+                            f"1,3,256,256, or set input_shape in {where}.")
     if config.model.builder is None and not config.model.trusted_pickle:
-        raise PrunekitError(f"config '{config_path}' needs model.builder (or model.trusted_pickle: true "
-                            f"for a whole pickled module).")
+        raise PrunekitError(f"prune needs model.builder (the function that builds the model): pass --builder "
+                            f"package.module:function or set model.builder in {where} (or --trusted for a whole "
+                            "pickled module).")
     plan(run_dir, resume, force, inputs)  # refuse a run directory before the model is even read
     check_input_memory(config.input_shape, "input_shape")
     net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
@@ -321,29 +370,66 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
                            input_files=inputs)
     except Interrupted as stop:
         if stop.resumable:
-            click.echo(f"\nInterrupted; continue with: prunekit prune {model} --config {config_path} "
-                       f"-o {run_dir} --resume", err=True)
+            again = command_line("prunekit", "prune", model, *(["--config", config_path] if config_path else []),
+                                 *overrides.argv(), "-o", run_dir, "--resume")
+            click.echo(f"\nInterrupted; continue with: {again}", err=True)
         else:
             click.echo(f"\nInterrupted; {str(stop).split('; ', 1)[-1]}", err=True)
         sys.exit(130)
-    o, f = result.original, result.final
-    status = "targets met" if result.targets_met else "targets NOT met"
-    click.echo(f"FLOPs {o['flops']:,} -> {f['flops']:,} ({f['flops'] / o['flops']:.1%}), "
-               f"parameters {o['params']:,} -> {f['params']:,} ({f['params'] / o['params']:.1%}); {status}.")
-    click.echo(f"Best model: step {result.best_step}; written to {run_dir} (model.pt, manifest.json, report.md).")
+    for line in summary_lines(result):
+        click.echo(line)
+    click.echo(f"Best model: step {result.best_step}; written to {run_dir} (model.pt, manifest.json, report.md, "
+               f"trajectory.png, widths.png); see it with: {command_line('prunekit', 'report', run_dir)}")
     if not result.targets_met:
         raise CliError(result.message)
 
 
-@main.command()
+@main.command("init-config", short_help="Write a commented config with every key and its default.", epilog="""\b
+Examples:
+  prunekit init-config -o prunekit.yaml
+  prunekit init-config -b torchvision.models:resnet18 \\
+      -k '{"num_classes": 10}' -i 1,3,224,224 --flops 0.5 -o resnet.yaml
+  prunekit init-config | less
+""")
+@config_flags()
+@click.option("--output", "-o", "output", metavar="FILE", help="Write the config to FILE (default: print it).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+def init_config(overrides: Overrides, output: str | None, force: bool) -> None:
+    """Write a starting config: every key there is, with its default and a comment.
+
+    The flags (the same as prune's) fill in their keys. Sections that are off
+    by default (fine-tuning, data) are written out in comments, ready to switch
+    on.
+    """
+    from .configtools import config_template
+
+    text = config_template(overrides.values(), overrides.flags)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    if os.path.lexists(output) and not os.path.isdir(output) and not force:
+        raise PrunekitError(f"'{output}' already exists; pass --force to replace it or choose another file.")
+    write_text_file(output, text)
+    click.echo(f"Wrote {output}; prune with: prunekit prune MODEL --config {output} -o RUN_DIR", err=True)
+
+
+@main.command(short_help="Train, prune and compare the reference U-Net on real data.", epilog="""\b
+Examples:
+  prunekit demo    # writes out/demo: unet.pt, config.yaml, run/
+  prunekit demo -o /tmp/demo --iterations 50 2>&1 | tee demo.log
+""")
 @click.option("--output", "-o", "out_dir", default="out/demo", show_default=True, metavar="DIR",
               help="Where the trained model, config and run directory go.")
 @click.option("--iterations", default=200, show_default=True, type=click.IntRange(1),
               help="Training iterations before pruning.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 def demo(out_dir: str, iterations: int, quiet: bool) -> None:
     """Train the reference U-Net on real nuclei tiles, prune it to half its FLOPs with
-    IPAD, fine-tune, and print FLOPs, parameters and IoU before and after."""
+    IPAD, fine-tune, and print FLOPs, parameters, latency and IoU before and after.
+
+    Progress goes to stderr: bars on a terminal, one line per piece of work
+    when piped or logged.
+    """
     from .demo import run_demo
     from .paths import check_output
     from .rundir import MARKER

@@ -46,7 +46,8 @@ def model_options(input_shape_required: bool = True) -> Callable:
         options = [
             click.argument("model", metavar="MODEL"),
             click.option("--input-shape", "-i", required=input_shape_required, metavar="SHAPE",
-                         help="Shape of the example input, e.g. 1,3,256,256 or 1x3x256x256."),
+                         help="Shape of the example input, e.g. 1,3,256,256 or 1x3x256x256 (a run "
+                              "directory's manifest gives its own)."),
             click.option("--builder", "-b", metavar="PKG.MOD:FN",
                          help="Function that builds the model the weights fit, e.g. torchvision.models:resnet50."),
             click.option("--kwargs", "-k", metavar="JSON",
@@ -64,17 +65,34 @@ def model_options(input_shape_required: bool = True) -> Callable:
     return decorate
 
 
-def _example(spec: ModelSpec):
+def _example(spec: ModelSpec, also: str | None = None):
+    """The example input: --input-shape, or the shape a run directory's manifest stores (MODEL's,
+    else ``also``'s: the --compare model's)."""
     import torch
 
     from .loading import parse_input_shape
     from .safety import check_input_memory
 
-    if spec.input_shape is None:
-        raise PrunekitError("An example input shape is needed; pass --input-shape, e.g. 1,3,256,256.")
-    shape = parse_input_shape(spec.input_shape)
+    shape_text = spec.input_shape
+    if shape_text is None:
+        shape_text = next((s for s in (run_input_shape(p) for p in (spec.path, also) if p) if s), None)
+    if shape_text is None:
+        raise PrunekitError("An example input shape is needed; pass --input-shape, e.g. 1,3,256,256 "
+                            "(a run directory's manifest gives its own).")
+    shape = parse_input_shape(shape_text)
     check_input_memory(shape, "--input-shape")
     return torch.randn(shape)
+
+
+def run_input_shape(path: str) -> list[int] | None:
+    """The example input shape stored in the manifest of the run directory ``path`` is (or holds)."""
+    from .artifacts import _read_manifest
+
+    run_dir = _run_dir_of(path)
+    if run_dir is None:
+        return None
+    shape = _read_manifest(run_dir / "manifest.json").get("input_shape")
+    return shape if isinstance(shape, list) and shape else None
 
 
 def _check_leaves(model, leaf: tuple[str, ...]) -> None:
@@ -88,12 +106,15 @@ def _check_leaves(model, leaf: tuple[str, ...]) -> None:
             raise PrunekitError(f"--leaf {name!r} is not a submodule of the model{hint}")
 
 
-def load_cli_model(spec: ModelSpec):
-    """``(model, example_input)`` for a command: the input shape is checked before the file is read."""
+def load_cli_model(spec: ModelSpec, compare: str | None = None):
+    """``(model, example_input)`` for a command: the input shape is checked before the file is read.
+
+    Without --input-shape, a run directory (MODEL, else ``compare``) gives the one its manifest stores.
+    """
     from .loading import load_model, parse_kwargs
 
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
-    example = _example(spec)
+    example = _example(spec, compare)
     _check_unfinished(spec.path)
     run_dir = _run_dir_of(spec.path)
     if run_dir is not None:  # a pruned model, rebuilt from its manifest: data, not code

@@ -31,7 +31,11 @@ def demo_config() -> dict:
 
 def run_demo(out_dir="out/demo", train_iterations: int = 200, force: bool = True, progress: bool = True,
              echo=print) -> dict:
-    """Train, prune, fine-tune, report. Returns the before/after numbers."""
+    """Train, prune, fine-tune, report. Returns the before/after numbers.
+
+    With ``progress``, each piece of work reports on stderr: bars on a terminal, plain lines when
+    piped or logged (see :mod:`prunekit.progress`).
+    """
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,7 +59,12 @@ def run_demo(out_dir="out/demo", train_iterations: int = 200, force: bool = True
     echo(f"{'':12}{'before':>14}{'after':>14}{'ratio':>9}")
     for key, label in (("flops", "FLOPs"), ("params", "parameters")):
         echo(f"{label:12}{before[key]:>14,}{after[key]:>14,}{after[key] / before[key]:>9.1%}")
+    if result.latency:
+        lat = result.latency
+        echo(f"{'latency':12}{lat['original_seconds'] * 1e3:>11.2f} ms{lat['pruned_seconds'] * 1e3:>11.2f} ms"
+             f"{lat['ratio']:>9.1%}   ({lat['device']}, {lat['threads']} threads)")
     echo(f"{'IoU (test)':12}{before['iou']:>14.3f}{after['iou']:>14.3f}")
-    echo(f"\nDone in {seconds:.0f} s. Run directory: {out / 'run'} (report.md, model.pt, manifest.json);"
-         f" rerun with: prunekit prune {out / 'unet.pt'} --config {out / 'config.yaml'} -o {out / 'run2'}")
+    echo(f"\nDone in {seconds:.0f} s. Run directory: {out / 'run'} (report.md, trajectory.png, widths.png, model.pt,"
+         f" manifest.json).\nSee it with: prunekit report {out / 'run'}\n"
+         f"Rerun with: prunekit prune {out / 'unet.pt'} --config {out / 'config.yaml'} -o {out / 'run2'}")
     return {"before": before, "after": after, "seconds": seconds, "targets_met": result.targets_met}

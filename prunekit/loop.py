@@ -30,7 +30,7 @@ from torch import nn
 
 from . import rundir
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
-from .checks import calibration_source, check_labels, check_leaf_modules, guard_scorer, warn_unmatched_limits, \
+from .checks import calibration_source, check_labels, check_leaf_modules, check_limits_match, guard_scorer, \
     weights_hash
 from .config import Config, load_config, to_dict
 from .costs import CostModel
@@ -82,6 +82,8 @@ class PruneResult:
     # what the importance scores were calibrated on: "data.calibration", "data.train", "random" (asked for
     # with data.calibration: random), "example input" (a custom scorer without data), None (weights only)
     calibration: str | None = None
+    # the original's metric, and the delivered model's after the final fine-tune (None without data.val/validate)
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class _Run:
         if not isinstance(model, nn.Module):
             raise PrunekitError(f"prune needs a torch.nn.Module, got {type(model).__name__}.")
         check_leaf_modules(model, cfg.model.leaf_modules)
-        warn_unmatched_limits(model, cfg.limits.layers)
+        check_limits_match(model, cfg.limits.layers)
         check_finite_weights(model)
         self.input_tensors = [t for t in torch.utils._pytree.tree_leaves(self.inputs) if isinstance(t, torch.Tensor)]
         for tensor in self.input_tensors:
@@ -397,6 +399,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         step, current, history, candidates = run.checkpoint
         run.log(f"resuming after step {step}")
     message = ""
+    # the report's baseline, on a copy: the caller's model stays untouched
+    original_metric = run.metric(copy.deepcopy(run.original)) if run.validate_fn or run.val else None
     graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
     cut = None  # (graph, removed units) of the last step: the next graph is derived from them
     while True:
@@ -465,9 +469,14 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         best_step = best.step
     else:
         model_out, best_step = copy.deepcopy(current), 0  # the result shares nothing with the caller's model
+    final_started = time.perf_counter()
     if cfg.schedule.final_finetune is not None:
         _seed(cfg.seed + best_step + 1000)  # the same whether the run was resumed or not
         run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
+    final_metric = run.metric(model_out)  # the delivered model's, after the final fine-tune
+    final_seconds = time.perf_counter() - final_started
+    run.log(f"final: step {best_step}'s model" + (" after the final fine-tune" if cfg.schedule.final_finetune else "")
+            + (f", metric {final_metric:.4f}" if final_metric is not None else ""))
     if graph is not None and (best is None or best.step == step):
         final_graph = graph  # the loop's last graph already describes this model's structure
     else:
@@ -493,6 +502,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         candidates=[{"step": c.step, "metric": c.metric, "meets_targets": c.meets} for c in candidates],
         latency=latency,
         calibration=run.calibration_from,
+        metrics={"original": original_metric, "final": final_metric, "final_finetune_seconds": final_seconds},
     )
     if writer is not None:
         from .reports.run import write_outputs

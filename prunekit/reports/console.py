@@ -190,25 +190,29 @@ def render_graph_report(data: dict, console) -> None:
     from rich import box
     from rich.table import Table
 
+    from rich.text import Text
+
     table = Table(title="Channel groups (channels that are removed together)", box=box.SIMPLE_HEAD,
                   title_justify="left", expand=True)
-    table.add_column("#", justify="right", style="dim")
-    longest = max((len(p) for g in data["groups"] for p in g["producers"]), default=9)
-    table.add_column("Producers", overflow="fold", min_width=min(longest, 48))
-    table.add_column("Size", justify="right")
-    table.add_column("Prunable", justify="right")
-    table.add_column("Read by", style="dim", overflow="fold", ratio=3)
-    table.add_column("Status", ratio=2, overflow="fold")
     styles = {"prunable": "green", "partly pinned": "yellow", "pinned": "red"}
-    for g in data["groups"]:
+    details = []
+    for g in data["groups"]:  # the status, why, and who reads the channels, as one cell: the table fits 80 columns
         status = g["status"] if not g["reasons"] else f"{g['status']}: " + "; ".join(g["reasons"])
         if g["granularity"]:
             status += "\n" + "; ".join(g["granularity"])
-        table.add_row(
-            _txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["size"])),
-            _txt(_count(g["prunable_units"])), _txt(", ".join(g["consumers"]) or "-"),
-            _txt(status, styles[g["status"]]),
-        )
+        details.append(Text.assemble((status, styles[g["status"]]),
+                                     ("\nread by " + (", ".join(g["consumers"]) or "-"), "dim")))
+    # a column is never narrower than its longest word: names wrap between words, never inside one
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("Producers", overflow="fold",
+                     min_width=_longest_word(p for g in data["groups"] for p in g["producers"]))
+    table.add_column("Size", justify="right")
+    table.add_column("Prunable", justify="right")
+    table.add_column("Status; layers that read the channels", overflow="fold",
+                     min_width=_longest_word(d.plain for d in details))
+    for g, detail in zip(data["groups"], details):
+        table.add_row(_txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["size"])),
+                      _txt(_count(g["prunable_units"])), detail)
     console.print(table)
     if data["pins"]:
         pins = Table(title="Pinned channels (left alone)", box=box.SIMPLE_HEAD, title_justify="left")
@@ -223,6 +227,11 @@ def render_graph_report(data: dict, console) -> None:
     console.print(_txt(
         f"{t['groups']} groups over {t['producers']} producers ({t['pinned_groups']} pinned); "
         f"{_count(t['prunable_units'])} of {_count(t['units'])} channels can be pruned.", "bold"))
+
+
+def _longest_word(texts, cap: int = 60) -> int:
+    """The length of the longest whitespace-separated word in ``texts`` (at most ``cap``)."""
+    return min(max((len(word) for text in texts for word in str(text).split()), default=1), cap)
 
 
 def render_tracing(data: dict, console) -> None:

@@ -1,13 +1,17 @@
 """What a pruning run leaves in its directory, each file written atomically.
 
 model.pt (state_dict, loads with weights_only=True), manifest.json (builder,
-kwargs, widths), report.json and report.md (per-layer before/after, totals,
-importance, steps), trajectory.png and widths.png.
+kwargs, widths), report.json and report.md (the original and the delivered
+model side by side: FLOPs, parameters, latency, metric; the trajectory from
+the original through every step to the final fine-tune; the limits that
+applied, what was pinned and why, per-layer before/after), trajectory.png and
+widths.png (drawn by :mod:`.plots`).
 """
 
 from __future__ import annotations
 
-import io
+import fnmatch
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,10 +21,19 @@ from ..config import to_dict
 from ..costs import CONVENTION, CostModel
 from ..graphs import ChannelGraph
 from ..files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
-from .data import tracing_report
+from ..planner import layer_limit
+from .data import graph_report, tracing_report
+from .plots import plot_trajectory, plot_widths
+
+__all__ = ["build_report", "layer_rows", "render_markdown", "summary_lines", "write_outputs", "plot_trajectory",
+           "plot_widths"]
 
 
-def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, graph1: ChannelGraph) -> list[dict]:
+def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, graph1: ChannelGraph,
+               limits=None) -> list[dict]:
+    """Per layer: channels, parameters and FLOPs before and after; for a producer, the limit that
+    applied to it (``limit``, the fraction of its filters that could go, and ``limit_from``, the
+    ``limits.layers`` key or ``default``) and whether pruning stopped there (``at_limit``)."""
     before = {r.name: r for r in CostModel(original, graph0).layers()}
     after = {r.name: r for r in CostModel(pruned, graph1).layers()}
     widths0 = {n: len(u) for n, u in graph0.producers.items()}
@@ -28,18 +41,85 @@ def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, gra
     rows = []
     for name, b in before.items():
         a = after.get(name)
-        rows.append({
+        row = {
             "name": name, "type": b.type,
             "channels_before": widths0.get(name), "channels_after": widths1.get(name),
             "params_before": b.params, "params_after": a.params if a else 0,
             "flops_before": b.flops, "flops_after": a.flops if a else 0,
-        })
+        }
+        if limits is not None and row["channels_before"] is not None:
+            row.update(_limit_of(name, row["channels_before"], row["channels_after"], limits))
+        rows.append(row)
     return rows
 
 
-def build_report(result, rows: list[dict]) -> dict:
+def _limit_of(name: str, before: int, after: int | None, limits) -> dict:
+    fraction = layer_limit(name, limits)
+    source = name if name in limits.layers else next(
+        (p for p in limits.layers if fnmatch.fnmatchcase(name, p)), "default")
+    allowed = min(math.floor(fraction * before + 1e-9), before - 1)
+    removed = before - (after if after is not None else before)
+    return {"limit": fraction, "limit_from": source, "at_limit": removed >= allowed}
+
+
+def _metric_source(cfg) -> str | None:
+    if cfg.validate:
+        return f"validate: {cfg.validate if isinstance(cfg.validate, str) else getattr(cfg.validate, '__name__', '?')}"
+    if cfg.data.val is not None:
+        return "data.val: accuracy (classification) or mean foreground IoU (segmentation)"
+    return None
+
+
+WEIGHT_ONLY = ("l1", "l2", "bn_scale", "random")  # scorers that read no data
+
+
+def _calibration_source(cfg) -> str:
+    """What the importance scores were computed on, in words."""
+    method = cfg.importance.method
+    if isinstance(method, str) and method in WEIGHT_ONLY:
+        return "none needed (the weights alone)"
+    for key in ("calibration", "train"):
+        source = getattr(cfg.data, key)
+        if isinstance(source, str):
+            return f"data.{key}: {source} (random noise, as the config asks)"
+        if source is not None:
+            what = (f"images '{source.images}'" if getattr(source, "images", None)
+                    else f"factory '{getattr(source, 'factory', None)}'")
+            return f"data.{key}: {what}"
+    return "the example input only (random values: set data.calibration to your images)"
+
+
+def _trajectory(result) -> list[dict]:
+    """The original, every step, and the delivered model (the best step after the final fine-tune)."""
+    o, f, m = result.original, result.final, result.metrics
+    rows = [{"step": 0, "label": "original", "flops_ratio": 1.0, "params_ratio": 1.0,
+             "latency_ratio": 1.0 if result.latency else None, "removed_units": 0,
+             "metric": m.get("original"), "seconds": None}]
+    for h in result.history:
+        rows.append({"label": str(h.step), **asdict(h)})
+    final_ft = result.config.schedule.final_finetune
+    tuned = final_ft is not None and final_ft.iterations > 0
+    label = f"final (step {result.best_step}" + (" + fine-tune)" if tuned else ")")
+    rows.append({"step": "final", "label": label, "flops": f["flops"], "params": f["params"],
+                 "flops_ratio": f["flops"] / o["flops"], "params_ratio": f["params"] / o["params"],
+                 "latency_ratio": f.get("latency_ratio"), "removed_units": None, "metric": m.get("final"),
+                 "seconds": m.get("final_finetune_seconds"), "from_step": result.best_step,
+                 "final_finetune_iterations": final_ft.iterations if final_ft is not None else 0})
+    return rows
+
+
+def _limits_applied(cfg, rows: list[dict]) -> dict:
+    producers = [r for r in rows if r.get("limit") is not None]
+    layers = {pattern: {"limit": float(value),
+                        "matches": [r["name"] for r in producers if r["limit_from"] == pattern]}
+              for pattern, value in cfg.limits.layers.items()}
+    return {"default": cfg.limits.default, "layers": layers, "round_to": cfg.limits.round_to,
+            "at_limit": [r["name"] for r in producers if r["at_limit"]]}
+
+
+def build_report(result, rows: list[dict], graph0: ChannelGraph | None = None) -> dict:
     cfg = result.config
-    return {
+    report = {
         "convention": CONVENTION,
         "importance": to_dict(cfg.importance),
         "targets": to_dict(cfg.targets),
@@ -48,14 +128,22 @@ def build_report(result, rows: list[dict]) -> dict:
         "targets_met": result.targets_met,
         "message": result.message,
         "best_step": result.best_step,
-        "original": result.original,
-        "final": result.final,
+        "original": {**result.original, "metric": result.metrics.get("original")},
+        "final": {**result.final, "metric": result.metrics.get("final")},
         "ratios": {k: result.final[k] / result.original[k] for k in ("flops", "params")},
+        "metric_source": _metric_source(cfg),
+        "calibration": _calibration_source(cfg),
         "latency": result.latency,
         "steps": [asdict(h) for h in result.history],
+        "trajectory": _trajectory(result),
         "candidates": result.candidates,
+        "limits_applied": _limits_applied(cfg, rows),
         "layers": rows,
     }
+    if graph0 is not None:
+        report["pins"] = graph_report(graph0)["pins"]
+        report["tracing"] = tracing_report(graph0)
+    return report
 
 
 def _human(n: float) -> str:
@@ -65,43 +153,101 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def render_markdown(report: dict) -> str:
+def _pct(value) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _summary_table(report: dict) -> list[str]:
     o, f, r = report["original"], report["final"], report["ratios"]
-    lines = [
-        "# prunekit run report", "",
-        f"- Importance: `{report['importance']['method']}` (norm {report['importance']['norm']}, "
-        f"omega {report['importance']['omega']})",
-        f"- Targets: FLOPs <= {report['targets']['flops']:.0%}, params <= {report['targets']['params']:.0%}"
-        + (f", latency <= {report['targets']['latency']:.0%} " if report["targets"].get("latency") else " ") +
-        f"(stop when {report['targets']['stop_when']}); {'met' if report['targets_met'] else 'NOT met'}"
+    lines = ["| | original | delivered | delivered / original |", "|---|---:|---:|---:|",
+             f"| FLOPs | {_human(o['flops'])} | {_human(f['flops'])} | {r['flops']:.1%} |",
+             f"| parameters | {_human(o['params'])} | {_human(f['params'])} | {r['params']:.1%} |"]
+    latency = report.get("latency")
+    if latency:
+        lines.append(f"| latency | {latency['original_seconds'] * 1e3:.2f} ms | {latency['pruned_seconds'] * 1e3:.2f} ms "
+                     f"| {latency['ratio']:.1%} |")
+    if o.get("metric") is not None or f.get("metric") is not None:
+        change = "" if o.get("metric") is None or f.get("metric") is None else f"{f['metric'] - o['metric']:+.4f}"
+        lines.append(f"| metric | {_num(o.get('metric'))} | {_num(f.get('metric'))} | {change} |")
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    t, imp = report["targets"], report["importance"]
+    final = report["trajectory"][-1] if report.get("trajectory") else None
+    targets = [f"FLOPs <= {t['flops']:.0%}", f"params <= {t['params']:.0%}"]
+    if t.get("latency"):
+        targets.append(f"latency <= {t['latency']:.0%}")
+    lines = ["# prunekit run report", "", *_summary_table(report), ""]
+    if final is not None:
+        tuned = final.get("final_finetune_iterations") and final.get("seconds") is not None
+        lines.append(f"- Delivered model: step {final.get('from_step', report['best_step'])}'s model"
+                     + (f" after the final fine-tune ({final['final_finetune_iterations']} iterations, "
+                        f"{final['seconds']:.1f} s)" if tuned else " (no final fine-tune)"))
+    lines += [
+        f"- Targets: {', '.join(targets)} (stop when {t['stop_when']}); {'met' if report['targets_met'] else 'NOT met'}"
         + (f" ({report['message']})" if report["message"] and not report["targets_met"] else ""),
-        f"- FLOPs: {_human(o['flops'])} -> {_human(f['flops'])} ({r['flops']:.1%}); "
-        f"parameters: {_human(o['params'])} -> {_human(f['params'])} ({r['params']:.1%})",
+        f"- Importance: `{imp['method']}` (norm {imp['norm']}, omega {imp['omega']}, combine {imp.get('combine')}, "
+        f"normalize {imp.get('normalize')})",
+        *([f"- Calibration data: {report['calibration']}"] if report.get("calibration") else []),
+        f"- Metric: {report.get('metric_source') or 'none (no validate function and no data.val)'}",
         *_latency_lines(report.get("latency")),
-        f"- Best step: {report['best_step']}; convention: {report['convention']}", "",
-        "## Steps", "", "| step | FLOPs | params | latency | units removed | metric | seconds |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"- Best step: {report['best_step']} of {len(report['steps'])}; convention: {report['convention']}", "",
+        "## Trajectory", "",
+        "From the original, through every step, to the delivered model.", "",
+        "| step | FLOPs | params | latency | units removed | metric | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for s in report["steps"]:
-        metric = "" if s["metric"] is None else f"{s['metric']:.4f}"
-        latency = "" if s.get("latency_ratio") is None else f"{s['latency_ratio']:.1%}"
-        lines.append(f"| {s['step']} | {s['flops_ratio']:.1%} | {s['params_ratio']:.1%} | {latency} "
-                     f"| {s['removed_units']} | {metric} | {s['seconds']:.1f} |")
-    tracing = report.get("tracing", {})
+    for s in report.get("trajectory") or [{"label": str(s["step"]), **s} for s in report["steps"]]:
+        seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
+        removed = "" if s.get("removed_units") is None else str(s["removed_units"])
+        lines.append(f"| {s['label']} | {_pct(s['flops_ratio'])} | {_pct(s['params_ratio'])} "
+                     f"| {_pct(s.get('latency_ratio'))} | {removed} | {_num(s['metric'])} | {seconds} |")
+    lines += _limits_markdown(report.get("limits_applied"))
+    lines += _pins_markdown(report.get("pins"), report.get("tracing", {}))
+    lines += ["", "## Layers", "", "| layer | type | channels | limit | params | FLOPs |", "|---|---|---:|---:|---:|---:|"]
+    for row in report["layers"]:
+        if row["channels_before"] is None and not row["params_before"] and not row["flops_before"]:
+            continue
+        channels = "" if row["channels_before"] is None else f"{row['channels_before']} -> {row['channels_after']}"
+        limit = "" if row.get("limit") is None else f"{row['limit']:.0%}" + (" (reached)" if row["at_limit"] else "")
+        lines.append(f"| {row['name']} | {row['type']} | {channels} | {limit} | {_human(row['params_before'])} -> "
+                     f"{_human(row['params_after'])} | {_human(row['flops_before'])} -> {_human(row['flops_after'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _limits_markdown(applied: dict | None) -> list[str]:
+    if not applied:
+        return []
+    lines = ["", "## Limits", "",
+             f"- default: at most {applied['default']:.0%} of any layer's filters removed"]
+    for pattern, item in applied["layers"].items():
+        names = ", ".join(f"`{n}`" for n in item["matches"]) or "no producer (it limits layers that own no filters)"
+        what = "never touched" if item["limit"] == 0 else f"at most {item['limit']:.0%} removed"
+        lines.append(f"- `{pattern}`: {what}; applies to {names}")
+    lines.append(f"- round_to: {applied['round_to']}")
+    if applied["at_limit"]:
+        lines.append(f"- Layers that reached their limit: {', '.join(f'`{n}`' for n in applied['at_limit'])}")
+    return lines
+
+
+def _pins_markdown(pins: list | None, tracing: dict) -> list[str]:
+    lines = []
+    if pins:
+        lines += ["", "## Pinned channels", "", "Channels prunekit left alone, and why.", "",
+                  "| source | channels | why |", "|---|---:|---|"]
+        lines += [f"| `{p['source']}` | {p['channels']} | {p['reason']} |" for p in pins]
     if tracing.get("fallbacks") or tracing.get("notes"):
         lines += ["", "## Tracing", ""]
         lines += [f"- `{f['module'] or '(whole model)'}` ({f['type']}) traced as an opaque leaf: {f['reason']}"
                   + (f" at `{f['location']}`" if f["location"] else "") + f"; {f['pinned_channels']} channels pinned"
                   for f in tracing.get("fallbacks", [])]
         lines += [f"- Note: {n}" for n in tracing.get("notes", [])]
-    lines += ["", "## Layers", "", "| layer | type | channels | params | FLOPs |", "|---|---|---:|---:|---:|"]
-    for row in report["layers"]:
-        if row["channels_before"] is None and not row["params_before"] and not row["flops_before"]:
-            continue
-        channels = "" if row["channels_before"] is None else f"{row['channels_before']} -> {row['channels_after']}"
-        lines.append(f"| {row['name']} | {row['type']} | {channels} | {_human(row['params_before'])} -> "
-                     f"{_human(row['params_after'])} | {_human(row['flops_before'])} -> {_human(row['flops_after'])} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _latency_lines(latency: dict | None) -> list[str]:
@@ -112,72 +258,36 @@ def _latency_lines(latency: dict | None) -> list[str]:
             f"{latency['threads']} threads, torch {latency['torch']})"]
 
 
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def plot_trajectory(report: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [0] + [s["step"] for s in report["steps"]]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [1] + [s["flops_ratio"] for s in report["steps"]], "o-", label="FLOPs")
-    ax.plot(steps, [1] + [s["params_ratio"] for s in report["steps"]], "s-", label="parameters")
-    ax.axhline(report["targets"]["flops"], ls="--", c="C0", lw=0.8)
-    ax.axhline(report["targets"]["params"], ls="--", c="C1", lw=0.8)
-    measured = [(s["step"], s["latency_ratio"]) for s in report["steps"] if s.get("latency_ratio") is not None]
-    if measured:
-        ax.plot([0] + [m[0] for m in measured], [1] + [m[1] for m in measured], "d-", c="C3", label="latency")
-        ax.axhline(report["targets"]["latency"], ls="--", c="C3", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("fraction of original")
-    metrics = [(s["step"], s["metric"]) for s in report["steps"] if s["metric"] is not None]
-    if metrics:
-        other = ax.twinx()
-        other.plot(*zip(*metrics), "^-", c="C2", label="metric")
-        other.set_ylabel("metric")
-        other.legend(loc="upper right")
-    ax.legend(loc="lower left")
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
-
-
-def plot_widths(report: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["layers"] if r["channels_before"] is not None]
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 3.5))
-    xs = range(len(rows))
-    ax.bar(xs, [r["channels_before"] for r in rows], color="0.8", label="before")
-    ax.bar(xs, [r["channels_after"] or 0 for r in rows], color="C0", label="after")
-    ax.set_xticks(list(xs), [r["name"] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("output channels")
-    ax.legend()
-    fig.tight_layout()
-    data = _png(fig)
-    plt.close(fig)
-    return data
-
-
 def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph: ChannelGraph, inputs,
                   directory=None) -> None:
     """Write the run's files into ``directory`` (default: ``result.run_dir``), which must exist."""
     run_dir = Path(directory if directory is not None else result.run_dir)
-    report = build_report(result, layer_rows(original, graph0, result.model, final_graph))
-    report["tracing"] = tracing_report(graph0)
+    rows = layer_rows(original, graph0, result.model, final_graph, result.config.limits)
+    report = build_report(result, rows, graph0)
     atomic_save_torch(result.model.state_dict(), run_dir / "model.pt")
     save_json(run_dir / "manifest.json", result.manifest)
     save_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", render_markdown(report))
     atomic_write_bytes(run_dir / "trajectory.png", plot_trajectory(report))
     atomic_write_bytes(run_dir / "widths.png", plot_widths(report))
+
+
+def summary_lines(result) -> list[str]:
+    """What ``prunekit prune`` prints when it is done: the original and the delivered model's FLOPs,
+    parameters, measured latency and metric, and whether the targets hold."""
+    o, f = result.original, result.final
+    m = result.metrics
+    status = "targets met" if result.targets_met else "targets NOT met"
+    lines = [f"FLOPs {o['flops']:,} -> {f['flops']:,} ({f['flops'] / o['flops']:.1%}), "
+             f"parameters {o['params']:,} -> {f['params']:,} ({f['params'] / o['params']:.1%}); {status}."]
+    lat = result.latency
+    if lat:
+        lines.append(f"Latency {lat['original_seconds'] * 1e3:.2f} ms -> {lat['pruned_seconds'] * 1e3:.2f} ms "
+                     f"({lat['ratio']:.1%}; {lat['device']}, {lat['threads']} threads).")
+    if m.get("original") is not None or m.get("final") is not None:
+        tuned = result.config.schedule.final_finetune is not None and result.config.schedule.final_finetune.iterations
+        source = _metric_source(result.config) or "metric"
+        lines.append(f"Metric ({source.split(':')[0]}) {_num(m.get('original')) or '-'} -> {_num(m.get('final')) or '-'}"
+                     f" (the delivered model: step {result.best_step}"
+                     + (" after the final fine-tune)." if tuned else ")."))
+    return lines
