@@ -298,6 +298,7 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
     import torch
 
     from .config import load_config
+    from .distributed import launched_rank
     from .loading import load_model
     from .loop import prune as run_prune
     from .rundir import Interrupted, plan
@@ -310,7 +311,8 @@ def prune(model: str, config_path: str, run_dir: str, resume: bool, force: bool,
     if config.model.builder is None and not config.model.trusted_pickle:
         raise PrunekitError(f"config '{config_path}' needs model.builder (or model.trusted_pickle: true "
                             f"for a whole pickled module).")
-    plan(run_dir, resume, force, inputs)  # refuse a run directory before the model is even read
+    if launched_rank() == 0:  # under torchrun, rank 0 alone reads and writes the run directory
+        plan(run_dir, resume, force, inputs)  # refuse a run directory before the model is even read
     check_input_memory(config.input_shape, "input_shape")
     net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
                      trusted=config.model.trusted_pickle)
