@@ -119,7 +119,9 @@ class World:
             yield
         except PrunekitError:
             raise
-        except RuntimeError as exc:  # gloo and NCCL raise DistBackendError (a RuntimeError) when a peer is gone
+        except RuntimeError as exc:
+            if not _lost_peer(exc):
+                raise
             raise DistributedError(f"rank {self.rank} lost the other ranks while {what} (another rank stopped; "
                                    f"its own output says why).", self.rank) from exc
 
@@ -260,6 +262,14 @@ class World:
 
 
 SINGLE = World()
+
+# what the backends' errors say when another rank is gone (gloo raises a plain RuntimeError)
+_PEER_ERRORS = ("Connection reset", "Connection closed", "gloo", "NCCL", "ProcessGroup", "Broken pipe")
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    dist_error = getattr(_dist(), "DistError", ())
+    return isinstance(exc, dist_error) or any(marker in str(exc) for marker in _PEER_ERRORS)
 
 
 def takes_reduce(scorer: Callable) -> bool:

@@ -123,11 +123,12 @@ def scenario_scores(rank: int, out: Path) -> dict:
         data = [x for x, _ in seg_data(n=6)]
         batches = Batches(lambda: iter(data), length=len(data))
         raw = ipad(model, graph, world.shard(batches), reduce=world.sum_over_ranks)
+        lone = ipad(model, graph, world.shard(data[:1]), reduce=world.sum_over_ranks)  # rank 1 reads nothing
         units = world.scores(ipad, lambda sharded: score_units(
             model, graph, "ipad", world.shard(batches) if sharded else batches,
             {"reduce": world.sum_over_ranks} if sharded else {}))
         result = prunekit.prune(model, example, seg_config(), run_dir=out / "run", progress=False)
-        return {"raw": {k: v.clone() for k, v in raw.items()}, "units": units, **summary(result),
+        return {"raw": {k: v.clone() for k, v in raw.items()}, "lone": lone, "units": units, **summary(result),
                 "still_initialised": dist.is_initialized()}
     finally:
         dist.destroy_process_group()

@@ -83,13 +83,14 @@ def test_two_ranks_score_plan_and_prune_as_one_process(tmp_path):
     model, example = worker.small_unet(), torch.rand(1, 1, worker.SIZE, worker.SIZE)
     graph = prunekit.build_graph(model, example)
     data = [x for x, _ in worker.seg_data(n=6)]
-    raw = ipad(model, graph, data)
+    raw, lone = ipad(model, graph, data), ipad(model, graph, data[:1])
     units = score_units(model, graph, "ipad", data)
     single = worker.summary(prunekit.prune(model, example, worker.seg_config(), progress=False))
     for rank in ranks:
         assert rank["raw"].keys() == raw.keys()
         for name in raw:
             torch.testing.assert_close(rank["raw"][name], raw[name], rtol=1e-6, atol=0.0)
+            torch.testing.assert_close(rank["lone"][name], lone[name], rtol=1e-6, atol=0.0)  # an empty shard
         np.testing.assert_array_equal(rank["units"], units)
         assert rank["history"] == single["history"] and rank["modules"] == single["modules"]
         assert rank["best_step"] == single["best_step"] and rank["final"]["flops"] == single["final"]["flops"]
