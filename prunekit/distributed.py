@@ -135,7 +135,8 @@ class World:
         return out
 
     def from_main(self, fn: Callable, *args):
-        """``fn(*args)`` computed on rank 0 and broadcast to every rank; its PrunekitError is raised everywhere."""
+        """``fn(*args)`` computed on rank 0 and broadcast to every rank; what it raises is raised on every rank
+        (on the others as a DistributedError that quotes it)."""
         if not self.many:
             return fn(*args)
         box: list = [None]
@@ -143,8 +144,9 @@ class World:
         if self.main:
             try:
                 box[0] = ("value", fn(*args))
-            except PrunekitError as exc:
-                error, box[0] = exc, ("error", str(exc))
+            except Exception as exc:  # noqa: BLE001 - raised here as it is, and on the other ranks as one sentence
+                error, box[0] = exc, ("error", str(exc) if isinstance(exc, PrunekitError) else
+                                      f"{type(exc).__name__}: {exc}")
         with self._peers("waiting for rank 0"):
             _dist().broadcast_object_list(box, src=0, device=self._object_device())
         kind, value = box[0]
@@ -185,9 +187,10 @@ class World:
         names = sorted(known)
         if not names:
             return sums, counts
-        device = next((t.device for t in sums.values()), None)
-        if device is None or self.backend == "gloo":
-            device = torch.device("cpu")
+        home = next((t.device for t in sums.values()), None)  # None: this rank's shard was empty
+        device = torch.device("cpu") if self.backend == "gloo" else home or self._object_device() or \
+            torch.device("cpu")
+        home = home or device
         dtype = torch.float64
         flat = torch.cat([sums[n].detach().to(device, dtype).reshape(-1) if n in sums else
                           torch.zeros(int(torch.Size(known[n][0]).numel()), dtype=dtype, device=device) for n in names]
@@ -197,7 +200,7 @@ class World:
         out_sums, offset = {}, 0
         for n in names:
             size = int(torch.Size(known[n][0]).numel())
-            out_sums[n] = flat[offset:offset + size].reshape(known[n][0]).to(known[n][1])
+            out_sums[n] = flat[offset:offset + size].reshape(known[n][0]).to(home, known[n][1])
             offset += size
         out_counts = {n: int(round(float(c))) for n, c in zip(names, flat[offset:].tolist())}
         return out_sums, out_counts

@@ -74,6 +74,14 @@ def stop_on_second(model, batches, iterations):
         raise KeyboardInterrupt
 
 
+def slow_tune(model, batches, iterations):
+    """A fine-tune function that does nothing, slowly (20 s) when PRUNEKIT_TEST_SLOW is set."""
+    import time
+
+    if os.environ.get("PRUNEKIT_TEST_SLOW"):
+        time.sleep(20)
+
+
 def seg_config(**extra) -> dict:
     config = {
         "targets": {"flops": 0.5}, "schedule": {"steps": 2}, "importance": {"method": "ipad"},

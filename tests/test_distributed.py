@@ -4,10 +4,13 @@ Each test starts tests/_distributed_worker.py twice with torchrun's environment 
 MASTER_ADDR, MASTER_PORT), bounded in time, and compares what the ranks wrote with a run in this process.
 """
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch
 
 import _distributed_worker as worker
 import prunekit
+from prunekit import rundir
 from prunekit.data.batches import Batches
 from prunekit.distributed import SINGLE, World, current, joined
 from prunekit.importance import ipad, score_units
@@ -125,7 +129,7 @@ def test_resume_two_ranks_on_one_and_one_on_two(tmp_path, monkeypatch):
     stopped = launch("stop", tmp_path / "a")
     assert stopped[0] == {"interrupted": "Interrupted", "resumable": True}
     assert stopped[1]["interrupted"] == "KeyboardInterrupt"
-    assert prunekit.rundir.inspect(tmp_path / "a" / "run") == "interrupted"
+    assert rundir.inspect(tmp_path / "a" / "run") == "interrupted"
     resumed = worker.summary(prunekit.prune(worker.small_unet(), example, worker.stop_config(),
                                             run_dir=tmp_path / "a" / "run", resume=True, progress=False))
     assert resumed["history"] == whole["history"]
@@ -133,7 +137,7 @@ def test_resume_two_ranks_on_one_and_one_on_two(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PRUNEKIT_TEST_STOP", "1")
     monkeypatch.setitem(worker.CALLS, "n", 0)
-    with pytest.raises(prunekit.rundir.Interrupted):
+    with pytest.raises(rundir.Interrupted):
         prunekit.prune(worker.small_unet(), example, worker.stop_config(), run_dir=tmp_path / "b" / "run",
                        progress=False)
     monkeypatch.delenv("PRUNEKIT_TEST_STOP")
@@ -176,3 +180,80 @@ def test_a_rank_device_is_its_local_gpu():
     assert world.device(torch.device("cuda")) == torch.device("cuda", 1)
     with pytest.raises(prunekit.PrunekitError, match="names one GPU"):
         world.device(torch.device("cuda", 0))
+
+
+# -- the command line under torchrun ------------------------------------------------------------
+
+
+CLI_CONFIG = """\
+model: {builder: "prunekit.zoo:unet", kwargs: {in_channels: 1, num_classes: 2, width: 4, depth: 2}}
+input_shape: [1, 1, 16, 16]
+targets: {flops: 0.5}
+schedule: {steps: 3, finetune: {iterations: 1, function: "_distributed_worker:slow_tune"}}
+data:
+  calibration: {factory: "_distributed_worker:seg_data", kwargs: {n: 6}}
+device: cpu
+"""
+
+
+def torchrun(tmp_path, *args, slow=False):
+    (tmp_path / "cfg.yaml").write_text(CLI_CONFIG)
+    if not (tmp_path / "m.pt").exists():
+        torch.save(worker.small_unet().state_dict(), tmp_path / "m.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env.pop("PRUNEKIT_TEST_SLOW", None)
+    if slow:
+        env["PRUNEKIT_TEST_SLOW"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "prunekit", "prune", "m.pt", "-c", "cfg.yaml", "-q", *args]
+    return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _rank_pids(root: int) -> dict:
+    """The rank of every process below ``root`` (torchrun's workers), read from their environment."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    below, ranks = {root}, {}
+    for _ in range(4):
+        below |= {pid for pid, parent in parents.items() if parent in below}
+    for pid in below - {root}:
+        with contextlib.suppress(OSError):
+            rank = [e for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if e.startswith(b"RANK=")]
+            if rank:
+                ranks[int(rank[0][5:])] = pid
+    return ranks
+
+
+@pytest.mark.slow
+def test_torchrun_prune_and_ctrl_c_on_one_rank_leaves_a_resumable_run(tmp_path):
+    """``torchrun -m prunekit prune``: a complete run from 2 ranks; Ctrl-C on rank 1 alone during a step
+    (torchrun then stops rank 0 with SIGTERM) leaves the run resumable, and --resume finishes it."""
+    done = torchrun(tmp_path, "-o", "run")
+    log = done.communicate(timeout=120)[0].decode()
+    assert done.returncode == 0, log
+    assert rundir.inspect(tmp_path / "run") == "complete"
+    pruned = prunekit.load_pruned(tmp_path / "run")
+    single = prunekit.prune(worker.small_unet(), torch.rand(1, 1, 16, 16), tmp_path / "cfg.yaml", progress=False)
+    assert_same_states(pruned.state_dict(), single.model.state_dict())
+
+    long = torchrun(tmp_path, "-o", "run2", slow=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "run2" / "checkpoint.pt").exists():
+            time.sleep(0.2)
+        os.kill(_rank_pids(long.pid)[1], signal.SIGINT)
+        log = long.communicate(timeout=120)[0].decode()
+    finally:
+        if long.poll() is None:
+            os.killpg(long.pid, signal.SIGKILL)
+    assert long.returncode != 0
+    assert "Interrupted" in log and "--resume" in log, log
+    assert rundir.inspect(tmp_path / "run2") == "interrupted"
+    resumed = torchrun(tmp_path, "-o", "run2", "--resume")
+    log = resumed.communicate(timeout=120)[0].decode()
+    assert resumed.returncode == 0, log
+    assert_same_states(prunekit.load_pruned(tmp_path / "run2").state_dict(), single.model.state_dict())
