@@ -183,14 +183,14 @@ class _Run:
         saved = getattr(self, "saved_tables", None)
         tables = LatencyTables.from_json(saved, settings) if saved else None
         if tables is None:
-            def measure() -> str:  # on rank 0 only: every rank plans with the same tables
+            def measure() -> LatencyTables:  # on rank 0 only: every rank plans with the same tables
                 self.log(f"measuring latency tables on {lat.device}")
                 measured = LatencyTables.measure(model, self.graph0, self.inputs, settings)
                 if self.config.limits.round_to == "auto":
                     measured.alignment = choose_alignment(model, self.graph0, measured, settings)
-                return measured.as_json()
+                return measured
 
-            tables = LatencyTables.from_json(self.world.from_main(measure), settings)
+            tables = self.world.from_main(measure)
         if self.config.limits.round_to == "auto":
             self.round_to = tables.alignment or 1
             self.log(f"round_to: auto chose {self.round_to}")

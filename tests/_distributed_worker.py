@@ -74,6 +74,30 @@ def stop_on_second(model, batches, iterations):
         raise KeyboardInterrupt
 
 
+def mean_output(model, graph, batches):
+    """A custom scorer without ``reduce``: mean |output| of each producer over the batches (runs on rank 0)."""
+    totals = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: totals.__setitem__(n, totals.get(n, 0) + o.detach().abs().mean((0, 2, 3))))
+        for n in graph.producers if isinstance(model.get_submodule(n), nn.Conv2d)]
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    return totals
+
+
+def rank_metric(model):
+    """A validate function that tells which rank ran it: 1.0 on rank 0."""
+    return float(os.environ.get("RANK", "0") == "0")
+
+
+def custom_config() -> dict:
+    return seg_config(importance={"method": "_distributed_worker:mean_output"},
+                      validate="_distributed_worker:rank_metric")
+
+
 def slow_tune(model, batches, iterations):
     """A fine-tune function that does nothing, slowly (20 s) when PRUNEKIT_TEST_SLOW is set."""
     import time
@@ -136,7 +160,8 @@ def scenario_scores(rank: int, out: Path) -> dict:
             model, graph, "ipad", world.shard(batches) if sharded else batches,
             {"reduce": world.sum_over_ranks} if sharded else {}))
         result = prunekit.prune(model, example, seg_config(), run_dir=out / "run", progress=False)
-        return {"raw": {k: v.clone() for k, v in raw.items()}, "lone": lone, "units": units, **summary(result),
+        custom = prunekit.prune(model, example, custom_config(), progress=False)
+        return {"custom": summary(custom), "raw": {k: v.clone() for k, v in raw.items()}, "lone": lone, "units": units, **summary(result),
                 "still_initialised": dist.is_initialized()}
     finally:
         dist.destroy_process_group()
@@ -163,6 +188,14 @@ def scenario_resume(rank: int, out: Path) -> dict:
     result = prunekit.prune(small_unet(), torch.rand(1, 1, SIZE, SIZE), stop_config(), run_dir=out / "run",
                             resume=True, progress=False)
     return summary(result)
+
+
+def scenario_latency(rank: int, out: Path) -> dict:
+    """A latency target: rank 0 measures the tables and every step's latency, every rank plans with them."""
+    config = seg_config(targets={"latency": 0.8, "flops": 1.0}, importance={"method": "l1"},
+                        latency={"threads": 1, "repeats": 3, "warmup": 1})
+    result = prunekit.prune(small_unet(), torch.rand(1, 1, SIZE, SIZE), config, progress=False)
+    return {**summary(result), "latency": [h.latency_ratio for h in result.history]}
 
 
 def scenario_disagree(rank: int, out: Path) -> dict:

@@ -82,7 +82,8 @@ def assert_same_states(a: dict, b: dict, rtol=0.0, atol=0.0):
 
 def test_two_ranks_score_plan_and_prune_as_one_process(tmp_path):
     """IPAD on sharded calibration data, its sums all-reduced: scores within 1e-6, the same plans, the
-    same pruned model bit for bit; rank 0 alone writes the run directory; a caller's group stays."""
+    same pruned model bit for bit; rank 0 alone writes the run directory; a caller's group stays; a
+    custom scorer without ``reduce`` and a validate function run on rank 0 and their results are shared."""
     ranks = launch("scores", tmp_path)
     model, example = worker.small_unet(), torch.rand(1, 1, worker.SIZE, worker.SIZE)
     graph = prunekit.build_graph(model, example)
@@ -101,6 +102,10 @@ def test_two_ranks_score_plan_and_prune_as_one_process(tmp_path):
         assert_same_states(rank["state"], single["state"])
         assert rank["still_initialised"]
     assert single["history"][-1][4] is not None  # the validation metric, summed over both ranks' shards
+    custom = worker.summary(prunekit.prune(model, example, worker.custom_config(), progress=False))
+    for rank in ranks:  # a scorer without reduce and a validate function run on rank 0, on all the data
+        assert rank["custom"]["history"] == custom["history"] and rank["custom"]["history"][0][4] == 1.0
+        assert_same_states(rank["custom"]["state"], custom["state"])
     loaded = prunekit.load_pruned(tmp_path / "run", model=worker.small_unet())
     assert_same_states(loaded.state_dict(), single["state"])
 
@@ -144,6 +149,14 @@ def test_resume_two_ranks_on_one_and_one_on_two(tmp_path, monkeypatch):
     for rank in launch("resume", tmp_path / "b"):
         assert rank["history"] == whole["history"]
         assert_same_states(rank["state"], whole["state"])
+
+
+@pytest.mark.slow
+def test_a_latency_target_is_measured_on_rank_0_and_planned_alike_everywhere(tmp_path):
+    first, second = launch("latency", tmp_path)
+    assert first["latency"] == second["latency"] and all(r is not None for r in first["latency"])
+    assert first["history"] == second["history"] and first["modules"] == second["modules"]
+    assert_same_states(first["state"], second["state"])
 
 
 def test_ranks_that_disagree_stop_with_an_error(tmp_path):
