@@ -23,6 +23,15 @@ Both are timed from the unpruned model to the pruned one (model building and
 the deep copy are not timed). The FLOPs ratio of each result is measured
 with fvcore (``prunekit.costs.fvcore_counts``) on the original and the
 pruned model, outside the timing, and both pruned models are run once.
+
+Command line (``--no-cli`` skips it): ``python -m prunekit prune model.pt -c config.yaml -o run -q``
+in a fresh process, timed end to end (start, imports, loading, pruning, the run directory), with
+the model's state_dict written beforehand and a config equal to the API's plus the builder
+(``torchvision.models:NAME`` with ``weights: null``, or ``prunekit.zoo:unet``) and the input
+shape; its widths must equal the API's. Beside it: the start-up (``python -m prunekit --help``)
+and the imports a prune cannot avoid (``import prunekit.loop`` and the builder's module). Target:
+CLI seconds <= 2 x API seconds + start-up. With ``--clock cpu`` a subprocess's time is its
+user + system CPU time (``RUSAGE_CHILDREN``).
 """
 
 from __future__ import annotations
@@ -30,9 +39,16 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -61,6 +77,10 @@ def prunekit_config(last_layer: str) -> dict:
 
 
 clock = CLOCKS["wall"]
+clock_name = "wall"
+threads: int | None = None
+ROOT = Path(__file__).resolve().parents[1]
+CLI_TARGET = 2.0  # CLI seconds <= CLI_TARGET x API seconds + start-up
 
 
 def build_model(name: str) -> tuple[nn.Module, torch.Tensor, str]:
@@ -86,7 +106,8 @@ def run_prunekit(model: nn.Module, x: torch.Tensor, last: str) -> dict:
     result = prunekit.prune(model, x, config, progress=False)
     seconds = clock() - t0
     return {"seconds": seconds, "model": result.model, "steps": len(result.history),
-            "analytic_ratio": result.final["flops"] / result.original["flops"], "message": result.message}
+            "analytic_ratio": result.final["flops"] / result.original["flops"], "message": result.message,
+            "modules": result.manifest["modules"]}
 
 
 def run_tp(model: nn.Module, x: torch.Tensor, last: str, time_limit: float | None) -> dict:
@@ -110,11 +131,48 @@ def run_tp(model: nn.Module, x: torch.Tensor, last: str, time_limit: float | Non
     return {"seconds": seconds, "model": model, "steps": steps, "tp_ratio": macs / base_macs, "finished": reached}
 
 
+def run_python(args: list[str], cwd: Path) -> float:
+    """Seconds (on ``clock_name``'s clock) of ``python ARGS`` in a fresh process, the checkout first on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    done = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"python {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime if clock_name == "cpu" else wall
+
+
+def cli_files(name: str, model: nn.Module, x: torch.Tensor, last: str, directory: Path) -> str:
+    """The model's state_dict and a config equal to the API's, for ``prunekit prune``; the builder's module."""
+    torch.save(model.state_dict(), directory / "model.pt")
+    builder, kwargs = ("prunekit.zoo:unet", {}) if name == "unet" else (f"torchvision.models:{name}",
+                                                                      {"weights": None})
+    config = {"model": {"builder": builder, "kwargs": kwargs}, "input_shape": list(x.shape), **prunekit_config(last)}
+    (directory / "config.yaml").write_text(json.dumps(config, indent=2))  # JSON is YAML
+    return builder.split(":")[0]
+
+
+def bench_cli(name: str, model: nn.Module, x: torch.Tensor, last: str, repeats: int, api_modules: dict) -> dict:
+    """``prunekit prune`` end to end, its start-up and the unavoidable imports, each in fresh processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        module = cli_files(name, model, x, last, work)
+        seconds = [run_python(["-m", "prunekit", "prune", "model.pt", "-c", "config.yaml", "-o", f"run{i}", "-q"],
+                              work) for i in range(repeats)]
+        manifest = json.loads((work / "run0" / "manifest.json").read_text())
+        startup = min(run_python(["-m", "prunekit", "--help"], work) for _ in range(max(3, repeats)))
+        imports = min(run_python(["-c", f"import prunekit.loop, {module}"], work) for _ in range(max(3, repeats)))
+    return {"seconds": seconds, "best": min(seconds), "startup": startup, "imports": imports,
+            "same_widths": manifest["modules"] == json.loads(json.dumps(api_modules))}
+
+
 def within(ratio: float) -> bool:
     return FLOPS_TARGET - TOLERANCE <= ratio <= FLOPS_TARGET + 1e-9
 
 
-def bench_model(name: str, repeats: int, use_tp: bool, tp_time_limit: float | None) -> dict:
+def bench_model(name: str, repeats: int, use_tp: bool, tp_time_limit: float | None, use_cli: bool = False) -> dict:
     model, x, last = build_model(name)
     base_flops = fvcore_counts(model, x)[0]
     base_params = params(model)
@@ -133,6 +191,9 @@ def bench_model(name: str, repeats: int, use_tp: bool, tp_time_limit: float | No
                        "steps": runs[-1]["steps"], "message": runs[-1]["message"],
                        "analytic_ratio": runs[-1]["analytic_ratio"], "fvcore_ratio": ratio,
                        "params_ratio": params(pruned) / base_params, "within_1pct": within(ratio)}
+    if use_cli:
+        cli = row["cli"] = bench_cli(name, model, x, last, repeats, runs[-1]["modules"])
+        cli["ratio"] = cli["best"] / (CLI_TARGET * row["prunekit"]["best"] + cli["startup"])
     del runs, pruned
 
     if use_tp:
@@ -202,7 +263,26 @@ def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> 
         notes.append("Torch-Pruning is not installed (pip install --no-deps torch-pruning==1.6.1): prunekit only.")
     else:
         notes.append("Torch-Pruning skipped (--no-tp): prunekit only.")
-    return "\n".join([title, "", table(header, body, set(range(1, len(header)))), "", *notes])
+    text = [title, "", table(header, body, set(range(1, len(header)))), "", *notes]
+    if any("cli" in r for r in rows):
+        text += ["", format_cli(rows, runs, clock_name)]
+    return "\n".join(text)
+
+
+def format_cli(rows: list[dict], runs: str, clock_name: str) -> str:
+    header = ["model", "API s", "CLI s", "start-up s", "imports s", "CLI - imports s", "CLI/(2 API + start-up)",
+              "target", "same widths"]
+    body = [[r["model"], f"{r['prunekit']['best']:.2f}", f"{c['best']:.2f}", f"{c['startup']:.2f}",
+             f"{c['imports']:.2f}", f"{c['best'] - c['imports']:.2f}", f"{c['ratio']:.2f}",
+             "ok" if c["ratio"] <= 1 else "MISSED", "yes" if c["same_widths"] else "NO"]
+            for r in rows for c in [r.get("cli")] if c is not None]
+    notes = ["CLI = python -m prunekit prune model.pt -c config.yaml -o RUN -q in a fresh process (the API's config "
+             "plus model.builder and input_shape; the run directory written); start-up = python -m prunekit --help; "
+             "imports = python -c 'import prunekit.loop, <builder module>', which any prune of that model pays.",
+             f"target: CLI s <= {CLI_TARGET:.0f} x API s + start-up s; same widths: the CLI's manifest.json has the "
+             "API run's widths."]
+    title = f"The command line end to end: {clock_name}-clock seconds, {runs}"
+    return "\n".join([title, "", table(header, body, set(range(1, len(header) - 2))), "", *notes])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,12 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning even when it is installed")
     parser.add_argument("--tp-time-limit", type=float, metavar="SECONDS",
                         help="stop a Torch-Pruning run after this long (its time is then a lower bound)")
+    parser.add_argument("--no-cli", action="store_true", help="skip the command line's end-to-end time")
     add_threads_clock_json(parser, "save all results here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
-    global clock
+    global clock, clock_name, threads
     clock = apply_threads_clock(args)
+    clock_name, threads = args.clock, args.threads
     use_tp = tp is not None and not args.no_tp
 
     env = environment(fvcore=True)
@@ -228,9 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore", FutureWarning)
         for name in args.models:
             print(f"  {name} ...", flush=True)
-            row = bench_model(name, args.repeats, use_tp, args.tp_time_limit)
+            row = bench_model(name, args.repeats, use_tp, args.tp_time_limit, not args.no_cli)
             pk = row["prunekit"]
             line = f"    prunekit {pk['best']:.2f} s, FLOPs {pk['fvcore_ratio']:.2%}"
+            if "cli" in row:
+                line += f"; CLI {row['cli']['best']:.2f} s (start-up {row['cli']['startup']:.2f} s)"
             if "tp" in row:
                 line += f"; TP {row['tp']['best']:.1f} s ({row['tp']['steps']} steps), FLOPs {row['tp']['fvcore_ratio']:.2%}"
             print(line, flush=True)

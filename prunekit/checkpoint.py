@@ -20,11 +20,15 @@ from .rundir import RunDirError
 
 __all__ = ["CHECKPOINT_FORMAT", "write_checkpoint", "read_checkpoint"]
 
-CHECKPOINT_FORMAT = "prunekit-checkpoint/2"
+CHECKPOINT_FORMAT = "prunekit-checkpoint/3"
 
 
 def write_checkpoint(path: Path, identity: dict, state: dict) -> None:
-    """Save ``state`` (step, widths, weights, history, candidates) with the run's identity."""
+    """Save ``state`` (step, widths, weights, history, candidates) with the run's identity.
+
+    A tensor that appears twice in ``state`` (the current model's weights, which are also the best
+    candidate's) is stored once: ``torch.save`` writes each storage once, and streams it to the file.
+    """
     atomic_save_torch({"format": CHECKPOINT_FORMAT, **identity, **state}, path)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -95,11 +94,34 @@ def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Non
     atomic_write_bytes(path, text.encode(encoding))
 
 
+class _Recording:
+    """A file's ``write`` that keeps the OSError it raised: ``torch.save`` reports it as a RuntimeError."""
+
+    def __init__(self, fh: IO[bytes]):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_save_torch(obj: Any, path: PathLike) -> None:
-    """``torch.save(obj, path)`` atomically (serialised in memory first, so a full disk is an OSError)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    """``torch.save(obj, path)`` atomically, streamed to the temporary file (no copy in memory); a full
+    disk is an OSError, as for every other write."""
+    with atomic_writer(path, "wb") as fh:
+        out = _Recording(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ the interpolated table entries at the widths it keeps, plus the rest of the mode
 prediction is calibrated on a real measurement of the current model at every
 step, so only its *shape* (which channels cost time where) has to be right.
 
-    tables = LatencyTables.measure(model, graph, settings)          # or .load(path, ...)
-    model_now = LatencyModel(graph, tables, measured_ratio=1.0)
+    tables = LatencyTables.measure(model, graph, example_inputs, Settings(threads=1))  # or .from_json(text, settings)
+    model_now = LatencyModel(model, graph, tables, measured_ratio=1.0)
     model_now.ratio(mask)          # predicted latency after the removal, as a fraction of the original
     model_now.unit_seconds()       # seconds each unit's channels cost (to rank units by importance per second)
 """
@@ -84,7 +84,7 @@ def _base_class(module: nn.Module) -> type:
     return next(cls for cls in type(module).__mro__ if cls in TABLE_LAYERS)
 
 
-def _table_calls(model: nn.Module, graph: ChannelGraph) -> Iterable[tuple[str, fx.Node, nn.Module]]:
+def latency_calls(model: nn.Module, graph: ChannelGraph) -> Iterable[tuple[str, fx.Node, nn.Module]]:
     """(key, node, module) for every call of a table layer; a module called twice has two keys."""
     seen: dict[str, int] = {}
     for node in graph.fx_graph.nodes:
@@ -146,8 +146,7 @@ def _measure_table(module: nn.Module, shape: tuple, settings: Settings) -> Table
     dim = -1 if isinstance(module, nn.Linear) else 1
     cin0, cout0 = shape[dim], (module.out_features if isinstance(module, nn.Linear) else module.out_channels)
     if getattr(module, "groups", 1) > 1:
-        widths = [_joint_widths(module, f) for f in sorted(set(FRACTIONS))]
-        widths = sorted(set(widths))
+        widths = sorted({_joint_widths(module, f) for f in FRACTIONS})
         seconds = [_time_layer(module, shape, cin, cout, settings) for cin, cout in widths]
         return Table([w[0] for w in widths], [w[1] for w in widths], [seconds], True, cout0, cin0)
     cins, couts = _grid(cin0), _grid(cout0)
@@ -170,7 +169,11 @@ class LatencyTables:
     @classmethod
     def measure(cls, model: nn.Module, graph: ChannelGraph, example_inputs, settings: Settings,
                 progress=None) -> "LatencyTables":
-        calls = list(_table_calls(model, graph))
+        """Time every distinct table layer at its grid, then the whole model (and a half-width probe).
+
+        ``progress(done, total)`` is called after each layer call.
+        """
+        calls = list(latency_calls(model, graph))
         layers, tables, outputs = {}, {}, {}
         for i, (key, node, module) in enumerate(calls):
             shape = tuple(node.args[0].meta["prunekit_shape"])
@@ -225,7 +228,7 @@ class LatencyModel:
     def __init__(self, model: nn.Module, graph: ChannelGraph, tables: LatencyTables, measured_ratio: float = 1.0):
         self.graph, self.tables = graph, tables
         self._calls = []  # (table, output units, input units, current widths (in, out), output spatial size)
-        for key, node, module in _table_calls(model, graph):
+        for key, node, module in latency_calls(model, graph):
             if key in tables.layers:
                 dim = -1 if isinstance(module, nn.Linear) else 1
                 widths = (node.args[0].meta["prunekit_shape"][dim], node.meta["prunekit_shape"][dim])
@@ -308,8 +311,8 @@ def choose_alignment(model: nn.Module, graph: ChannelGraph, tables: LatencyTable
     An alignment ``a`` pays off when, in the layers that take the most time, keeping a
     multiple of ``a`` channels is measured no slower than keeping ``a / 2`` fewer.
     """
-    calls = {key: module for key, _, module in _table_calls(model, graph)}
-    shapes = {key: tuple(node.args[0].meta["prunekit_shape"]) for key, node, _ in _table_calls(model, graph)}
+    calls = {key: module for key, _, module in latency_calls(model, graph)}
+    shapes = {key: tuple(node.args[0].meta["prunekit_shape"]) for key, node, _ in latency_calls(model, graph)}
     heavy = sorted((k for k in tables.layers if k in calls and getattr(calls[k], "groups", 1) == 1),
                    key=lambda k: -tables.tables[tables.layers[k]].at(1e9, 1e9))[:3]
     for a in ALIGNMENTS:

@@ -40,14 +40,14 @@ from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph, updated_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
-from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment
+from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .checkpoint import read_checkpoint, write_checkpoint
 from .builders import resolve_callable
 from .planner import Planner, Targets
 from .progress import progress_bar
 from .rundir import CHECKPOINT, RunDirError, RunWriter
 from .safety import call_user, check_finite_weights, check_input_memory, describe, user_number
-from .surgery import apply_removal
+from .surgery import apply_removal, copy_module
 from .data.trainer import evaluate, finetune, loss_for, main_output, task_of
 
 
@@ -89,7 +89,7 @@ class _Candidate:
     step: int
     metric: float | None
     meets: bool
-    state: dict
+    state: dict | None  # None once another candidate ranks above it: it can never be the result
     widths: dict
 
     def rank(self):
@@ -184,8 +184,10 @@ class _Run:
         tables = LatencyTables.from_json(saved, settings) if saved else None
         if tables is None:
             def measure() -> LatencyTables:  # on rank 0 only: every rank plans with the same tables
-                self.log(f"measuring latency tables on {lat.device}")
-                measured = LatencyTables.measure(model, self.graph0, self.inputs, settings)
+                layers = sum(1 for _ in latency_calls(model, self.graph0))
+                with progress_bar(f"latency tables on {lat.device}", layers, self.progress) as advance:
+                    measured = LatencyTables.measure(model, self.graph0, self.inputs, settings,
+                                                     progress=lambda done, total: advance())
                 if self.config.limits.round_to == "auto":
                     measured.alignment = choose_alignment(model, self.graph0, measured, settings)
                 return measured
@@ -276,23 +278,72 @@ class _Shown:
                 advance()
 
 
-def _state_copy(model: nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+# Memory: the loop holds the caller's model, the current model, the best candidate's tensors (usually the
+# current model's own) and, during a cut, the next model; it never copies a whole state to keep it. A
+# model's parameters are not written once the loop has moved past it (a cut makes new tensors, and only
+# the newest model is fine-tuned), so a kept state shares them; buffers, which a forward pass in train
+# mode updates in place, are copied (they are small).
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters share its storage: the loop's model before its first cut."""
+    memo: dict[int, object] = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in model.parameters()}
+    return _copy_with(model, memo)
+
+
+def _copy_with(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy_module(model, memo)``; tensors a hook recomputes (old-style weight_norm) are copied too."""
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+    return copy_module(model, memo)
+
+
+def _state(model: nn.Module) -> dict:
+    """The model's state_dict on the CPU, parameters shared, buffers copied (see above)."""
+    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    return {k: v.detach().cpu().clone() if k in buffers else v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
-    return resize_to(copy.deepcopy(run.original), widths, state).eval()
+    """The original model resized to ``widths``, holding ``state``'s tensors themselves (not copies)."""
+    memo: dict[int, object] = {}
+    for name, p in run.original.named_parameters(remove_duplicate=False):
+        if isinstance(state.get(name), torch.Tensor):
+            memo.setdefault(id(p), nn.Parameter(state[name], p.requires_grad))
+    for name, b in run.original.named_buffers(remove_duplicate=False):
+        if isinstance(state.get(name), torch.Tensor):
+            memo.setdefault(id(b), state[name].clone())
+    return resize_to(_copy_with(run.original, memo), widths, state).eval()
+
+
+def _own_weights(model: nn.Module, candidates: list) -> None:
+    """Give ``model`` its own copy of the parameters a kept candidate shares (those the last cut left
+    whole), before fine-tuning writes to them."""
+    kept = {v.untyped_storage().data_ptr() for c in candidates if c.state for v in c.state.values()}
+    copies: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        for attr, p in m._parameters.items():
+            if p is not None and p.untyped_storage().data_ptr() in kept:
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
+                m._parameters[attr] = copies[id(p)]
 
 
 def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, history, candidates) -> None:
+    """What resume needs, each tensor once: the current model and the best candidate (often the same one)."""
     writer.begin()
+    best = candidates[0] if candidates else None
+    state = best.state if best is not None and best.step == step else _state(model)
     write_checkpoint(writer.checkpoint, run.identity(), {
         "step": step,
         "widths": json.dumps(width_changes(run.original_widths, model)),
-        "state": _state_copy(model),
+        "state": state,
+        "best_state": best.state if best is not None else None,
         "history": json.dumps([asdict(h) for h in history]),
-        "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "state": c.state,
-                        "widths": json.dumps(c.widths)} for c in candidates],
+        "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "widths": json.dumps(c.widths)}
+                       for c in candidates],
         "latency_tables": run.gauge.tables.as_json() if run.gauge is not None else None,
     })
     writer.saved_checkpoint()
@@ -306,8 +357,8 @@ def _load_checkpoint(run: _Run):
     try:
         model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
         history = [StepRecord(**h) for h in json.loads(payload["history"])]
-        candidates = [_Candidate(c["step"], c["metric"], c["meets"], c["state"], json.loads(c["widths"]))
-                      for c in payload["candidates"]]
+        candidates = [_Candidate(c["step"], c["metric"], c["meets"], payload["best_state"] if i == 0 else None,
+                                 json.loads(c["widths"])) for i, c in enumerate(payload["candidates"])]
         step = int(payload["step"])
     except PrunekitError:
         raise
@@ -359,7 +410,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     _seed(cfg.seed)
     history: list[StepRecord] = []
     candidates: list[_Candidate] = []
-    current = copy.deepcopy(run.original).eval()
+    current = shared = _shared_copy(run.original).eval()  # the caller's weights: only read, then cut into a copy
     step = 0
     if run.checkpoint is not None and (writer is None or writer.mode == "resume"):  # every rank resumes
         step, current, history, candidates = run.checkpoint
@@ -370,6 +421,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     while True:
         if graph is None and cut is not None:
             graph = updated_graph(*cut, current, run.inputs, cfg.model.leaf_modules)
+            cut = None  # the old graph is not needed any more
             if graph.retraced:
                 run.log(f"traced again after step {step}: {graph.retraced}")
         elif graph is None:
@@ -402,8 +454,13 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             message = _unreachable(run, flops, params)
             break
         cut = (graph, graph.removal_mask(plan.units))
-        current = apply_removal(current, *cut)
-        graph = None
+        if run.validate_fn is None and run.val is None and candidates and not candidates[0].meets:
+            candidates[0].state = None  # no metric: this step's model will outrank it, so the cut may free it
+        current = apply_removal(current, *cut, in_place=current is not shared)
+        _own_weights(current, candidates)
+        graph = costs = predicted = None
+        if writer is None:
+            run.graph0 = None  # only the run directory's report reads it again
         run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
         metric = run.metric(current)
         measured = run.world.from_main(lambda: run.gauge.measure(current)["ratio"]) \
@@ -415,9 +472,10 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
                 + (f", latency {measured:.1%} (predicted {plan.latency:.1%})" if measured is not None else "")
                 + (f", metric {metric:.4f}" if metric is not None else ""))
         candidates.append(_Candidate(step, metric, run.targets.done(plan.flops, plan.params, measured),
-                                     _state_copy(current),
-                                     width_changes(run.original_widths, current)))
+                                     _state(current), width_changes(run.original_widths, current)))
         candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
+        for later in candidates[1:]:  # only the best one's weights can become the result
+            later.state = None
         if writer is not None:  # the first checkpoint comes after a whole step: a failing step writes nothing
             _save_checkpoint(run, writer, step, current, history, candidates)
         if not plan.reached and step >= cfg.schedule.steps:
@@ -428,7 +486,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         model_out = _rebuild(run, best.widths, best.state)
         best_step = best.step
     else:
-        model_out, best_step = current, 0
+        model_out, best_step = copy.deepcopy(current), 0  # the result shares nothing with the caller's model
     if cfg.schedule.final_finetune is not None:
         _seed(cfg.seed + best_step + 1000)  # the same whether the run was resumed or not
         run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
@@ -442,7 +500,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     if run.gauge is not None or run.run_dir is not None:  # the report's before/after row; a latency target's verdict
         gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, Settings(
             cfg.latency.device, cfg.latency.threads, cfg.latency.repeats, cfg.latency.warmup))
-        latency = run.world.from_main(lambda: gauge.measure(model_out.eval(), repeats=max(cfg.latency.repeats, 30)))
+        latency = run.world.from_main(lambda: gauge.measure(model_out.eval(), repeats=cfg.latency.repeats))
         final["latency_ratio"] = latency["ratio"]
     result = PruneResult(
         model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},

@@ -52,8 +52,20 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
     return copied
 
 
-def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) -> nn.Module:
-    """A deep copy of ``model`` without the units flagged in ``removed`` (a bool mask)."""
+def _cut(original: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    value = original.detach()
+    for dim, keep in dims:
+        value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
+    value = value.contiguous()
+    return nn.Parameter(value, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else value
+
+
+def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray, *, in_place: bool = False) -> nn.Module:
+    """A deep copy of ``model`` without the units flagged in ``removed`` (a bool mask).
+
+    ``in_place``: cut ``model`` itself, each tensor replaced as soon as its cut is made, so a caller
+    that is done with the uncut model never holds two copies of it (the pruning loop does this).
+    """
     graph.check_removal(removed)
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
@@ -62,25 +74,33 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray) ->
         keep = kept(units, removed)
         if keep.size != units.size:
             cuts[name].append((dim, keep))
-    # the cut tensors go into the copy directly, so deepcopy never clones them
-    memo: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, dims in cuts.items():
-            original = tensors[name]
-            value = original.detach()
-            for dim, keep in dims:
-                value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
-            value = value.contiguous()
-            if isinstance(original, nn.Parameter):
-                value = nn.Parameter(value, requires_grad=original.requires_grad)
-            memo[id(original)] = value
-    # a weight recomputed by a hook (old-style weight_norm, spectral_norm) is no leaf, which
-    # deepcopy refuses; the copy's hook recomputes it before every forward
-    for m in model.modules():
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
-    pruned = copy_module(model, memo)
+    if in_place:
+        holders: dict[int, list[tuple[dict, str]]] = defaultdict(list)  # a tied tensor has several
+        for m in model.modules():
+            for table in (m._parameters, m._buffers):
+                for attr, value in table.items():
+                    if value is not None:
+                        holders[id(value)].append((table, attr))
+        with torch.no_grad():
+            for name, dims in cuts.items():
+                original = tensors.pop(name)
+                if id(original) in holders:  # not cut already under another name
+                    value = _cut(original, dims)
+                    for table, attr in holders.pop(id(original)):
+                        table[attr] = value
+                del original
+        pruned = model
+    else:
+        # the cut tensors go into the copy directly, so deepcopy never clones them
+        with torch.no_grad():
+            memo: dict[int, torch.Tensor] = {id(tensors[name]): _cut(tensors[name], dims) for name, dims in cuts.items()}
+        # a weight recomputed by a hook (old-style weight_norm, spectral_norm) is no leaf, which
+        # deepcopy refuses; the copy's hook recomputes it before every forward
+        for m in model.modules():
+            for value in vars(m).values():
+                if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
+                    memo[id(value)] = value.detach().clone()
+        pruned = copy_module(model, memo)
     per_module: dict[str, dict[str, int]] = defaultdict(dict)
     for (name, role), units in graph.widths.items():
         per_module[name][role] = int((~removed[units]).sum())

@@ -28,7 +28,7 @@ X = torch.randn(1, 3, 32, 32)
 def _synthetic(model, graph, seconds=lambda cin, cout: cin * cout * 1e-6, rest=0.0, fixed=0.0):
     """Tables as :meth:`LatencyTables.measure` builds them, with ``seconds`` instead of a stopwatch."""
     layers, tables, outputs = {}, {}, {}
-    for key, node, module in lm._table_calls(model, graph):
+    for key, node, module in lm.latency_calls(model, graph):
         shape = tuple(node.args[0].meta["prunekit_shape"])
         cin0 = shape[-1] if isinstance(module, torch.nn.Linear) else shape[1]
         cout0 = node.meta["prunekit_shape"][-1 if isinstance(module, torch.nn.Linear) else 1]
@@ -67,7 +67,7 @@ def test_predicted_ratio_follows_the_kept_widths(build):
     def products(m):  # cin * cout of every table layer, read from a fresh trace
         g = prunekit.build_graph(m, X)
         return sum(node.args[0].meta["prunekit_shape"][1] * node.meta["prunekit_shape"][1]
-                   for _, node, _ in lm._table_calls(m, g))
+                   for _, node, _ in lm.latency_calls(m, g))
 
     # seconds = cin * cout is bilinear, so the interpolation between grid points is exact
     assert model_now.ratio(removed) == pytest.approx(products(pruned) / products(model), rel=1e-9)
@@ -122,7 +122,7 @@ def test_tables_are_measured_for_every_layer_call_and_saved_as_json():
     graph = prunekit.build_graph(model, X)
     settings = lm.Settings(threads=1, repeats=3, warmup=1)
     tables = lm.LatencyTables.measure(model, graph, X, settings)
-    keys = [k for k, _, _ in lm._table_calls(model, graph)]
+    keys = [k for k, _, _ in lm.latency_calls(model, graph)]
     assert sorted(tables.layers) == sorted(keys) and tables.rest >= 0 and 0 <= tables.fixed <= 1
     assert all(min(min(row) for row in t.seconds) > 0 for t in tables.tables.values())
     again = lm.LatencyTables.from_json(tables.as_json(), settings)

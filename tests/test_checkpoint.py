@@ -1,0 +1,143 @@
+"""Checkpoints and the loop's memory: each tensor stored once, nothing shared that is written later.
+
+The loop keeps no whole-model copies (see the note above ``prunekit.loop._shared_copy``): these
+tests check what that must never change. The caller's model is left alone and shares nothing with
+the result; a kept best candidate is not changed by later fine-tuning; a checkpoint holds about
+one copy of the model, and resuming from it gives the uninterrupted run's model bit for bit.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import io
+
+import pytest
+import torch
+
+import prunekit
+import prunekit.files as files
+import prunekit.loop as loop
+from prunekit.errors import ResourceError
+from tests.test_pruner import make_unet, unet_config
+
+WIDE = {"in_channels": 1, "num_classes": 2, "width": 16, "depth": 2}
+SEEN: dict[int, dict] = {}  # parameter count -> the weights the validate function saw
+
+
+def bigger_is_better(model) -> float:
+    """A validate function that ranks the least-pruned step best (its model is kept to the end)."""
+    count = sum(p.numel() for p in model.parameters())
+    SEEN[count] = {k: v.clone() for k, v in model.state_dict().items()}
+    return float(count)
+
+
+def _bytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _storages(model) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in model.state_dict().values() if t.numel()}
+
+
+@pytest.mark.parametrize("keep_best", [1, 3])
+def test_a_checkpoint_holds_one_copy_of_the_model(tmp_path, keep_best):
+    torch.manual_seed(0)
+    model = prunekit.zoo.unet(**WIDE).eval()
+    cfg = unet_config(model={"kwargs": WIDE}, keep_best=keep_best, importance={"method": "l1"})
+    result = prunekit.prune(model, torch.rand(1, 1, 32, 32), cfg, run_dir=tmp_path / "run", progress=False)
+    size = (tmp_path / "run" / "checkpoint.pt").stat().st_size
+    pruned = _bytes(result.model.state_dict())
+    assert size < 1.3 * pruned, (size, pruned)  # the best model is the current one: stored once
+
+
+def test_the_result_and_the_callers_model_share_nothing():
+    model = make_unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(1, 1, 32, 32)
+    for cfg in (unet_config(limits={"layers": {"out": 0.0, "enc1.*": 0.0}}),  # enc1 is never cut
+                unet_config(targets={"flops": 1.0, "params": 1.0})):  # met before any step
+        result = prunekit.prune(model, x, cfg, progress=False)
+        assert not _storages(result.model) & _storages(model)
+        with torch.no_grad():
+            for p in result.model.parameters():
+                p.add_(1.0)
+        assert _same(model.state_dict(), before)
+
+
+def test_a_scorer_that_runs_the_model_in_train_mode_leaves_the_callers_model_alone():
+    model = make_unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def scorer(model, graph, batches):
+        model.train()
+        for batch in batches:
+            model(batch)  # BatchNorm running statistics move
+        return {name: torch.rand(len(units)) for name, units in graph.producers.items()}
+
+    result = prunekit.prune(model, torch.rand(1, 1, 32, 32), unet_config(importance={"method": scorer}),
+                            progress=False)
+    assert result.targets_met and _same(model.state_dict(), before)
+
+
+def _kept_best_config():
+    return unet_config(  # targets out of reach: no step meets them, so the metric alone ranks the steps
+        targets={"flops": 0.01, "params": 0.01},
+        schedule={"steps": 6, "finetune": {"iterations": 2}},
+        limits={"layers": {"out": 0.0, "enc1.*": 0.0}},  # enc1's weights stay whole: shared until fine-tuned
+        data={"calibration": {"factory": "tests.test_pruner:seg_batches"},
+              "train": {"factory": "tests.test_pruner:seg_batches"}},
+        validate="tests.test_checkpoint:bigger_is_better", keep_best=2)
+
+
+def test_a_kept_best_candidate_is_not_changed_by_later_fine_tuning():
+    seen = importlib.import_module("tests.test_checkpoint").SEEN  # the module the config names
+    seen.clear()
+    result = prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), _kept_best_config(), progress=False)
+    assert result.best_step == 1 and len(result.history) >= 3 and not result.targets_met
+    count = sum(p.numel() for p in result.model.parameters())
+    assert _same(result.model.state_dict(), seen[count])  # step 1's weights, as validated
+
+
+def test_resuming_with_an_earlier_best_candidate_gives_the_same_model(tmp_path, monkeypatch):
+    x = torch.rand(1, 1, 32, 32)
+    full = prunekit.prune(make_unet(), x, _kept_best_config(), run_dir=tmp_path / "full", progress=False)
+    calls = {"n": 0}
+    original = loop.score_units
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "score_units", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(make_unet(), x, _kept_best_config(), run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(loop, "score_units", original)
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["state"] is not saved["best_state"]  # current and best: both kept
+    resumed = prunekit.prune(make_unet(), x, _kept_best_config(), run_dir=tmp_path / "cut", resume=True,
+                             progress=False)
+    assert resumed.best_step == full.best_step == 1
+    assert _same(resumed.model.state_dict(), full.model.state_dict())
+
+
+def test_a_full_disk_while_saving_tensors_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"earlier")
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode, **kwargs: FullDisk(fd, "wb"))
+    with pytest.raises(ResourceError, match="disk is full") as caught:
+        files.atomic_save_torch({"w": torch.zeros(10_000)}, path)
+    assert "model.pt" in str(caught.value)
+    assert path.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
