@@ -343,6 +343,7 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
     import torch
 
     from .configtools import with_overrides
+    from .distributed import launched_rank
     from .loading import load_model
     from .loop import prune as run_prune
     from .reports.run import summary_lines
@@ -359,7 +360,8 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
         raise PrunekitError(f"prune needs model.builder (the function that builds the model): pass --builder "
                             f"package.module:function or set model.builder in {where} (or --trusted for a whole "
                             "pickled module).")
-    plan(run_dir, resume, force, inputs)  # refuse a run directory before the model is even read
+    if launched_rank() == 0:  # under torchrun, rank 0 alone reads and writes the run directory
+        plan(run_dir, resume, force, inputs)  # refuse a run directory before the model is even read
     check_input_memory(config.input_shape, "input_shape")
     net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
                      trusted=config.model.trusted_pickle)

@@ -28,7 +28,7 @@ import torch
 import torch.utils._pytree
 from torch import nn
 
-from . import rundir
+from . import distributed, rundir
 from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
 from .checks import calibration_source, check_labels, check_leaf_modules, check_limits_match, guard_scorer, \
     weights_hash
@@ -109,16 +109,17 @@ class _Run:
     def __init__(self, model: nn.Module, example_inputs, config, run_dir, resume: bool, force: bool,
                  progress: bool, input_files=()):
         self.config = cfg = load_config(config)
+        self.world = world = distributed.current()  # one process, or this rank's place among several
         self.inputs = as_inputs(example_inputs)
-        self.device = resolve_device(cfg.device)
-        self.progress = progress
+        self.device = world.device(resolve_device(cfg.device))
+        self.progress = progress and world.main
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume
         self.mode = None
         self.calibration_from = calibration_source(cfg)  # a data-driven criterion without data stops here
         self.input_files = [*input_files, *data_paths(cfg.data)]
         if self.run_dir is not None:  # the directory is checked first: nothing runs for a run that cannot be written
-            self.mode = rundir.plan(self.run_dir, resume, force, self.input_files)
+            self.mode = world.from_main(rundir.plan, self.run_dir, resume, force, self.input_files)  # rank 0 writes
         elif resume:
             raise RunDirError("resuming needs the run directory of the interrupted run.")
         if not isinstance(model, nn.Module):
@@ -156,6 +157,8 @@ class _Run:
         self.original = model
         self.original_widths = module_widths(model)
         self.model_hash = weights_hash(model) if self.run_dir is not None else None  # resume checks it
+        if world.many:
+            world.check_same("the model, config and example input", [weights_hash(model), self.identity()])
         self.checkpoint = _load_checkpoint(self) if self.mode == "resume" else None
         self.graph0 = build_graph(model, self.inputs, cfg.model.leaf_modules)
         for fallback in self.graph0.fallbacks:
@@ -182,12 +185,16 @@ class _Run:
         saved = getattr(self, "saved_tables", None)
         tables = LatencyTables.from_json(saved, settings) if saved else None
         if tables is None:
-            layers = sum(1 for _ in latency_calls(model, self.graph0))
-            with progress_bar(f"latency tables on {lat.device}", layers, self.progress) as advance:
-                tables = LatencyTables.measure(model, self.graph0, self.inputs, settings,
-                                               progress=lambda done, total: advance())
-            if self.config.limits.round_to == "auto":
-                tables.alignment = choose_alignment(model, self.graph0, tables, settings)
+            def measure() -> LatencyTables:  # on rank 0 only: every rank plans with the same tables
+                layers = sum(1 for _ in latency_calls(model, self.graph0))
+                with progress_bar(f"latency tables on {lat.device}", layers, self.progress) as advance:
+                    measured = LatencyTables.measure(model, self.graph0, self.inputs, settings,
+                                                     progress=lambda done, total: advance())
+                if self.config.limits.round_to == "auto":
+                    measured.alignment = choose_alignment(model, self.graph0, measured, settings)
+                return measured
+
+            tables = self.world.from_main(measure)
         if self.config.limits.round_to == "auto":
             self.round_to = tables.alignment or 1
             self.log(f"round_to: auto chose {self.round_to}")
@@ -195,16 +202,19 @@ class _Run:
 
     # -- helpers -----------------------------------------------------------
 
-    def calibration_inputs(self):
-        source = self.calibration or self.train
+    def calibration_inputs(self, sharded: bool = False):
+        source = self.world.shard(self.calibration or self.train) if sharded else self.calibration or self.train
         inputs = source.map(first_input) if source is not None else list(self.inputs)  # read lazily, every pass
         return _Shown(inputs, "calibration", self.progress)
 
-    def scoring_options(self, step: int) -> dict:
+    def scoring_options(self, step: int, sharded: bool = False) -> dict:
         cfg = self.config.importance
         options = {"norm": cfg.norm, "omega": cfg.omega, "seed": self.config.seed + step, **cfg.kwargs}
+        if sharded:  # this rank reads its shard; the scorer sums its statistics over the ranks
+            options["reduce"] = self.world.sum_over_ranks
         if self.train is not None:
-            options["loss_batches"] = self.train.map(lambda b: to_device((b[0], b[1]), self.device))  # lazily
+            train = self.world.shard(self.train) if sharded else self.train
+            options["loss_batches"] = train.map(lambda b: to_device((b[0], b[1]), self.device))  # lazily
             options["loss_fn"] = lambda out, y: loss_for(self._task(out, y))(main_output(out), y)
         return options
 
@@ -217,12 +227,12 @@ class _Run:
     def tune(self, model: nn.Module, ft, step: int, label: str) -> None:
         if ft is None or ft.iterations <= 0:
             return
-        with placed(model, self.device):
-            train = on_device(self.train, self.device)
+        with placed(model, self.device), self.world.training(model) as net:  # a new DDP after every cut
+            train = on_device(self.world.shard(self.train), self.device)
             if self.finetune_fn is not None and ft.function:
-                call_user(self.finetune_fn, "fine-tune function", ft.function, model, train, ft.iterations)
+                call_user(self.finetune_fn, "fine-tune function", ft.function, net, train, ft.iterations)
                 return
-            finetune(model, train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
+            finetune(net, train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
                      use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
                      description=label, amp=ft.amp)
 
@@ -232,13 +242,14 @@ class _Run:
             return self._metric(model)
 
     def _metric(self, model: nn.Module) -> float | None:
-        if self.validate_fn is not None:
+        if self.validate_fn is not None:  # on rank 0, its number broadcast
             role = "validate function"
-            return user_number(call_user(self.validate_fn, role, self.config.validate, model), role,
-                               self.config.validate)
+            return self.world.from_main(lambda: user_number(call_user(
+                self.validate_fn, role, self.config.validate, model), role, self.config.validate))
         if self.val is not None:
             ft = self.config.schedule.finetune
-            return evaluate(model, on_device(self.val, self.device), ft.task if ft is not None else "auto")
+            return evaluate(model, on_device(self.world.shard(self.val), self.device),
+                            ft.task if ft is not None else "auto", combine=self.world.summed)
         return None
 
     def identity(self) -> dict:
@@ -343,7 +354,7 @@ def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, 
 def _load_checkpoint(run: _Run):
     """The saved state of an interrupted run, checked to belong to this model and config."""
     path = run.run_dir / CHECKPOINT
-    payload = read_checkpoint(path, run.identity())
+    payload = run.world.from_main(read_checkpoint, path, run.identity())  # rank 0's run directory
     run.saved_tables = payload.get("latency_tables")
     try:
         model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
@@ -373,8 +384,16 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
     directory may not be or hold one. The caller's model is never modified,
     and nothing is written before everything that can be checked is.
     """
+    with distributed.joined(load_config(config).device) as world:  # torchrun's ranks join here
+        result = _prune(model, example_inputs, config, run_dir, resume, force, progress, builder, builder_kwargs,
+                        input_files)
+        world.barrier()  # every rank returns once rank 0 has written the run directory
+        return result
+
+
+def _prune(model, example_inputs, config, run_dir, resume, force, progress, builder, builder_kwargs, input_files):
     run = _Run(model, example_inputs, config, run_dir, resume, force, progress, input_files)
-    if run.run_dir is None:
+    if run.run_dir is None or not run.world.main:  # only rank 0 writes
         return _loop(run, None, builder, builder_kwargs)
     with RunWriter(run.run_dir, run.mode, run.input_files) as writer:
         try:
@@ -395,7 +414,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     candidates: list[_Candidate] = []
     current = shared = _shared_copy(run.original).eval()  # the caller's weights: only read, then cut into a copy
     step = 0
-    if writer is not None and writer.mode == "resume" and run.checkpoint is not None:
+    if run.checkpoint is not None and (writer is None or writer.mode == "resume"):  # every rank resumes
         step, current, history, candidates = run.checkpoint
         run.log(f"resuming after step {step}")
     message = ""
@@ -425,13 +444,15 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         _seed(cfg.seed + step)
         started = time.perf_counter()
         with placed(current, run.device):
-            scores = score_units(current, graph, run.scorer, on_device(run.calibration_inputs(), run.device),
-                                 run.scoring_options(step), cfg.importance.combine, cfg.importance.normalize)
+            scores = run.world.scores(run.scorer, lambda sharded: score_units(
+                current, graph, run.scorer, on_device(run.calibration_inputs(sharded), run.device),
+                run.scoring_options(step, sharded), cfg.importance.combine, cfg.importance.normalize))
         predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
         if predicted is not None and cfg.targets.latency is not None:
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first
         plan = Planner(graph, costs, cfg.limits, run.producer_widths0, predicted if cfg.targets.latency else None,
                        run.round_to).plan(scores, run.targets.goal(step))
+        run.world.check_same(f"the plan of step {step}", [plan.units.tolist(), plan.flops, plan.params])
         if plan.units.size == 0:
             step -= 1
             message = _unreachable(run, flops, params)
@@ -446,7 +467,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             run.graph0 = None  # only the run directory's report reads it again
         run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
         metric = run.metric(current)
-        measured = run.gauge.measure(current)["ratio"] if cfg.targets.latency is not None else None
+        measured = run.world.from_main(lambda: run.gauge.measure(current)["ratio"]) \
+            if cfg.targets.latency is not None else None
         record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,
                             int(plan.units.size), metric, time.perf_counter() - started, measured)
         history.append(record)
@@ -484,10 +506,10 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     final_costs = CostModel(model_out, final_graph)
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
     latency = None
-    if run.gauge is not None or writer is not None:  # the report's before/after row; a latency target's verdict
+    if run.gauge is not None or run.run_dir is not None:  # the report's before/after row; a latency target's verdict
         gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, Settings(
             cfg.latency.device, cfg.latency.threads, cfg.latency.repeats, cfg.latency.warmup))
-        latency = gauge.measure(model_out.eval(), repeats=cfg.latency.repeats)
+        latency = run.world.from_main(lambda: gauge.measure(model_out.eval(), repeats=cfg.latency.repeats))
         final["latency_ratio"] = latency["ratio"]
     result = PruneResult(
         model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},

@@ -31,6 +31,7 @@ class Batches:
     """
 
     dataset = None
+    _shard = None  # (rank, size) -> Batches: a source that reads only its share (an image folder)
 
     def __init__(self, make: Callable[[], Iterable], limit: int | None = None, origin: str | None = None,
                  length: int | None = None):
@@ -58,6 +59,22 @@ class Batches:
     def map(self, fn: Callable) -> "Batches":
         """These batches with ``fn`` applied to each, lazily, on every pass."""
         return Batches(lambda: (fn(b) for b in self), length=self.length)
+
+    def shard(self, rank: int, size: int) -> "Batches":
+        """Rank ``rank``'s share when ``size`` processes read these batches together (``prunekit.distributed``).
+
+        An image folder's ranks read every ``size``-th image from ``rank`` on (within ``limit`` batches), so
+        batch i of every rank together is batch i of a single process with ``size`` times the batch size;
+        a factory's batches are dealt out in turn (batch ``rank``, ``rank + size``, ...), and a DataLoader
+        with its own DistributedSampler is taken as it is. No batch is read twice or left out.
+        """
+        from ..distributed import batch_count, dealt
+
+        if size <= 1:
+            return self
+        if self._shard is not None:
+            return self._shard(rank, size)
+        return Batches(lambda: dealt(self, rank, size), length=batch_count(self.length, rank, size))
 
     def inputs(self) -> Iterator[torch.Tensor]:
         for batch in self:
@@ -136,12 +153,15 @@ def load_batches(source: DataSource | None, input_shape, what: str, root: str | 
             produced = call_user(list, role, source.factory, produced)
         length = len(produced) if hasattr(produced, "__len__") else None
         batches = Batches(lambda: produced, source.limit, origin=source.factory, length=length)
+        if _sharded_by_user(produced):
+            batches._shard = lambda rank, size: batches
     elif source.images:
         dataset = folder_dataset(source, input_shape, what, root)
         loader = torch.utils.data.DataLoader(dataset, batch_size=source.batch_size, shuffle=False,
                                              num_workers=source.workers)
         batches = Batches(lambda: _loaded(loader), source.limit, length=len(loader))
         batches.dataset = dataset
+        batches._shard = lambda rank, size: _folder_shard(dataset, source, rank, size)
     else:
         raise DataError(f"data.{what} needs 'images' (a folder) or 'factory'.", key=f"data.{what}")
     first = next(iter(batches), None)
@@ -149,6 +169,26 @@ def load_batches(source: DataSource | None, input_shape, what: str, root: str | 
         raise DataError(f"data.{what} yields no batches.", key=f"data.{what}")
     check_batch(first, input_shape, what)
     return batches
+
+
+def _sharded_by_user(produced) -> bool:
+    """A DataLoader whose sampler already gives each rank its share (torch's DistributedSampler)."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(produced, torch.utils.data.DataLoader):
+        return False
+    sampler = getattr(produced.batch_sampler, "sampler", None) or produced.sampler
+    return isinstance(sampler, DistributedSampler)
+
+
+def _folder_shard(dataset, source: DataSource, rank: int, size: int) -> Batches:
+    """Images ``rank``, ``rank + size``, ... of the first ``limit`` batches' images, in batches of ``batch_size``."""
+    total = len(dataset) if source.limit is None else min(len(dataset), source.limit * source.batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=source.batch_size, sampler=range(rank, total, size),
+                                         num_workers=source.workers)
+    shard = Batches(lambda: _loaded(loader), length=len(loader))
+    shard.dataset = dataset
+    return shard
 
 
 def check_batch(batch, input_shape, what: str) -> None:

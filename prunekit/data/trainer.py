@@ -137,8 +137,12 @@ def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, task: str = "auto") -> float:
-    """Accuracy (classification) or mean foreground IoU (segmentation), over all batches."""
+def evaluate(model: nn.Module, batches: Iterable, task: str = "auto", combine=None) -> float:
+    """Accuracy (classification) or mean foreground IoU (segmentation), over all batches.
+
+    ``combine``: sums the counts of every process before the metric is taken (``World.summed`` of
+    ``prunekit.distributed``), so ranks that each read a shard get the metric of all the data.
+    """
     model.eval()
     correct = total = 0
     inter = union = None
@@ -155,6 +159,9 @@ def evaluate(model: nn.Module, batches: Iterable, task: str = "auto") -> float:
         t = y.unsqueeze(0) == classes.view(-1, *([1] * y.dim()))
         i, u = (p & t).flatten(1).sum(1), (p | t).flatten(1).sum(1)
         inter, union = (i, u) if inter is None else (inter + i, union + u)
+    if combine is not None:
+        counts = combine({"correct": correct, "total": total, "inter": inter, "union": union})
+        correct, total, inter, union = counts["correct"], counts["total"], counts["inter"], counts["union"]
     if inter is not None:
         present = union > 0
         return float((inter[present].double() / union[present]).mean()) if present.any() else 1.0

@@ -35,10 +35,12 @@ def _hookable(model: nn.Module, graph: ChannelGraph) -> list[str]:
     return names
 
 
-def mean_activation_maps(model: nn.Module, graph: ChannelGraph, batches: Iterable) -> dict[str, torch.Tensor]:
+def mean_activation_maps(model: nn.Module, graph: ChannelGraph, batches: Iterable,
+                         reduce=None) -> dict[str, torch.Tensor]:
     """F_k: each producer's raw output averaged over all calibration images.
 
-    One pass, running sums only: activations are never stored.
+    One pass, running sums only: activations are never stored. ``reduce(sums, counts)``, when given,
+    returns the sums and counts of every process (see ``prunekit.distributed``).
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -62,6 +64,8 @@ def mean_activation_maps(model: nn.Module, graph: ChannelGraph, batches: Iterabl
                 model(batch)
     finally:
         model.train(was_training)
+    if reduce is not None:
+        sums, counts = reduce(sums, counts)
     return {name: sums[name] / counts[name] for name in sums}
 
 
@@ -74,14 +78,14 @@ def activation_deviation(maps: torch.Tensor, norm: int = 1) -> torch.Tensor:
     return deviation.norm(p=2, dim=1) / flat.shape[1]
 
 
-def ipad(model, graph, batches, norm: int = 1, omega: float = 0.0, **options):
+def ipad(model, graph, batches, norm: int = 1, omega: float = 0.0, reduce=None, **options):
     """IPAD's activation deviation criterion (Vitek et al., 2023).
 
     importance_k = omega / n_l * ||W_k||_p + (1 - omega) * 10 * ADC_k,
     where F_k is filter k's raw output (before BatchNorm and activation)
     averaged over every calibration image, and n_l = C_in * kh * kw.
     """
-    maps = mean_activation_maps(model, graph, batches)
+    maps = mean_activation_maps(model, graph, batches, reduce)
     if not maps:
         raise ValueError("ipad needs calibration batches; none were given.")
     scores = {}
@@ -96,7 +100,7 @@ def ipad(model, graph, batches, norm: int = 1, omega: float = 0.0, **options):
     return scores
 
 
-def taylor(model, graph, batches, loss_batches=None, loss_fn=None, **options):
+def taylor(model, graph, batches, loss_batches=None, loss_fn=None, reduce=None, **options):
     """|mean over positions of activation x gradient| (first-order Taylor), averaged over images."""
     if loss_batches is None or loss_fn is None:
         raise ValueError("taylor importance needs training data (data.train) for its loss.")
@@ -127,4 +131,6 @@ def taylor(model, graph, batches, loss_batches=None, loss_fn=None, **options):
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    if reduce is not None:
+        sums, counts = reduce(sums, counts)
     return {name: (sums[name] / counts[name]).float() for name in sums}
