@@ -370,7 +370,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         started = time.perf_counter()
         with placed(current, run.device):
             scores = score_units(current, graph, run.scorer, on_device(run.calibration_inputs(), run.device),
-                                 run.scoring_options(step), cfg.importance.combine, cfg.importance.normalize)
+                                 {**cfg.importance.scorer_options(), **run.scoring_options(step)},
+                                 cfg.importance.combine, cfg.importance.normalize, cfg.importance.allocation, costs)
         predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
         if predicted is not None and cfg.targets.latency is not None:
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first
