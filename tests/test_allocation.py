@@ -130,3 +130,17 @@ def test_sensitivity_without_data_names_the_key():
     with pytest.raises(prunekit.PrunekitError, match="allocation 'sensitivity'") as info:
         prunekit.prune(model, torch.rand(1, 1, 32, 32), cfg, progress=False)
     assert info.value.key == "data.calibration"
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"allocation": "sensitive"}, "'importance.allocation' must be 'uniform' or 'global' or 'sensitivity'"),
+    ({"measure": "relu"}, "'importance.measure' must be 'raw' or 'bn' or 'act'"),
+    ({"propagate": 1.5}, "'importance.propagate' must be a number in [0, 1]"),
+    ({"omega_scale": "paper2"}, "'importance.omega_scale' must be 'layer' or 'paper'"),
+])
+def test_bad_importance_keys_name_the_key(raw, fragment):
+    from prunekit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config({"importance": raw})
+    assert fragment in str(info.value)
