@@ -1,7 +1,7 @@
 """Quality of pruning criteria and allocations: retention without fine-tuning, and after fine-tuning.
 
-    python benchmarks/quality.py                           # retention curves, 3 seeds, a few minutes
-    python benchmarks/quality.py --finetune --seeds 0 1 2  # fine-tuned to 50% FLOPs (longer)
+    python benchmarks/quality.py                           # retention curves, 3 seeds: about 45 minutes
+    python benchmarks/quality.py --finetune --tasks shapes  # fine-tuned to 50% FLOPs: about 25 minutes
     python benchmarks/quality.py --tasks shapes --methods ipad l1 l1@sensitivity --json out/q.json
 
 Tasks (each pretrained once per seed from that seed, so seeds vary pretraining as well as pruning):
@@ -307,7 +307,8 @@ def format_task(result: dict, methods: list[str], reference: str) -> str:
             "shapes": f"small_cnn, synthetic shapes {b.get('train')} train / {b.get('test')} test, accuracy",
             "shapes-nobn": f"small_cnn without BatchNorm, synthetic shapes {b.get('train')} train / "
                            f"{b.get('test')} test, accuracy",
-            "fmnist": f"small_cnn, Fashion-MNIST {b.get('train')} train / {b.get('test')} test, accuracy"}[result["task"]]
+            "fmnist": f"small_cnn, Fashion-MNIST {b.get('train')} train / {b.get('test')} test, accuracy",
+            }[result["task"]]
     mode = (f"fine-tuned: {STEPS} steps with {b['step_iterations']} iterations each + {b['final_iterations']} final"
             if result["tuned"] else f"no fine-tuning, {RETENTION_STEPS} steps")
     unpruned = statistics.fmean(result["before"].values())
