@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import dist_version, environment_line, load_average, params, prunekit, save_json, table, tp
+from common import dist_version, environment_line, load_average, prunekit, save_json, table, tp
 from prunekit.costs import fvcore_counts
 from prunekit.data import DataError
 from prunekit.data.trainer import evaluate, finetune
