@@ -30,7 +30,7 @@ __all__ = ["DATA_DRIVEN", "calibration_source", "check_leaf_modules", "check_lab
            "weights_hash", "guard_scorer"]
 
 # criteria that score filters by running data through the model: they never calibrate on noise unasked
-DATA_DRIVEN = ("ipad", "taylor")
+DATA_DRIVEN = ("ipad", "taylor", "fisher")
 
 
 def calibration_source(config) -> str | None:
@@ -47,11 +47,13 @@ def calibration_source(config) -> str | None:
 
         raise ConfigError("importance method 'taylor' needs a loss: set data.train (images with masks or labels, "
                           "or a factory of (input, target) batches).", key="data.train")
-    if isinstance(method, str) and method in DATA_DRIVEN:
+    if (isinstance(method, str) and method in DATA_DRIVEN) or config.importance.allocation == "sensitivity":
         if source is None:
             from .yamlfile import ConfigError
 
-            raise ConfigError(f"importance method '{method}' scores filters by running data through the model, but "
+            what = (f"importance method '{method}' scores filters" if method in DATA_DRIVEN
+                    else "allocation 'sensitivity' measures each layer")
+            raise ConfigError(f"{what} by running data through the model, but "
                               "the config has no data: set data.calibration (an image folder or a factory), or "
                               "data.calibration: random to calibrate on random inputs.", key="data.calibration")
         return source

@@ -56,14 +56,25 @@ class LatencyConfig:
 
 @dataclass
 class ImportanceConfig:
-    method: Union[str, Callable] = "ipad"  # ipad | l1 | l2 | bn_scale | taylor | random | package.module:fn
+    # ipad | l1 | l2 | bn_scale | group_l2 | taylor | fisher | random | package.module:fn
+    method: Union[str, Callable] = "ipad"
     norm: int = 1  # ipad / l1 / l2: the p of the norms
-    omega: float = 0.0  # ipad: weight of the filter-norm term
+    omega: float = 0.0  # ipad: share of the filter-norm term (both terms scaled to mean 1 per layer)
+    omega_scale: Literal["layer", "paper"] = "layer"  # ipad: "paper" = omega / n_l * ||W|| + (1 - omega) * 10 * ADC
+    measure: Literal["raw", "bn", "act"] = "raw"  # ipad: read the output raw, after its BatchNorm, or its activation
+    propagate: float = 0.0  # ipad: weight of the importance of the consumers that read a channel
+    # how many units each layer loses: "uniform" (the same share of every layer), "global" (one
+    # ranking of scores divided by their layer's mean), "sensitivity" (measured damage per FLOP)
+    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"
     combine: Literal["mean", "sum", "max"] = "mean"  # how coupled producers' scores make a unit's
-    # per-layer normalisation before the global ranking: "rank" (position within the layer, 0..1)
-    # or "mean" (score / the layer's mean score)
+    # older spelling of the allocation: "rank" (uniform) or "mean" (global, with allocation: uniform)
     normalize: Literal["rank", "mean"] = "rank"
     kwargs: dict = field(default_factory=dict)  # extra options for a custom scorer
+
+    def scorer_options(self) -> dict:
+        """The options every built-in scorer may read (each takes those it names)."""
+        return {"norm": self.norm, "omega": self.omega, "scale": self.omega_scale, "measure": self.measure,
+                "propagate": self.propagate}
 
 
 @dataclass
@@ -163,6 +174,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "latency.warmup": (lambda v: v >= 0, "an integer >= 0"),
     "importance.norm": (lambda v: v in (1, 2), "1 or 2"),
     "importance.omega": (_fraction, "a number in [0, 1]"),
+    "importance.propagate": (_fraction, "a number in [0, 1]"),
     "limits.default": (_fraction, "a fraction in [0, 1]"),
     "limits.round_to": (lambda v: v == "auto" or v >= 1, "an integer >= 1 or 'auto'"),
     "schedule.steps": (lambda v: v >= 1, "an integer >= 1"),

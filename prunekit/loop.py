@@ -446,7 +446,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         with placed(current, run.device):
             scores = run.world.scores(run.scorer, lambda sharded: score_units(
                 current, graph, run.scorer, on_device(run.calibration_inputs(sharded), run.device),
-                run.scoring_options(step, sharded), cfg.importance.combine, cfg.importance.normalize))
+                {**cfg.importance.scorer_options(), **run.scoring_options(step, sharded)}, cfg.importance.combine,
+                cfg.importance.normalize, cfg.importance.allocation, costs))
         predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
         if predicted is not None and cfg.targets.latency is not None:
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first

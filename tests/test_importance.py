@@ -49,9 +49,11 @@ def test_ipad_matches_hand_computation_over_all_batches(norm):
     model = _model()
     batches = [torch.randn(3, 2, 5, 5), torch.randn(2, 2, 5, 5) * 3 + 1]
     graph = prunekit.build_graph(model, batches[0][:1])
-    scores = ipad(model, graph, batches, norm=norm)
+    scores = ipad(model, graph, batches, norm=norm, scale="paper")
     expected = 10 * _hand_adc(model, batches, norm)
     assert np.allclose(scores["conv"].numpy(), expected, rtol=1e-5)
+    by_layer = ipad(model, graph, batches, norm=norm)["conv"].numpy()  # default: mean 1 over the layer
+    assert np.allclose(by_layer, expected / expected.mean(), rtol=1e-5)
     last_only = 10 * _hand_adc(model, batches[1:], norm)
     assert not np.allclose(expected, last_only, rtol=1e-3)  # the first batch counts too
 
@@ -61,11 +63,13 @@ def test_ipad_omega_mixes_in_filter_norm():
     batches = [torch.randn(4, 2, 5, 5)]
     graph = prunekit.build_graph(model, batches[0][:1])
     omega = 0.3
-    scores = ipad(model, graph, batches, norm=1, omega=omega)["conv"].numpy()
     w = model.conv.weight.detach().double().flatten(1)
+    norms, adc = w.abs().sum(1).numpy(), _hand_adc(model, batches, 1)
+    paper = ipad(model, graph, batches, norm=1, omega=omega, scale="paper")["conv"].numpy()
     n_l = w.shape[1]  # C_in * kh * kw
-    expected = omega / n_l * w.abs().sum(1).numpy() + (1 - omega) * 10 * _hand_adc(model, batches, 1)
-    assert np.allclose(scores, expected, rtol=1e-5)
+    assert np.allclose(paper, omega / n_l * norms + (1 - omega) * 10 * adc, rtol=1e-5)
+    layer = ipad(model, graph, batches, norm=1, omega=omega)["conv"].numpy()
+    assert np.allclose(layer, omega * norms / norms.mean() + (1 - omega) * adc / adc.mean(), rtol=1e-5)
 
 
 def test_activation_deviation_small_example():

@@ -5,14 +5,16 @@ mapping from producer name (as in ``graph.producers``) to one score per output
 channel (a tensor, array or list); lower is pruned first. ``batches`` is an
 iterable of input tensors (calibration data; may be empty for weight-only
 scorers). Options a scorer does not name in its signature are not passed;
-built-ins receive ``norm``, ``omega``, ``seed`` and, when training data is
-configured, ``loss_batches`` and ``loss_fn``. Producers missing from the
-mapping are never pruned.
+built-ins receive ``norm``, ``omega``, ``measure``, ``scale``, ``propagate``,
+``seed`` and, when training data is configured, ``loss_batches`` and
+``loss_fn``. Producers missing from the mapping are never pruned.
 
-Scores are normalised per layer (by default to their rank within the layer,
-0..1; or divided by the layer's mean) so layers of different scale compete
-fairly, then combined over the producers a unit couples (mean by default)
-into one score per unit.
+The criterion says which units of a layer go first; the allocation
+(:mod:`.allocation`) says how many each layer loses: scores become their rank
+within the layer (uniform), are divided by the layer's mean (global), or are
+replaced by the measured damage per FLOP of removing them (sensitivity); then
+they are combined over the producers a unit couples (mean by default) into one
+score per unit.
 """
 
 from __future__ import annotations
@@ -26,15 +28,18 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..graphs import ChannelGraph
-from .activations import ipad, taylor
-from .weights import bn_scale, l1, l2, random
+from .activations import fisher, ipad, taylor
+from .allocation import ALLOCATIONS, sensitivity_scores
+from .weights import bn_scale, group_l2, l1, l2, random
 
 SCORERS: dict[str, Callable] = {
     "ipad": ipad,
     "l1": l1,
     "l2": l2,
     "bn_scale": bn_scale,
+    "group_l2": group_l2,
     "taylor": taylor,
+    "fisher": fisher,
     "random": random,
 }
 
@@ -111,12 +116,31 @@ def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str 
 
 
 def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable = (),
-                options: dict | None = None, combine: str = "mean", normalize: str = "rank") -> np.ndarray:
-    """Run a scorer on ``model`` and return one score per unit of ``graph``."""
+                options: dict | None = None, combine: str = "mean", normalize: str = "rank",
+                allocation: str = "uniform", costs=None) -> np.ndarray:
+    """Run a scorer on ``model`` and return one score per unit of ``graph``.
+
+    ``allocation`` uniform | global | sensitivity (see :mod:`.allocation`); ``normalize: mean``
+    with the default allocation is the older spelling of global. Sensitivity needs ``costs``
+    (the graph's :class:`~prunekit.costs.CostModel`) and calibration ``batches``.
+    """
+    if allocation not in ALLOCATIONS:
+        raise PrunekitError(f"allocation '{allocation}' is unknown; use one of {', '.join(ALLOCATIONS)}.")
     scorer = resolve_scorer(method)
     name = method if isinstance(method, str) else getattr(scorer, "__name__", "scorer")
+    source = f"importance '{name}'"
+    if allocation == "sensitivity" and iter(batches) is batches:
+        batches = list(batches)  # read twice: by the scorer, then by the measurement
     try:
         raw = _call(scorer, model, graph, batches, dict(options or {}))
+        if allocation == "sensitivity":
+            if costs is None:
+                from ..costs import CostModel
+
+                costs = CostModel(model, graph)
+            order = unit_scores(graph, raw, combine, source=source, normalize="rank")
+            return np.where(graph.pinned, np.inf, sensitivity_scores(model, graph, order, batches, costs))
     except ValueError as exc:
-        raise PrunekitError(f"importance '{name}': {exc}") from None
-    return unit_scores(graph, raw, combine, source=f"importance '{name}'", normalize=normalize)
+        raise PrunekitError(f"{source}: {exc}") from None
+    how = "mean" if allocation == "global" else normalize
+    return unit_scores(graph, raw, combine, source=source, normalize=how)

@@ -55,3 +55,29 @@ def random(model, graph, batches=None, seed: int = 0, **options):
     """Uniform random scores: the baseline every criterion must beat."""
     rng = np.random.default_rng(seed)
     return {name: torch.from_numpy(rng.random(len(units))) for name, units in graph.producers.items()}
+
+
+def group_l2(model, graph, batches=None, **options):
+    """The L2 norm of every parameter a unit owns (see :func:`group_magnitude`)."""
+    return group_magnitude(model, graph, 2)
+
+
+def group_magnitude(model, graph, norm: int = 2):
+    """||every parameter a unit owns||_p: producer rows, bias, norm scale and shift, consumer columns.
+
+    The group criterion of Torch-Pruning's group L2: each (tensor, dim) slice of the channel
+    graph adds |w|^p of the unit's positions to the unit's sum; the score is the sum ^ (1/p).
+    Buffers (running statistics) are not weights and do not count.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    total = np.zeros(graph.num_units)
+    for (name, dim), units in graph.slices.items():
+        if name not in params:
+            continue
+        w = params[name].detach().double().abs().pow(norm)
+        per_position = w.sum([d for d in range(w.dim()) if d != dim]) if w.dim() > 1 else w
+        if per_position.shape[0] != len(units):
+            continue
+        np.add.at(total, units, per_position.cpu().numpy())
+    total = total ** (1 / norm)
+    return {name: torch.from_numpy(total[units]) for name, units in graph.producers.items()}
