@@ -63,12 +63,10 @@ class ImportanceConfig:
     omega_scale: Literal["layer", "paper"] = "layer"  # ipad: "paper" = omega / n_l * ||W|| + (1 - omega) * 10 * ADC
     measure: Literal["raw", "bn", "act"] = "raw"  # ipad: read the output raw, after its BatchNorm, or its activation
     propagate: float = 0.0  # ipad: weight of the importance of the consumers that read a channel
-    # how many units each layer loses: "uniform" (the same share of every layer), "global" (one
-    # ranking of scores divided by their layer's mean), "sensitivity" (measured damage per FLOP)
-    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"
+    # how many units each layer loses
+    allocation: Literal["uniform", "global", "sensitivity"] = "uniform"  # uniform (same share per layer) | global (one ranking) | sensitivity (measured damage per FLOP)
     combine: Literal["mean", "sum", "max"] = "mean"  # how coupled producers' scores make a unit's
-    # older spelling of the allocation: "rank" (uniform) or "mean" (global, with allocation: uniform)
-    normalize: Literal["rank", "mean"] = "rank"
+    normalize: Literal["rank", "mean"] = "rank"  # older spelling of allocation: rank (uniform) | mean (global)
     kwargs: dict = field(default_factory=dict)  # extra options for a custom scorer
 
     def scorer_options(self) -> dict:
