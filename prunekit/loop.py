@@ -20,7 +20,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch.utils._pytree
 from torch import nn
 
 from . import distributed, rundir
-from .artifacts import MANIFEST_FORMAT, module_widths, resize_to, width_changes
+from .artifacts import MANIFEST_FORMAT, module_widths, width_changes
 from .checks import calibration_source, check_labels, check_leaf_modules, check_limits_match, guard_scorer, \
     weights_hash
 from .config import Config, load_config, to_dict
@@ -41,28 +41,16 @@ from .graphs import build_graph, updated_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer, score_units
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
-from .checkpoint import read_checkpoint, write_checkpoint
 from .builders import resolve_callable
 from .planner import Planner, Targets
+from .run_state import Candidate, StepRecord, load_checkpoint, own_weights, rebuild, save_checkpoint, \
+    shared_copy, state_of
 from .progress import progress_bar
-from .rundir import CHECKPOINT, RunDirError, RunWriter
+from .rundir import RunDirError, RunWriter
 from .safety import call_user, check_finite_weights, check_input_memory, describe, user_number
-from .surgery import apply_removal, copy_module
+from .surgery import apply_removal
 from .data.trainer import evaluate, finetune, loss_for, main_output, task_of
 
-
-
-@dataclass
-class StepRecord:
-    step: int
-    flops: int
-    params: int
-    flops_ratio: float
-    params_ratio: float
-    removed_units: int
-    metric: float | None
-    seconds: float
-    latency_ratio: float | None = None  # measured after the cut, when the run has a latency target
 
 
 @dataclass
@@ -84,18 +72,6 @@ class PruneResult:
     calibration: str | None = None
     # the original's metric, and the delivered model's after the final fine-tune (None without data.val/validate)
     metrics: dict = field(default_factory=dict)
-
-
-@dataclass
-class _Candidate:
-    step: int
-    metric: float | None
-    meets: bool
-    state: dict | None  # None once another candidate ranks above it: it can never be the result
-    widths: dict
-
-    def rank(self):
-        return (self.meets, -np.inf if self.metric is None else self.metric, self.step)
 
 
 def _seed(seed: int) -> None:
@@ -159,7 +135,7 @@ class _Run:
         self.model_hash = weights_hash(model) if self.run_dir is not None else None  # resume checks it
         if world.many:
             world.check_same("the model, config and example input", [weights_hash(model), self.identity()])
-        self.checkpoint = _load_checkpoint(self) if self.mode == "resume" else None
+        self.checkpoint = load_checkpoint(self) if self.mode == "resume" else None
         self.graph0 = build_graph(model, self.inputs, cfg.model.leaf_modules)
         for fallback in self.graph0.fallbacks:
             warnings.warn(f"{fallback.describe()}; {self.graph0.fallback_cost(fallback)} channels pinned.",
@@ -280,96 +256,6 @@ class _Shown:
                 advance()
 
 
-# Memory: the loop holds the caller's model, the current model, the best candidate's tensors (usually the
-# current model's own) and, during a cut, the next model; it never copies a whole state to keep it. A
-# model's parameters are not written once the loop has moved past it (a cut makes new tensors, and only
-# the newest model is fine-tuned), so a kept state shares them; buffers, which a forward pass in train
-# mode updates in place, are copied (they are small).
-
-
-def _shared_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters share its storage: the loop's model before its first cut."""
-    memo: dict[int, object] = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in model.parameters()}
-    return _copy_with(model, memo)
-
-
-def _copy_with(model: nn.Module, memo: dict) -> nn.Module:
-    """``copy_module(model, memo)``; tensors a hook recomputes (old-style weight_norm) are copied too."""
-    for m in model.modules():
-        for value in vars(m).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf and id(value) not in memo:
-                memo[id(value)] = value.detach().clone()
-    return copy_module(model, memo)
-
-
-def _state(model: nn.Module) -> dict:
-    """The model's state_dict on the CPU, parameters shared, buffers copied (see above)."""
-    buffers = {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    return {k: v.detach().cpu().clone() if k in buffers else v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _rebuild(run: _Run, widths: dict, state: dict) -> nn.Module:
-    """The original model resized to ``widths``, holding ``state``'s tensors themselves (not copies)."""
-    memo: dict[int, object] = {}
-    for name, p in run.original.named_parameters(remove_duplicate=False):
-        if isinstance(state.get(name), torch.Tensor):
-            memo.setdefault(id(p), nn.Parameter(state[name], p.requires_grad))
-    for name, b in run.original.named_buffers(remove_duplicate=False):
-        if isinstance(state.get(name), torch.Tensor):
-            memo.setdefault(id(b), state[name].clone())
-    return resize_to(_copy_with(run.original, memo), widths, state).eval()
-
-
-def _own_weights(model: nn.Module, candidates: list) -> None:
-    """Give ``model`` its own copy of the parameters a kept candidate shares (those the last cut left
-    whole), before fine-tuning writes to them."""
-    kept = {v.untyped_storage().data_ptr() for c in candidates if c.state for v in c.state.values()}
-    copies: dict[int, nn.Parameter] = {}
-    for m in model.modules():
-        for attr, p in m._parameters.items():
-            if p is not None and p.untyped_storage().data_ptr() in kept:
-                if id(p) not in copies:
-                    copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
-                m._parameters[attr] = copies[id(p)]
-
-
-def _save_checkpoint(run: _Run, writer: RunWriter, step: int, model: nn.Module, history, candidates) -> None:
-    """What resume needs, each tensor once: the current model and the best candidate (often the same one)."""
-    writer.begin()
-    best = candidates[0] if candidates else None
-    state = best.state if best is not None and best.step == step else _state(model)
-    write_checkpoint(writer.checkpoint, run.identity(), {
-        "step": step,
-        "widths": json.dumps(width_changes(run.original_widths, model)),
-        "state": state,
-        "best_state": best.state if best is not None else None,
-        "history": json.dumps([asdict(h) for h in history]),
-        "candidates": [{"step": c.step, "metric": c.metric, "meets": c.meets, "widths": json.dumps(c.widths)}
-                       for c in candidates],
-        "latency_tables": run.gauge.tables.as_json() if run.gauge is not None else None,
-    })
-    writer.saved_checkpoint()
-
-
-def _load_checkpoint(run: _Run):
-    """The saved state of an interrupted run, checked to belong to this model and config."""
-    path = run.run_dir / CHECKPOINT
-    payload = run.world.from_main(read_checkpoint, path, run.identity())  # rank 0's run directory
-    run.saved_tables = payload.get("latency_tables")
-    try:
-        model = _rebuild(run, json.loads(payload["widths"]), payload["state"])
-        history = [StepRecord(**h) for h in json.loads(payload["history"])]
-        candidates = [_Candidate(c["step"], c["metric"], c["meets"], payload["best_state"] if i == 0 else None,
-                                 json.loads(c["widths"])) for i, c in enumerate(payload["candidates"])]
-        step = int(payload["step"])
-    except PrunekitError:
-        raise
-    except Exception:  # noqa: BLE001 - a payload that does not hold what prunekit writes
-        raise RunDirError(f"'{path}' is damaged: it does not hold a prunekit run's state.",
-                          str(run.run_dir)) from None
-    return step, model, history, candidates
-
-
 def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool = False, force: bool = False,
           progress: bool = True, builder: str | None = None, builder_kwargs: dict | None = None, *,
           input_files=()) -> PruneResult:
@@ -411,8 +297,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     cfg = run.config
     _seed(cfg.seed)
     history: list[StepRecord] = []
-    candidates: list[_Candidate] = []
-    current = shared = _shared_copy(run.original).eval()  # the caller's weights: only read, then cut into a copy
+    candidates: list[Candidate] = []
+    current = shared = shared_copy(run.original).eval()  # the caller's weights: only read, then cut into a copy
     step = 0
     if run.checkpoint is not None and (writer is None or writer.mode == "resume"):  # every rank resumes
         step, current, history, candidates = run.checkpoint
@@ -462,7 +348,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         if run.validate_fn is None and run.val is None and candidates and not candidates[0].meets:
             candidates[0].state = None  # no metric: this step's model will outrank it, so the cut may free it
         current = apply_removal(current, *cut, in_place=current is not shared)
-        _own_weights(current, candidates)
+        own_weights(current, candidates)
         graph = costs = predicted = None
         if writer is None:
             run.graph0 = None  # only the run directory's report reads it again
@@ -476,19 +362,19 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         run.log(f"step {step}: FLOPs {record.flops_ratio:.1%}, params {record.params_ratio:.1%}"
                 + (f", latency {measured:.1%} (predicted {plan.latency:.1%})" if measured is not None else "")
                 + (f", metric {metric:.4f}" if metric is not None else ""))
-        candidates.append(_Candidate(step, metric, run.targets.done(plan.flops, plan.params, measured),
-                                     _state(current), width_changes(run.original_widths, current)))
-        candidates = sorted(candidates, key=_Candidate.rank, reverse=True)[:cfg.keep_best]
+        candidates.append(Candidate(step, metric, run.targets.done(plan.flops, plan.params, measured),
+                                     state_of(current), width_changes(run.original_widths, current)))
+        candidates = sorted(candidates, key=Candidate.rank, reverse=True)[:cfg.keep_best]
         for later in candidates[1:]:  # only the best one's weights can become the result
             later.state = None
         if writer is not None:  # the first checkpoint comes after a whole step: a failing step writes nothing
-            _save_checkpoint(run, writer, step, current, history, candidates)
+            save_checkpoint(run, writer, step, current, history, candidates)
         if not plan.reached and step >= cfg.schedule.steps:
             message = _unreachable(run, plan.flops, plan.params)
             break
-    best = max(candidates, key=_Candidate.rank) if candidates else None
+    best = max(candidates, key=Candidate.rank) if candidates else None
     if best is not None:
-        model_out = _rebuild(run, best.widths, best.state)
+        model_out = rebuild(run, best.widths, best.state)
         best_step = best.step
     else:
         model_out, best_step = copy.deepcopy(current), 0  # the result shares nothing with the caller's model
@@ -531,7 +417,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         from .reports.run import write_outputs
 
         if not writer.began:  # the model met the targets before any step: still a complete run
-            _save_checkpoint(run, writer, step, current, history, candidates)
+            save_checkpoint(run, writer, step, current, history, candidates)
         write_outputs(result, run.original, run.graph0, final_graph, run.inputs, directory=writer.work)
         writer.complete()
     return result
