@@ -203,13 +203,13 @@ def report(spec: ModelSpec, compare: str | None, depth: int | None, latency: boo
     input shape, so no other option is needed.
     """
     from . import reports as rep
-    from .latency import check_device
+    from .data.devices import resolve_device
 
     from .safety import quiet_stdout
 
     rep.check_depth(depth)
     if latency:
-        check_device(device)
+        resolve_device(device)
     with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json
         model, example = load_cli_model(spec, compare)
         if compare is None:

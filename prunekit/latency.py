@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .data.devices import resolve_device
 from .errors import PrunekitError
 from .graphs.graph import as_inputs
 
@@ -58,7 +59,7 @@ def measure_latency(model: nn.Module, example_inputs, device: str = "cpu", threa
 def compare_latency(models: Mapping[str, nn.Module], example_inputs, device: str = "cpu",
                     threads: int | None = None, repeats: int = 30, warmup: int = 5) -> dict[str, Latency]:
     """:func:`measure_latency` for several models, their runs interleaved."""
-    target = _device(device)
+    target = resolve_device(device)
     _check_counts(repeats, warmup, threads)
     inputs = tuple(x.to(target) if isinstance(x, torch.Tensor) else x for x in as_inputs(example_inputs))
     placed = {name: _placed(m, target) for name, m in models.items()}
@@ -70,7 +71,7 @@ def time_calls(calls: Mapping[str, Callable[[], object]], device: str = "cpu", t
                repeats: int = 30, warmup: int = 5) -> dict[str, Latency]:
     """Median and spread of each zero-argument call, their runs interleaved as in :func:`compare_latency`
     (under ``torch.inference_mode``; ``device`` is the one to synchronise after each call)."""
-    target = _device(device)
+    target = resolve_device(device)
     _check_counts(repeats, warmup, threads)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     with _threads(threads) as used, torch.inference_mode():
@@ -101,21 +102,6 @@ def _check_counts(repeats, warmup, threads) -> None:
 def _summary(samples: list[float], device: str, threads: int) -> Latency:
     q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
     return Latency(statistics.median(samples), q3 - q1, len(samples), device, threads, torch.__version__)
-
-
-def check_device(device: str) -> torch.device:
-    """``device`` as a torch device, refused in one sentence when it is not one or is not here."""
-    return _device(device)
-
-
-def _device(device: str) -> torch.device:
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PrunekitError(f"'{device}' is not a device (use cpu, cuda or cuda:N).") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise PrunekitError(f"device '{device}' was asked for, but no CUDA device is available.")
-    return target
 
 
 def _placed(model: nn.Module, target: torch.device) -> nn.Module:
