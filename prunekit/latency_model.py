@@ -311,9 +311,9 @@ def choose_alignment(model: nn.Module, graph: ChannelGraph, tables: LatencyTable
     An alignment ``a`` pays off when, in the layers that take the most time, keeping a
     multiple of ``a`` channels is measured no slower than keeping ``a / 2`` fewer.
     """
-    calls = {key: module for key, _, module in latency_calls(model, graph)}
-    shapes = {key: tuple(node.args[0].meta["prunekit_shape"]) for key, node, _ in latency_calls(model, graph)}
-    heavy = sorted((k for k in tables.layers if k in calls and getattr(calls[k], "groups", 1) == 1),
+    calls = {key: (module, tuple(node.args[0].meta["prunekit_shape"])) for key, node, module in
+             latency_calls(model, graph)}
+    heavy = sorted((k for k in tables.layers if k in calls and getattr(calls[k][0], "groups", 1) == 1),
                    key=lambda k: -tables.tables[tables.layers[k]].at(1e9, 1e9))[:3]
     for a in ALIGNMENTS:
         votes = []
@@ -322,8 +322,8 @@ def choose_alignment(model: nn.Module, graph: ChannelGraph, tables: LatencyTable
             width = table.cout0 // 2 // a * a
             if width < 2 * a:
                 continue
-            aligned = _time_layer(calls[key], shapes[key], table.cin0, width, settings)
-            fewer = _time_layer(calls[key], shapes[key], table.cin0, width - a // 2, settings)
+            aligned = _time_layer(*calls[key], table.cin0, width, settings)
+            fewer = _time_layer(*calls[key], table.cin0, width - a // 2, settings)
             votes.append(fewer >= aligned)
         if votes and sum(votes) * 2 > len(votes):
             return a
@@ -336,11 +336,11 @@ class LatencyGauge:
     def __init__(self, original: nn.Module, example_inputs, tables: LatencyTables, settings: Settings):
         self.original, self.inputs, self.tables, self.settings = original, example_inputs, tables, settings
 
-    def measure(self, model: nn.Module, repeats: int | None = None) -> dict:
+    def measure(self, model: nn.Module) -> dict:
         """``model``'s latency beside the original's, timed interleaved; ``ratio`` is pruned / original."""
         s = self.settings
         lat = compare_latency({"original": self.original, "pruned": model}, self.inputs, s.device, s.threads,
-                              repeats or s.repeats, s.warmup)
+                              s.repeats, s.warmup)
         original, pruned = lat["original"], lat["pruned"]
         return {"original_seconds": original.median, "pruned_seconds": pruned.median,
                 "ratio": pruned.median / original.median, "spread": [original.spread, pruned.spread],

@@ -174,7 +174,12 @@ class _Run:
         if self.config.limits.round_to == "auto":
             self.round_to = tables.alignment or 1
             self.log(f"round_to: auto chose {self.round_to}")
-        return LatencyGauge(model, self.inputs, tables, Settings(lat.device, lat.threads, lat.repeats, lat.warmup))
+        return LatencyGauge(model, self.inputs, tables, self.measuring())
+
+    def measuring(self) -> Settings:
+        """How the model's latency is measured: the config's latency section."""
+        lat = self.config.latency
+        return Settings(lat.device, lat.threads, lat.repeats, lat.warmup)
 
     # -- helpers -----------------------------------------------------------
 
@@ -394,9 +399,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
     latency = None
     if run.gauge is not None or run.run_dir is not None:  # the report's before/after row; a latency target's verdict
-        gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, Settings(
-            cfg.latency.device, cfg.latency.threads, cfg.latency.repeats, cfg.latency.warmup))
-        latency = run.world.from_main(lambda: gauge.measure(model_out.eval(), repeats=cfg.latency.repeats))
+        gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, run.measuring())
+        latency = run.world.from_main(lambda: gauge.measure(model_out.eval()))
         final["latency_ratio"] = latency["ratio"]
     result = PruneResult(
         model=model_out.eval(), history=history, original={"flops": run.flops0, "params": run.params0},

@@ -152,7 +152,7 @@ def _scripted_measurements(monkeypatch, ratios):
     """Make every measurement of the pruned model return the next of ``ratios`` (the last repeats)."""
     seen = []
 
-    def measure(self, model, repeats=None):
+    def measure(self, model):
         ratio = ratios[min(len(seen), len(ratios) - 1)]
         seen.append(ratio)
         return {"original_seconds": 1.0, "pruned_seconds": ratio, "ratio": ratio, "spread": [0, 0],
