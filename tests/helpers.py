@@ -371,3 +371,16 @@ def assert_train_mode_runs(original: nn.Module, pruned: nn.Module, inputs) -> No
     grads = [p.grad for p in candidate.parameters() if p.requires_grad]
     assert any(g is not None for g in grads)
     assert all(math.isfinite(float(g.abs().sum())) for g in grads if g is not None)
+
+
+class TinyConvNet(nn.Module):
+    """conv -> bn -> torch.relu (a function) -> head (whose outputs are the model's: pinned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))))

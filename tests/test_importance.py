@@ -3,27 +3,18 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import prunekit
+from helpers import TinyConvNet
 from prunekit.importance import SCORERS, score_units, unit_scores
 from prunekit.importance.activations import activation_deviation, ipad
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Conv2d(4, 3, 1)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.bn(self.conv(x))))
 
 
 def _model():
     torch.manual_seed(0)
-    m = Tiny().eval()
+    m = TinyConvNet().eval()
     m.bn.running_mean.uniform_(-1, 1)  # BN must not affect IPAD: it reads the raw conv output
     return m
 

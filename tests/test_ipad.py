@@ -8,22 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import prunekit
+from helpers import TinyConvNet
 from prunekit.importance import SCORERS, score_units
 from prunekit.importance.activations import activation_deviation, ipad, measure_chain, mix
 from prunekit.importance.propagate import propagated
 
 
-class Tiny(nn.Module):
-    """conv -> bn -> torch.relu (a function) -> head (whose outputs are the model's: pinned)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.head = nn.Conv2d(4, 3, 1)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.bn(self.conv(x))))
 
 
 class Chain(nn.Module):
@@ -44,7 +34,7 @@ class Chain(nn.Module):
 
 def _tiny():
     torch.manual_seed(0)
-    m = Tiny().eval()
+    m = TinyConvNet().eval()
     m.bn.running_mean.uniform_(-1, 1)
     m.bn.running_var.uniform_(0.5, 2)
     m.bn.weight.data.uniform_(0.5, 1.5)
