@@ -10,8 +10,6 @@ from prunekit.importance import SCORERS, score_units, unit_scores
 from prunekit.importance.activations import activation_deviation, ipad
 
 
-
-
 def _model():
     torch.manual_seed(0)
     m = TinyConvNet().eval()

@@ -14,8 +14,6 @@ from prunekit.importance.activations import activation_deviation, ipad, measure_
 from prunekit.importance.propagate import propagated
 
 
-
-
 class Chain(nn.Module):
     """conv1 -> BN -> ReLU(inplace) -> conv2 -> ReLU -> head: propagation through two layers."""
 
