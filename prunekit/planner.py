@@ -10,6 +10,7 @@ the :class:`~prunekit.costs.CostModel`, never by running the model.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -98,34 +99,78 @@ class Planner:
             allowed = math.floor(layer_limit(name, limits) * original + 1e-9)
             already = original - len(units)
             self.budget[name] = max(0, min(allowed - already, len(units) - 1))
-        # unit -> [(producer, channels of that producer in the unit)]
-        self.touches: dict[int, list[tuple[str, int]]] = defaultdict(list)
-        for name, units in graph.producers.items():
-            ids, counts = np.unique(units, return_counts=True)
-            for u, c in zip(ids.tolist(), counts.tolist()):
-                self.touches[u].append((name, c))
-        self._touch_list = [self.touches.get(u, ()) for u in range(graph.num_units)]
-        self._touching = np.array([bool(t) for t in self._touch_list], dtype=bool)
+        self._compile_touches()
+
+    def _compile_touches(self) -> None:
+        """Which producers each unit touches, with how many of their channels, as flat arrays.
+
+        A producer is *simple* when only units touching it alone touch it, each with the same
+        number of its channels: the greedy sequence then keeps its first ``budget // count``
+        units in score order, which numpy decides for all simple producers at once. The rest
+        (residual streams, concatenations) go through the exact one-by-one check.
+        """
+        names = list(self.graph.producers)
+        self._names = names
+        sizes = [len(self.graph.producers[n]) for n in names]
+        flat = np.concatenate([np.asarray(self.graph.producers[n], dtype=np.int64) for n in names]) \
+            if names else np.zeros(0, dtype=np.int64)
+        pairs, counts = np.unique(flat * max(len(names), 1) + np.repeat(np.arange(len(names)), sizes),
+                                  return_counts=True)
+        self._pair_unit, self._pair_producer = np.divmod(pairs, max(len(names), 1))
+        self._pair_count = counts
+        num_units = self.graph.num_units
+        producers_of = np.bincount(self._pair_unit, minlength=num_units)
+        self._touching = producers_of > 0
+        complex_producer = np.zeros(len(names), dtype=bool)
+        complex_producer[self._pair_producer[producers_of[self._pair_unit] > 1]] = True
+        lowest = np.full(len(names), np.iinfo(np.int64).max)
+        highest = np.zeros(len(names), dtype=np.int64)
+        np.minimum.at(lowest, self._pair_producer, counts)
+        np.maximum.at(highest, self._pair_producer, counts)
+        complex_producer |= lowest != highest
+        budget = np.array([self.budget[n] for n in names], dtype=np.int64)
+        self._keep_first = budget // np.maximum(highest, 1)  # how many units a simple producer may lose
+        self._producer = np.full(num_units, -1, dtype=np.int64)  # a unit's producer, when it has one simple one
+        simple_pair = ~complex_producer[self._pair_producer]
+        self._producer[self._pair_unit[simple_pair]] = self._pair_producer[simple_pair]
+        # the others are checked one by one: unit u's pairs are rows _first_pair[u]:_first_pair[u + 1]
+        self._first_pair = np.searchsorted(self._pair_unit, np.arange(num_units + 1)).tolist()
+        self._budget_list = budget.tolist()
+        self._pair_lists = self._pair_producer.tolist(), counts.tolist()
+
+    @functools.cached_property
+    def touches(self) -> dict[int, list[tuple[str, int]]]:
+        """unit -> [(producer, channels of that producer in the unit)]"""
+        touches: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for u, p, c in zip(self._pair_unit.tolist(), self._pair_producer.tolist(), self._pair_count.tolist()):
+            touches[u].append((self._names[p], c))
+        return touches
 
     def sequence(self, scores: np.ndarray) -> list[int]:
         """Every removable unit, cheapest to lose first, as far as the limits allow."""
         order = np.argsort(scores, kind="stable")
         candidate = np.isfinite(scores) & ~self.graph.pinned & self._touching
-        budget, touches = self.budget, self._touch_list
-        used = dict.fromkeys(budget, 0)
-        chosen = []
-        for u in order[candidate[order]].tolist():
-            unit_touches = touches[u]
-            if len(unit_touches) == 1:  # the common case: one producer, one check
-                p, c = unit_touches[0]
-                if used[p] + c <= budget[p]:
-                    used[p] += c
-                    chosen.append(u)
-            elif all(used[p] + c <= budget[p] for p, c in unit_touches):
-                for p, c in unit_touches:
-                    used[p] += c
-                chosen.append(u)
-        return chosen
+        order = order[candidate[order]]
+        accepted = np.zeros(len(order), dtype=bool)
+        # simple producers: each keeps its first units in score order, as many as its budget allows
+        producer = self._producer[order]
+        simple = np.flatnonzero(producer >= 0)
+        by_producer = simple[np.argsort(producer[simple], kind="stable")]
+        grouped = producer[by_producer]
+        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")  # within its producer
+        accepted[by_producer] = rank < self._keep_first[grouped]
+        # the others: one by one, every producer the unit touches must have room for it
+        checked = np.flatnonzero(producer < 0)
+        if checked.size:
+            first, budget, used = self._first_pair, self._budget_list, [0] * len(self._budget_list)
+            pair_producer, pair_count = self._pair_lists
+            for i, u in zip(checked.tolist(), order[checked].tolist()):
+                rows = range(first[u], first[u + 1])
+                if all(used[pair_producer[r]] + pair_count[r] <= budget[pair_producer[r]] for r in rows):
+                    for r in rows:
+                        used[pair_producer[r]] += pair_count[r]
+                    accepted[i] = True
+        return order[accepted].tolist()
 
     def _rounded(self, units: list[int]) -> list[int]:
         """Drop the last-chosen units until every touched layer keeps a multiple of round_to.
