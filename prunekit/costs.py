@@ -61,6 +61,15 @@ class CostModel:
         for name, p in model.named_parameters():
             self._params.append((name.rpartition(".")[0], tuple(p.shape), sliced.get(name, {})))
         self.module_types = {name: type(m).__name__ for name, m in model.named_modules()}
+        self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array
+
+    def kept_count(self, removed: np.ndarray, units: np.ndarray) -> int:
+        """How many of ``units`` survive ``removed``; one pricing reads the same unit arrays many times
+        (a conv's output is read by its norm, activation and consumers), so counts are kept until the next."""
+        count = self._counts.get(id(units))
+        if count is None:
+            count = self._counts[id(units)] = len(units) - int(np.count_nonzero(removed[units]))
+        return count
 
     # -- compile ---------------------------------------------------------
 
@@ -71,7 +80,7 @@ class CostModel:
         dims = {dim: units for (name, dim), units in self.graph.slices.items() if name == tensor}
 
         def kept_shape(removed: np.ndarray) -> tuple:
-            return tuple(int((~removed[dims[d]]).sum()) if d in dims else s for d, s in enumerate(shape))
+            return tuple(self.kept_count(removed, dims[d]) if d in dims else s for d, s in enumerate(shape))
 
         return kept_shape
 
@@ -112,12 +121,14 @@ class CostModel:
             if units is None:
                 units = self._unit_cache[id(chan)] = graph.unit_of_atom[np.asarray(chan.atoms, dtype=np.int64)]
             shape = list(shape)
-            shape[chan.dim] = int((~removed[units]).sum())
+            shape[chan.dim] = self.kept_count(removed, units)
             return tuple(shape)
 
         return kept
 
     def _mask(self, removed) -> np.ndarray:
+        """The removal as a boolean mask; a new pricing starts (the kept counts of the last are dropped)."""
+        self._counts = {}
         if removed is None:
             return np.zeros(self.graph.num_units, dtype=bool)
         return np.asarray(removed, dtype=bool)
@@ -134,7 +145,7 @@ class CostModel:
         removed = self._mask(removed)
         out: dict[str, int] = defaultdict(int)
         for owner, shape, dims in self._params:
-            out[owner] += math.prod(int((~removed[dims[d]]).sum()) if d in dims else s
+            out[owner] += math.prod(self.kept_count(removed, dims[d]) if d in dims else s
                                     for d, s in enumerate(shape))
         return dict(out)
 
