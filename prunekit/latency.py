@@ -48,55 +48,67 @@ class Latency:
 
 
 def measure_latency(model: nn.Module, example_inputs, device: str = "cpu", threads: int | None = None,
-                    repeats: int = 30, warmup: int = 5) -> Latency:
+                    repeats: int = 30, warmup: int = 5, budget: float | None = None) -> Latency:
     """Median and spread of ``model``'s forward time on ``device`` (the model is not changed).
 
-    ``threads``: intra-op threads on the CPU (default: torch's current setting).
+    ``threads``: intra-op threads on the CPU (default: torch's current setting). ``budget``: stop
+    before ``repeats`` once the timed runs have taken this many seconds (never under
+    :data:`MIN_REPEATS` runs), for a quick look at a slow model.
     """
-    return compare_latency({"model": model}, example_inputs, device, threads, repeats, warmup)["model"]
+    return compare_latency({"model": model}, example_inputs, device, threads, repeats, warmup, budget)["model"]
 
 
 def compare_latency(models: Mapping[str, nn.Module], example_inputs, device: str = "cpu",
-                    threads: int | None = None, repeats: int = 30, warmup: int = 5) -> dict[str, Latency]:
+                    threads: int | None = None, repeats: int = 30, warmup: int = 5,
+                    budget: float | None = None) -> dict[str, Latency]:
     """:func:`measure_latency` for several models, their runs interleaved."""
     target = resolve_device(device)
-    _check_counts(repeats, warmup, threads)
+    _check_counts(repeats, warmup, threads, budget)
     inputs = tuple(x.to(target) if isinstance(x, torch.Tensor) else x for x in as_inputs(example_inputs))
     placed = {name: _placed(m, target) for name, m in models.items()}
     return time_calls({name: functools.partial(m, *inputs) for name, m in placed.items()}, device, threads,
-                      repeats, warmup)
+                      repeats, warmup, budget)
+
+
+# a measurement cut short by its time budget still has this many runs of each call
+MIN_REPEATS = 5
 
 
 def time_calls(calls: Mapping[str, Callable[[], object]], device: str = "cpu", threads: int | None = None,
-               repeats: int = 30, warmup: int = 5) -> dict[str, Latency]:
+               repeats: int = 30, warmup: int = 5, budget: float | None = None) -> dict[str, Latency]:
     """Median and spread of each zero-argument call, their runs interleaved as in :func:`compare_latency`
     (under ``torch.inference_mode``; ``device`` is the one to synchronise after each call)."""
     target = resolve_device(device)
-    _check_counts(repeats, warmup, threads)
+    _check_counts(repeats, warmup, threads, budget)
     samples: dict[str, list[float]] = {name: [] for name in calls}
     with _threads(threads) as used, torch.inference_mode():
         for _ in range(warmup):
             for call in calls.values():
                 call()
         _sync(target)
-        names = list(calls)
+        names, spent = list(calls), 0.0
         for r in range(repeats):
+            if budget is not None and r >= MIN_REPEATS and spent >= budget:
+                break
             order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for name in order:
                 start = time.perf_counter()
                 calls[name]()
                 _sync(target)
                 samples[name].append(time.perf_counter() - start)
+                spent += samples[name][-1]
     return {name: _summary(s, str(target), used) for name, s in samples.items()}
 
 
-def _check_counts(repeats, warmup, threads) -> None:
+def _check_counts(repeats, warmup, threads, budget=None) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise PrunekitError(f"repeats must be a whole number of at least 1, got {repeats!r}.")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise PrunekitError(f"warmup must be a whole number of at least 0, got {warmup!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise PrunekitError(f"threads must be a whole number of at least 1, got {threads!r}.")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise PrunekitError(f"budget must be a positive number of seconds, got {budget!r}.")
 
 
 def _summary(samples: list[float], device: str, threads: int) -> Latency:

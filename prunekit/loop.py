@@ -20,7 +20,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -359,7 +359,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
             run.graph0 = None  # only the run directory's report reads it again
         run.tune(current, cfg.schedule.finetune, step, f"fine-tune step {step}")
         metric = run.metric(current)
-        measured = run.world.from_main(lambda: run.gauge.measure(current)["ratio"]) \
+        measured = run.world.from_main(lambda: run.gauge.confirmed_ratio(current, cfg.targets.latency)) \
             if cfg.targets.latency is not None else None
         record = StepRecord(step, plan.flops, plan.params, plan.flops / run.flops0, plan.params / run.params0,
                             int(plan.units.size), metric, time.perf_counter() - started, measured)
@@ -399,7 +399,9 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
     latency = None
     if run.gauge is not None or run.run_dir is not None:  # the report's before/after row; a latency target's verdict
-        gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, run.measuring())
+        # without a latency target the row is informative only: a short measurement will do
+        quick = replace(run.measuring(), warmup=min(cfg.latency.warmup, 1), budget=REPORT_LATENCY_SECONDS)
+        gauge = run.gauge or LatencyGauge(run.original, run.inputs, None, quick)
         latency = run.world.from_main(lambda: gauge.measure(model_out.eval()))
         final["latency_ratio"] = latency["ratio"]
     result = PruneResult(
@@ -426,6 +428,9 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         writer.complete()
     return result
 
+
+# timed seconds (both models together) that the report's latency row may take when there is no latency target
+REPORT_LATENCY_SECONDS = 0.5
 
 # steps a latency target may take beyond schedule.steps when the measured latency is still above it
 EXTRA_STEPS = 4

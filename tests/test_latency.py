@@ -37,7 +37,8 @@ def test_compare_latency_interleaves_every_model():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"), ({"threads": 0}, "threads"),
-    ({"device": "gpu0"}, "not a device"), ({"repeats": True}, "repeats"),
+    ({"device": "gpu0"}, "not a device"), ({"repeats": True}, "repeats"), ({"budget": 0}, "budget"),
+    ({"budget": "1s"}, "budget"),
 ])
 def test_bad_arguments_are_one_sentence(kwargs, match):
     with pytest.raises(prunekit.PrunekitError, match=match):
@@ -57,3 +58,17 @@ def test_time_calls_times_any_zero_argument_calls_interleaved():
     result = time_calls({"a": lambda: seen.append("a"), "b": lambda: seen.append("b")}, repeats=4, warmup=1)
     assert set(result) == {"a", "b"} and all(r.repeats == 4 and r.median >= 0 for r in result.values())
     assert seen[2:] == ["a", "b", "b", "a", "a", "b", "b", "a"]  # after the warm-up, who goes first rotates
+
+
+def test_a_time_budget_cuts_the_repeats_short_but_never_below_the_minimum():
+    import time
+
+    from prunekit.latency import MIN_REPEATS, time_calls
+
+    def slow():
+        time.sleep(0.01)
+
+    short = time_calls({"a": slow, "b": slow}, repeats=50, warmup=0, budget=0.001)
+    assert all(r.repeats == MIN_REPEATS for r in short.values())
+    roomy = time_calls({"a": slow}, repeats=8, warmup=0, budget=60.0)
+    assert roomy["a"].repeats == 8  # a budget that is not used up changes nothing
