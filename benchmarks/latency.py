@@ -7,8 +7,13 @@ For each model (random weights, seed 0), four models are timed together, interle
 one run (``prunekit.latency.compare_latency``): the original; prunekit at 50% of the FLOPs
 (``flops``: L1 norms, 8 steps, no fine-tuning, the classifier or output conv left alone);
 the same with ``limits.round_to: 8`` (``flops/8``); prunekit with ``targets.latency: 0.5``
-measured at one thread (``latency``); and Torch-Pruning's model at the same FLOPs
-(``tp``: MetaPruner, L1, 50 steps of at most 0.9 per layer, stopping at half the MACs).
+measured at one thread (``latency``); Torch-Pruning's model at the same FLOPs
+(``tp``: MetaPruner, L1, 50 steps of at most 0.9 per layer, stopping at half the MACs); and
+the same architecture built thinner by design (``thin``: the width argument its authors
+give it, chosen so that the FLOPs come closest to 50%: ``unet(width=...)``,
+``mobilenet_v2(width_mult=...)``, ``resnet50(width_per_group=...)``,
+``DenseNet(growth_rate, (6, 12, 24, 16), 2 * growth_rate)``). ``thin`` is what any channel pruning can at best hope
+for: every layer narrowed evenly, at widths the architecture was designed with.
 
 Columns: the FLOPs ratio (fvcore), the latency ratio at one thread and at all of this
 machine's cores, and the efficiency, the latency speed-up over the FLOPs speed-up
@@ -59,6 +64,25 @@ def build_model(name: str) -> tuple[nn.Module, torch.Tensor, str] | None:
     return model, torch.randn(1, 3, 224, 224), last
 
 
+def thin_model(name: str, x: torch.Tensor) -> nn.Module | None:
+    """The architecture built narrower by its own width argument, FLOPs closest to half the original's."""
+    import torchvision
+
+    from prunekit.zoo import unet
+
+    builders = {"unet": (lambda w: unet(width=w), range(16, 33)),
+                "mobilenet_v2": (lambda w: torchvision.models.mobilenet_v2(width_mult=w / 100), range(40, 101, 5)),
+                "resnet50": (lambda w: torchvision.models.resnet50(width_per_group=w), range(16, 65, 4)),
+                "densenet121": (lambda w: torchvision.models.DenseNet(w, (6, 12, 24, 16), 2 * w), range(12, 33, 2))}
+    if name not in builders:
+        return None
+    build, widths = builders[name]
+    flops0 = prunekit.count_flops_params(build(widths[-1]).eval(), x)["flops"]
+    torch.manual_seed(0)
+    models = [build(w).eval() for w in widths]
+    return min(models, key=lambda m: abs(prunekit.count_flops_params(m, x)["flops"] / flops0 - 0.5))
+
+
 def config(last: str, **changes) -> dict:
     cfg = {"targets": {"flops": 0.5, "params": 1.0}, "importance": {"method": "l1"}, "schedule": {"steps": 8},
            "limits": {"default": 0.9, "layers": {last: 0}}}
@@ -104,6 +128,9 @@ def bench_model(name: str, repeats: int, use_tp: bool) -> dict | None:
         t0 = time.perf_counter()
         variants["tp"] = run_tp(model, x, last)
         seconds["tp"] = time.perf_counter() - t0
+    thin = thin_model(name, x)
+    if thin is not None:
+        variants["thin"], seconds["thin"] = thin, 0.0
     flops0 = fvcore_counts(model, x)[0]
     flops = {k: fvcore_counts(m, x)[0] / flops0 for k, m in variants.items()}
     timed = {"original": model, **variants}
