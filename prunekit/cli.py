@@ -378,6 +378,8 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
         else:
             click.echo(f"\nInterrupted; {str(stop).split('; ', 1)[-1]}", err=True)
         sys.exit(130)
+    if launched_rank() != 0:  # under torchrun the summary is rank 0's to print; every rank exits alike
+        sys.exit(0 if result.targets_met else 2)
     for line in summary_lines(result):
         click.echo(line)
     click.echo(f"Best model: step {result.best_step}; written to {run_dir} (model.pt, manifest.json, report.md, "

@@ -248,6 +248,7 @@ def test_torchrun_prune_and_ctrl_c_on_one_rank_leaves_a_resumable_run(tmp_path):
     done = torchrun(tmp_path, "-o", "run")
     log = done.communicate(timeout=120)[0].decode()
     assert done.returncode == 0, log
+    assert log.count("Best model: step") == 1, log  # the summary is rank 0's alone
     assert rundir.inspect(tmp_path / "run") == "complete"
     pruned = prunekit.load_pruned(tmp_path / "run")
     single = prunekit.prune(worker.small_unet(), torch.rand(1, 1, 16, 16), tmp_path / "cfg.yaml", progress=False)
