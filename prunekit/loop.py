@@ -342,8 +342,12 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
         if predicted is not None and cfg.targets.latency is not None:
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first
-        plan = Planner(graph, costs, cfg.limits, run.producer_widths0, predicted if cfg.targets.latency else None,
-                       run.round_to).plan(scores, run.targets.goal(step))
+        planner = Planner(graph, costs, cfg.limits, run.producer_widths0,
+                          predicted if cfg.targets.latency else None, run.round_to)
+        plan, aim = planner.plan(scores, run.targets.goal(step)), step
+        while plan.reached and plan.units.size == 0 and aim < cfg.schedule.steps:
+            aim += 1  # already there (a latency measured ahead of the schedule): aim at the next step's goal
+            plan = planner.plan(scores, run.targets.goal(aim))
         run.world.check_same(f"the plan of step {step}", [plan.units.tolist(), plan.flops, plan.params])
         if plan.units.size == 0:
             step -= 1

@@ -187,6 +187,15 @@ def test_a_lucky_measurement_that_the_second_does_not_confirm_takes_another_step
     assert result.targets_met and len(seen) == 6
 
 
+def test_a_step_whose_goal_a_measurement_already_met_aims_at_the_next_one(monkeypatch):
+    """After step 1 the device measures 65%, below step 2's goal (71%): step 2 cuts towards step 3's."""
+    _scripted_measurements(monkeypatch, [0.65, 0.55, 0.45])
+    result = prunekit.prune(small_cnn(in_channels=3).eval(), X, {**CONFIG, "schedule": {"steps": 4}}, progress=False)
+    assert result.targets_met and result.message == "targets met", result.message
+    assert [h.latency_ratio for h in result.history] == [0.65, 0.55, 0.45, 0.45][:len(result.history)]
+    assert len(result.history) >= 3 and result.history[1].flops_ratio < result.history[0].flops_ratio
+
+
 def test_a_latency_target_missed_by_the_measurement_takes_more_steps_then_stops_and_says_so(monkeypatch):
     _scripted_measurements(monkeypatch, [0.9])  # the device never gets faster
     result = prunekit.prune(small_cnn(in_channels=3).eval(), X, CONFIG, progress=False)
