@@ -104,39 +104,55 @@ class Planner:
     def _compile_touches(self) -> None:
         """Which producers each unit touches, with how many of their channels, as flat arrays.
 
-        A producer is *simple* when only units touching it alone touch it, each with the same
-        number of its channels: the greedy sequence then keeps its first ``budget // count``
-        units in score order, which numpy decides for all simple producers at once. The rest
-        (residual streams, concatenations) go through the exact one-by-one check.
+        Units fall into *classes*: all the units that touch one set of producers (a conv and the
+        depthwise conv it feeds, a residual stream's convs), each with the same channel counts,
+        when no other unit touches those producers. Within a class the greedy sequence keeps the
+        first units in score order, as many as the tightest producer's budget allows, and
+        alignment gives back the fewest last ones: numpy decides that for every class at once.
+        Units outside a class (concatenations that share producers unevenly) are checked one by one.
         """
         names = list(self.graph.producers)
         self._names = names
-        sizes = [len(self.graph.producers[n]) for n in names]
+        P, num_units = max(len(names), 1), self.graph.num_units
+        self._widths = [len(self.graph.producers[n]) for n in names]
         flat = np.concatenate([np.asarray(self.graph.producers[n], dtype=np.int64) for n in names]) \
             if names else np.zeros(0, dtype=np.int64)
-        pairs, counts = np.unique(flat * max(len(names), 1) + np.repeat(np.arange(len(names)), sizes),
-                                  return_counts=True)
-        self._pair_unit, self._pair_producer = np.divmod(pairs, max(len(names), 1))
-        self._pair_count = counts
-        num_units = self.graph.num_units
-        producers_of = np.bincount(self._pair_unit, minlength=num_units)
-        self._touching = producers_of > 0
-        complex_producer = np.zeros(len(names), dtype=bool)
-        complex_producer[self._pair_producer[producers_of[self._pair_unit] > 1]] = True
-        lowest = np.full(len(names), np.iinfo(np.int64).max)
-        highest = np.zeros(len(names), dtype=np.int64)
-        np.minimum.at(lowest, self._pair_producer, counts)
-        np.maximum.at(highest, self._pair_producer, counts)
-        complex_producer |= lowest != highest
+        pairs, counts = np.unique(flat * P + np.repeat(np.arange(len(names)), self._widths), return_counts=True)
+        unit, producer = np.divmod(pairs, P)  # sorted by unit, then producer
+        self._pair_unit, self._pair_producer, self._pair_count = unit, producer, counts
+        first = np.searchsorted(unit, np.arange(num_units + 1))  # unit u's pairs: first[u]:first[u + 1]
+        npairs = np.diff(first)
+        self._touching = npairs > 0
+        touching = np.flatnonzero(self._touching)
+        # a unit's row: its (producer, count) pairs, padded; a class is led by its lowest producer
+        rows = np.full((num_units, int(npairs.max(initial=0)), 2), -1, dtype=np.int64)
+        column = np.arange(len(unit)) - first[unit]
+        rows[unit, column, 0], rows[unit, column, 1] = producer, counts
+        lead = np.full(num_units, -1, dtype=np.int64)
+        lead[touching] = producer[first[touching]]
+        reference = np.full(P, num_units, dtype=np.int64)
+        np.minimum.at(reference, lead[touching], touching)  # the lowest unit of each lead
+        same = np.ones(num_units, dtype=bool)
+        same[touching] = (rows[touching] == rows[reference[lead[touching]]]).all(axis=(1, 2))
+        valid = np.zeros(P, dtype=bool)
+        valid[np.unique(lead[touching])] = True
+        valid[lead[touching[~same[touching]]]] = False
+        # ... and its producers are touched by the units of that class alone
+        low, high = np.full(P, num_units, dtype=np.int64), np.full(P, -1, dtype=np.int64)
+        np.minimum.at(low, producer, lead[unit])
+        np.maximum.at(high, producer, lead[unit])
+        valid[lead[unit[(low != high)[producer]]]] = False
+        self._class = np.where(self._touching & valid[np.maximum(lead, 0)], lead, -1)  # -1: checked one by one
         budget = np.array([self.budget[n] for n in names], dtype=np.int64)
-        self._keep_first = budget // np.maximum(highest, 1)  # how many units a simple producer may lose
-        self._producer = np.full(num_units, -1, dtype=np.int64)  # a unit's producer, when it has one simple one
-        simple_pair = ~complex_producer[self._pair_producer]
-        self._producer[self._pair_unit[simple_pair]] = self._pair_producer[simple_pair]
-        # the others are checked one by one: unit u's pairs are rows _first_pair[u]:_first_pair[u + 1]
-        self._first_pair = np.searchsorted(self._pair_unit, np.arange(num_units + 1)).tolist()
+        self._members: dict[int, list[tuple[int, int]]] = {}  # class -> its [(producer, channels per unit)]
+        self._keep_first = np.zeros(P, dtype=np.int64)  # how many units a class may lose
+        for c in np.flatnonzero(valid).tolist():
+            members = [(q, n) for q, n in rows[reference[c]].tolist() if q >= 0]
+            self._members[c] = members
+            self._keep_first[c] = min(int(budget[q]) // n for q, n in members)
+        self._first_pair = first.tolist()
         self._budget_list = budget.tolist()
-        self._pair_lists = self._pair_producer.tolist(), counts.tolist()
+        self._pair_lists = producer.tolist(), counts.tolist()
 
     @functools.cached_property
     def touches(self) -> dict[int, list[tuple[str, int]]]:
@@ -152,15 +168,15 @@ class Planner:
         candidate = np.isfinite(scores) & ~self.graph.pinned & self._touching
         order = order[candidate[order]]
         accepted = np.zeros(len(order), dtype=bool)
-        # simple producers: each keeps its first units in score order, as many as its budget allows
-        producer = self._producer[order]
-        simple = np.flatnonzero(producer >= 0)
-        by_producer = simple[np.argsort(producer[simple], kind="stable")]
-        grouped = producer[by_producer]
-        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")  # within its producer
-        accepted[by_producer] = rank < self._keep_first[grouped]
+        # classes: each keeps its first units in score order, as many as its budget allows
+        group = self._class[order]
+        in_class = np.flatnonzero(group >= 0)
+        by_class = in_class[np.argsort(group[in_class], kind="stable")]
+        grouped = group[by_class]
+        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")  # within its class
+        accepted[by_class] = rank < self._keep_first[grouped]
         # the others: one by one, every producer the unit touches must have room for it
-        checked = np.flatnonzero(producer < 0)
+        checked = np.flatnonzero(group < 0)
         if checked.size:
             first, budget, used = self._first_pair, self._budget_list, [0] * len(self._budget_list)
             pair_producer, pair_count = self._pair_lists
@@ -175,13 +191,36 @@ class Planner:
     def _rounded(self, units: list[int]) -> list[int]:
         """Drop the last-chosen units until every touched layer keeps a multiple of round_to.
 
-        Passes from the end of the sequence, keeping the set of misaligned layers up
-        to date as units go; a unit dropped late can misalign a layer again, so passes
-        repeat until none drops anything (one or two in practice, each linear).
+        A class of units (see :meth:`_compile_touches`) gives back the fewest of its last units
+        that align all its producers, every class at once; the other units go through
+        :meth:`_rounded_checked`.
         """
         step = self.round_to
-        if step <= 1:
+        if step <= 1 or not units:
             return units
+        units = np.asarray(units, dtype=np.int64)
+        group = self._class[units]
+        keep = np.zeros(len(units), dtype=bool)
+        in_class = np.flatnonzero(group >= 0)
+        by_class = in_class[np.argsort(group[in_class], kind="stable")]
+        grouped = group[by_class]
+        taken = np.bincount(grouped, minlength=len(self._keep_first))
+        drop = np.zeros(len(taken), dtype=np.int64)  # how many of its last units each class gives back
+        for c in np.flatnonzero(taken).tolist():
+            n, members = int(taken[c]), self._members[c]
+            drop[c] = next((d for d in range(min(n, step) + 1)
+                            if all((self._widths[q] - (n - d) * k) % step == 0 for q, k in members)), n)
+        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
+        keep[by_class] = rank < taken[grouped] - drop[grouped]
+        others = np.flatnonzero(group < 0)
+        keep[others] = np.isin(units[others], self._rounded_checked(units[others].tolist()))
+        return units[keep].tolist()
+
+    def _rounded_checked(self, units: list[int]) -> list[int]:
+        """:meth:`_rounded` for units that share producers: passes from the end of the sequence,
+        keeping the set of misaligned layers up to date as units go; a unit dropped late can
+        misalign a layer again, so passes repeat until none drops anything (one or two, each linear)."""
+        step = self.round_to
         removed: dict[str, int] = defaultdict(int)
         for u in units:
             for p, c in self.touches[u]:

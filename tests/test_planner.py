@@ -77,8 +77,9 @@ def _sequence_cases():
         yield f"dag{seed}", model, x
 
 
-def test_the_removal_sequence_is_the_greedy_one_by_one_choice():
-    """The planner decides most producers at once with numpy; it must choose exactly as the plain greedy."""
+def test_the_removal_sequence_and_its_alignment_are_the_one_by_one_choices():
+    """The planner decides most units class by class with numpy; it must choose exactly as the plain greedy,
+    and align exactly as the unit-by-unit passes."""
     rng = np.random.default_rng(0)
     checked = 0
     for name, model, x in _sequence_cases():
@@ -92,6 +93,12 @@ def test_the_removal_sequence_is_the_greedy_one_by_one_choice():
                 scores[rng.random(graph.num_units) < 0.1] = np.inf
                 if trial == 3:
                     scores = np.round(scores * 3)  # many ties
-                assert planner.sequence(scores) == _greedy(planner, scores), name
+                sequence = planner.sequence(scores)
+                assert sequence == _greedy(planner, scores), name
                 checked += 1
+                for step in (2, 3, 8):  # alignment by classes gives back what the unit-by-unit passes give back
+                    planner.round_to = step
+                    for k in (1, len(sequence) // 2, len(sequence)):
+                        assert planner._rounded(sequence[:k]) == planner._rounded_checked(sequence[:k]), (name, step)
+                planner.round_to = 1
     assert checked > 100
