@@ -148,7 +148,7 @@ class ConcreteTracer(fx.Tracer):
         module = self.modules[target] if kind == "call_module" else None
         self.executing += 1  # the op's own code (and its shape function) is run, not recorded
         try:
-            shortcut = _meta_result(kind, target, module, args) if self.meta else None
+            shortcut = _meta_result(kind, target, module, args, kwargs) if self.meta else None
             if shortcut is not None:
                 return shortcut
             if kind == "call_function":
@@ -214,21 +214,27 @@ def _fetch(root: nn.Module, target: str):
     return value
 
 
-def _meta_result(kind: str, target, module: nn.Module | None, args: tuple):
+def _meta_result(kind: str, target, module: nn.Module | None, args: tuple, kwargs: dict):
     """The output of an op on meta tensors, from its shape alone, without running it.
 
-    Many meta kernels (BatchNorm, hardswish, adaptive pooling, linear) are slow
+    Many meta kernels (BatchNorm, hardswish, adaptive pooling, linear, cat) are slow
     Python code, and only the shape matters here.
     """
-    if kind not in ("call_module", "call_function") or not args or not isinstance(args[0], torch.Tensor):
+    if kind not in ("call_module", "call_function") or not args:
         return None
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    first = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]  # cat's list
+    if not isinstance(first, torch.Tensor):
+        return None
+    tensors = [a for a in (*args, *(args[0] if isinstance(args[0], (list, tuple)) else ()))
+               if isinstance(a, torch.Tensor)]
     if any(t.device.type != "meta" for t in tensors):
         return None
     shape = spec_for_target(kind, target, module).shape
-    if callable(shape):  # the op's own shape function (conv, linear, adaptive pooling)
-        size = shape(args, module)
-        return None if size is None else torch.empty(size, dtype=args[0].dtype, device="meta")
+    if callable(shape):  # the op's own shape function (conv, linear, adaptive pooling, cat)
+        size = shape(args, module, kwargs)
+        return None if size is None else torch.empty(size, dtype=first.dtype, device="meta")
+    if first is not args[0]:
+        return None
     if shape == "input":
         return torch.empty(args[0].shape, dtype=args[0].dtype, device="meta")
     if shape == "broadcast" and len({t.dtype for t in tensors}) == 1:

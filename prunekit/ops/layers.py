@@ -336,7 +336,7 @@ def holder_carries(role: str, dim: int, module: nn.Module | None, sliced: set[in
 # None: work it out by running the op
 
 
-def conv_shape(args: tuple, m: nn.Module) -> tuple | None:
+def conv_shape(args: tuple, m: nn.Module, kwargs: dict | None = None) -> tuple | None:
     x = args[0]
     rank = m.weight.dim() - 2
     cin = m.weight.shape[0] if m.transposed else m.weight.shape[1] * m.groups
@@ -355,14 +355,14 @@ def conv_shape(args: tuple, m: nn.Module) -> tuple | None:
     return (x.shape[0], out, *sizes)
 
 
-def linear_shape(args: tuple, m: nn.Module) -> tuple | None:
+def linear_shape(args: tuple, m: nn.Module, kwargs: dict | None = None) -> tuple | None:
     if len(args) != 1 or args[0].dim() < 1 or args[0].shape[-1] != m.weight.shape[1]:
         return None
     return (*args[0].shape[:-1], m.weight.shape[0])
 
 
 def adaptive_pool_shape(rank: int):
-    def shape(args: tuple, m: nn.Module | None) -> tuple | None:
+    def shape(args: tuple, m: nn.Module | None, kwargs: dict | None = None) -> tuple | None:
         x = args[0]
         size = m.output_size if m is not None else (args[1] if len(args) > 1 else None)
         if size is None or getattr(m, "return_indices", False) or x.dim() < rank + 1:
@@ -372,3 +372,21 @@ def adaptive_pool_shape(rank: int):
         return (*x.shape[:-rank], *(k if s is None else s for s, k in zip(size, kept)))
 
     return shape
+
+
+def cat_shape(args: tuple, m: None, kwargs: dict | None = None) -> tuple | None:
+    """torch.cat's output shape: the inputs' sizes summed along ``dim`` (one rank, one dtype; anything
+    else, torch's own kernel decides). Its meta kernel would import torch._dynamo on first use."""
+    kwargs = kwargs or {}
+    if len(args) > 2 or "out" in kwargs or not isinstance(args[0], (list, tuple)) or not args[0]:
+        return None
+    tensors, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not isinstance(dim, int):
+        return None
+    first, rank = tensors[0], tensors[0].dim()
+    if rank == 0 or not -rank <= dim < rank or any(t.dim() != rank or t.dtype != first.dtype for t in tensors):
+        return None
+    dim %= rank
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:] for t in tensors):
+        return None  # torch raises its own error
+    return (*first.shape[:dim], sum(t.shape[dim] for t in tensors), *first.shape[dim + 1:])

@@ -26,7 +26,7 @@ from torch import fx, nn
 from . import flops as fl
 from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, reduce, softmax2d, \
     spatial, split, stack, _softmax_dim
-from .layers import adaptive_pool_shape, batchnorm_module, conv_shape, group_norm_function, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
+from .layers import adaptive_pool_shape, batchnorm_module, cat_shape, conv_shape, group_norm_function, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
     holder_function, layernorm_function, layernorm_module, linear_carries, linear_function, linear_module, \
     prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, resize_prelu
 from .op import Op, constant, model_input, model_output, no_channels, pin_all, unknown
@@ -160,7 +160,7 @@ FUNCTIONS: dict[Any, OpSpec] = {
     **{f: OpSpec(along_dim(1)) for f in (torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod)},
     F.normalize: OpSpec(along_dim(2, default=1)),
     F.glu: OpSpec(glu),
-    **{f: OpSpec(cat) for f in (torch.cat, torch.concat, torch.concatenate)},
+    **{f: OpSpec(cat, shape=cat_shape) for f in (torch.cat, torch.concat, torch.concatenate)},
     torch.stack: OpSpec(stack),
     **{f: OpSpec(split) for f in (torch.split, torch.chunk, torch.tensor_split, torch.unbind)},
     torch.narrow: OpSpec(narrow),
