@@ -1,0 +1,129 @@
+"""Sparse training: Top-KAST against global magnitude pruning plus fine-tuning, same budget.
+
+    python benchmarks/sparse.py                                  # densities 0.2, 0.1, 0.05
+    python benchmarks/sparse.py --iterations 300 --densities 0.1 --json out/sparse.json
+
+The small CNN (``prunekit.zoo.small_cnn``, 60,688 conv and Linear weights) on a subset of
+Fashion-MNIST (the first --train training images, the first --test test images), Adam at lr 1e-3,
+batch 64, the built-in trainer's augmentation, seed 0 for the weights and the batches. Every
+sparse method gets the same number of optimizer steps (--iterations, N):
+
+- dense: N steps of ordinary training (the reference, density 1);
+- topkast: N steps of Top-KAST from the same initial weights, each conv and Linear weight at
+  density D (forward, set A) and 2D (backward, set B), sets refreshed every --refresh-every
+  steps for the first 3/4 of training, then frozen;
+- magnitude: N/2 dense steps, one-shot global magnitude pruning to D, N/2 steps of fine-tuning
+  with the masks fixed (the same total budget);
+- magnitude+ (with --long): the dense model of the first row (N steps), pruned the same way and
+  fine-tuned for N more steps: twice the budget, the usual "train, prune, fine-tune" recipe.
+
+The table gives test accuracy, the nonzero conv/Linear weights (and their density), all nonzero
+parameters, and the training seconds. Compute is dense with masks in every row: no method here
+saves FLOPs, and Top-KAST's gradients are computed dense and masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import add_threads_clock_json, apply_threads_clock, environment, environment_line, save_json, table  # noqa: E402
+
+from prunekit.config import Sparsity  # noqa: E402
+from prunekit.data.datasets import fashion_mnist  # noqa: E402
+from prunekit.data.trainer import evaluate, finetune  # noqa: E402
+from prunekit.sparse import select_tensors, sparsity_report  # noqa: E402
+from prunekit.zoo import small_cnn  # noqa: E402
+
+
+def _row(method: str, density: float, model, test, seconds: float) -> dict:
+    tensors = select_tensors(model, 0.5, 0.5)  # every conv and Linear weight (the density is not used here)
+    rep = sparsity_report(model, tensors, method)
+    return {"method": method, "density": density, "accuracy": evaluate(model, test),
+            "nonzero": rep["overall"]["nonzero"], "weights": rep["overall"]["numel"],
+            "weight_density": rep["overall"]["density"], "params_nonzero": rep["parameters"]["nonzero"],
+            "params": rep["parameters"]["total"], "seconds": seconds}
+
+
+def _train(model, train, iterations: int, seed: int, sparsity=None, clock=time.perf_counter):
+    started = clock()
+    finetune(model, train, iterations, lr=1e-3, seed=seed, show_progress=False, sparsity=sparsity)
+    return clock() - started
+
+
+def run(args, clock) -> list[dict]:
+    train = fashion_mnist("train", limit=args.train, batch_size=64)
+    test = fashion_mnist("test", limit=args.test, batch_size=500)
+    n, half = args.iterations, args.iterations // 2
+    torch.manual_seed(args.seed)
+    initial = small_cnn()
+    rows = []
+
+    def report(row):
+        rows.append(row)
+        print(f"  {row['method']:<11} D={row['density']:<5} accuracy {row['accuracy']:.4f}  nonzero "
+              f"{row['nonzero']:>6,}  {row['seconds']:6.1f} s", flush=True)
+
+    dense = copy.deepcopy(initial)
+    report(_row("dense", 1.0, dense, test, _train(dense, train, n, args.seed, clock=clock)))
+    dense_half = copy.deepcopy(initial)
+    half_seconds = _train(dense_half, train, half, args.seed, clock=clock)
+    for d in args.densities:
+        topkast = Sparsity(method="topkast", density=d, refresh_every=args.refresh_every, penalty=args.penalty,
+                           iterations=n)
+        magnitude = Sparsity(method="magnitude", density=d, iterations=half)
+        model = copy.deepcopy(initial)
+        report(_row("topkast", d, model, test, _train(model, train, n, args.seed, topkast, clock)))
+        model = copy.deepcopy(dense_half)
+        report(_row("magnitude", d, model, test, half_seconds + _train(model, train, n - half, args.seed + 1,
+                                                                        magnitude, clock)))
+        if args.long:
+            model = copy.deepcopy(dense)
+            report(_row("magnitude+", d, model, test, rows[0]["seconds"] + _train(model, train, n, args.seed + 1,
+                                                                                 magnitude, clock)))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = ["method", "density", "accuracy", "nonzero weights", "nonzero params", "train s"]
+    body = [[r["method"], f"{r['density']:g}", f"{r['accuracy']:.4f}",
+             f"{r['nonzero']:,} ({r['weight_density']:.3f})", f"{r['params_nonzero']:,}", f"{r['seconds']:.1f}"]
+            for r in rows]
+    return table(header, body, right={1, 2, 3, 4, 5})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.1, 0.05])
+    parser.add_argument("--iterations", type=int, default=400, help="optimizer steps of every method (N)")
+    parser.add_argument("--train", type=int, default=10000, help="training images (the first ones)")
+    parser.add_argument("--test", type=int, default=2000, help="test images (the first ones)")
+    parser.add_argument("--refresh-every", type=int, default=50, help="Top-KAST: steps between set refreshes")
+    parser.add_argument("--penalty", type=float, default=1e-4, help="Top-KAST: scale of the exploration loss")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--long", action="store_true", help="also magnitude+ (the twice-the-budget recipe)")
+    add_threads_clock_json(parser, "save the rows and the environment here")
+    args = parser.parse_args(argv)
+    clock = apply_threads_clock(args)
+    print(environment_line(environment()), flush=True)
+    print(f"small_cnn on Fashion-MNIST: {args.train} train / {args.test} test images, {args.iterations} steps, "
+          f"batch 64, seed {args.seed}", flush=True)
+    rows = run(args, clock)
+    print()
+    print(format_rows(rows))
+    print("\nCompute is dense with masks in every row (no FLOPs saved); Top-KAST's gradients are computed dense "
+          "and masked to B.")
+    save_json(args.json, {"environment": environment(), "settings": {k: v for k, v in vars(args).items()
+                                                                     if k != "json"}, "rows": rows}, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``prunekit sparsify`` as a library call: check everything, train sparse, write the output directory.
+
+The directory holds ``model.pt`` (an ordinary state dict with exact zeros), ``manifest.json``
+(prunekit's width manifest, so ``prunekit.load_pruned`` and ``prunekit report`` read it even after
+dead filters were cut), and ``sparsity.json`` / ``sparsity.md``. It is built beside its final place
+and renamed when complete: a run that fails leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..artifacts import MANIFEST_FORMAT, module_widths, width_changes
+from ..config import Config
+from ..errors import PrunekitError
+from .dead import remove_dead_filters
+from .report import render_sparsity_markdown, sparsity_report
+from .training import SparseResult, sparse_tensors, sparsify
+
+__all__ = ["FILES", "sparsify_to_dir"]
+
+FILES = ("model.pt", "manifest.json", "sparsity.json", "sparsity.md")
+
+
+def sparsify_to_dir(model: nn.Module, config: Config, run_dir, *, force: bool = False,
+                    remove_dead: bool = False, progress: bool = True, inputs=()) -> SparseResult:
+    """Train ``model`` sparse as ``config.sparsity`` says on ``config.data.train`` (metric on
+    ``config.data.val`` when set), optionally cut its dead filters, and write ``run_dir``.
+
+    Everything that can be checked is checked before training: the output directory, the data's
+    first batches and labels, the layers the sparsity section names.
+    """
+    from ..checks import check_labels
+    from ..data.batches import load_batches
+    from ..data.devices import on_device, placed, resolve_device
+    from ..files import atomic_dir, atomic_save_torch, atomic_write_text, save_json
+    from ..paths import check_output
+
+    sparsity = config.sparsity
+    if sparsity is None:
+        raise PrunekitError("sparsify needs a sparsity section in the config (or --density).")
+    target = check_output(run_dir, inputs, what="output", directory=True)
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise PrunekitError(f"'{run_dir}' already exists and is not empty; pass --force to replace it or choose "
+                            "another directory.")
+    if config.input_shape is None:
+        raise PrunekitError("sparsify needs input_shape (the example input's shape): pass --input-shape, e.g. "
+                            "1,1,28,28, or set input_shape in the config.")
+    shape, root = config.input_shape, config.data.root
+    train = load_batches(config.data.train, shape, "train", root)
+    if train is None:
+        raise PrunekitError("sparsify trains the model: set data.train in the config (an image folder or a "
+                            "factory).")
+    val = load_batches(config.data.val, shape, "val", root)
+    check_labels(model, train, "train")
+    check_labels(model, val, "val")
+    sparse_tensors(copy.deepcopy(model), sparsity)  # names in layers / exclude that match nothing
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    example = torch.rand(shape)
+    original_widths = module_widths(model)
+    with placed(model, device):
+        result = sparsify(model, on_device(train, device), sparsity, on_device(val, device), seed=config.seed,
+                          progress=progress)
+    result.model.to("cpu")
+    if remove_dead:
+        smaller, dead = remove_dead_filters(result.model, example)
+        if dead.units:  # the report describes the model that is saved: the smaller one
+            kept = {k: result.report[k] for k in ("settings", "training_seconds", "metric") if k in result.report}
+            result.report = {**sparsity_report(smaller, sparse_tensors(smaller, sparsity), sparsity.method), **kept}
+        result.report["dead_filters"] = {**dead.counts(), "removed": sum(map(len, dead.removable.values())),
+                                         "channels": dead.removable}
+        result.model = smaller
+        if val is not None and dead.units:
+            with placed(smaller, device):
+                from ..data.trainer import evaluate
+
+                result.report["metric"]["after_removal"] = evaluate(smaller, on_device(val, device))
+    else:
+        from .dead import dead_filters
+
+        dead = dead_filters(result.model, example)
+        result.report["dead_filters"] = {**dead.counts(), "removed": None, "channels": dead.removable}
+    manifest = {"format": MANIFEST_FORMAT, "builder": config.model.builder, "kwargs": config.model.kwargs,
+                "input_shape": list(shape), "modules": width_changes(original_widths, result.model),
+                "sparsity": {"method": sparsity.method, "density": sparsity.density}}
+    with atomic_dir(run_dir, overwrite=force) as work:
+        work = Path(work)
+        atomic_save_torch(result.model.state_dict(), work / "model.pt")
+        save_json(work / "manifest.json", manifest)
+        save_json(work / "sparsity.json", result.report)
+        atomic_write_text(work / "sparsity.md", render_sparsity_markdown(result.report))
+    return result
