@@ -142,3 +142,24 @@ def test_a_layer_that_matches_nothing_is_refused(setup, tmp_path):
 def test_help_has_examples():
     result = run("sparsify", "--help")
     assert result.exit_code == 0 and "Examples:" in result.output and "--remove-dead-filters" in result.output
+
+
+def test_prune_then_fine_tune_sparsely(setup, tmp_path):
+    """Structured pruning first, then the delivered model's kept weights trained sparse."""
+    weights, config = setup
+    raw = yaml.safe_load(config.read_text())
+    raw.update({"importance": {"method": "l1"}, "targets": {"flops": 0.6}, "schedule": {"steps": 1}})
+    raw["sparsity"] = {"density": 0.25, "iterations": 10, "refresh_every": 3}
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    result = run("prune", weights, "-c", config, *BUILDER, "-q", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "Sparse (topkast): density 0.2" in result.stdout and "compute is dense" in result.stdout
+    model = prunekit.load_pruned(out)
+    assert model.features[4].out_channels < 8  # structured pruning cut filters
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert torch.count_nonzero(m.weight).item() == round(0.25 * m.weight.numel())
+    assert "Compute is dense with masks" in (out / "sparsity.md").read_text()
+    report = json.loads((out / "sparsity.json").read_text())
+    assert report["overall"]["density"] == pytest.approx(0.25, abs=1e-3)
