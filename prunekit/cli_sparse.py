@@ -31,12 +31,12 @@ def sparse_flags(fn):
 
 
 def register(main: click.Group) -> None:
-    @main.command(short_help="Train MODEL sparse (Top-KAST): exact zeros, density and size report.", epilog="""\b
+    @main.command(short_help="Train MODEL sparse (Top-KAST or magnitude pruning).", epilog="""\b
 Examples:
   prunekit sparsify model.pt --config configs/sparse.yaml -o out/sparse
-  prunekit sparsify model.pt -c configs/sparse.yaml --density 0.05 -o out/s05
-  prunekit sparsify model.pt -c configs/sparse.yaml --sparse-method magnitude \\
-      --remove-dead-filters -o out/mag
+  prunekit sparsify model.pt -c configs/sparse.yaml -d 0.05 -o out/s05
+  prunekit sparsify model.pt -c configs/sparse.yaml \\
+      --sparse-method magnitude --remove-dead-filters -o out/mag
   prunekit report out/sparse    # FLOPs and parameters (dense compute)
 """)
     @click.argument("model", metavar="MODEL")
