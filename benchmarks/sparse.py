@@ -5,13 +5,16 @@
 
 The small CNN (``prunekit.zoo.small_cnn``, 60,688 conv and Linear weights) on a subset of
 Fashion-MNIST (the first --train training images, the first --test test images), Adam at lr 1e-3,
-batch 64, the built-in trainer's augmentation, seed 0 for the weights and the batches. Every
+batch 64, the built-in trainer's augmentation; each seed (--seeds) sets the initial weights and
+the batch order. Every
 sparse method gets the same number of optimizer steps (--iterations, N):
 
 - dense: N steps of ordinary training (the reference, density 1);
-- topkast: N steps of Top-KAST from the same initial weights, each conv and Linear weight at
-  density D (forward, set A) and 2D (backward, set B), sets refreshed every --refresh-every
-  steps for the first 3/4 of training, then frozen;
+- topkast (layer) / topkast (global): N steps of Top-KAST from the same initial weights at
+  density D (forward, set A) and 2D (backward, set B), ranked within each conv and Linear
+  weight (layer: every tensor at D) or over all of them (global: the allocation magnitude
+  pruning uses), sets refreshed every --refresh-every steps for the first 3/4 of training,
+  then frozen;
 - magnitude: N/2 dense steps, one-shot global magnitude pruning to D, N/2 steps of fine-tuning
   with the masks fixed (the same total budget);
 - magnitude+ (with --long): the dense model of the first row (N steps), pruned the same way and
@@ -58,42 +61,57 @@ def _train(model, train, iterations: int, seed: int, sparsity=None, clock=time.p
     return clock() - started
 
 
-def run(args, clock) -> list[dict]:
+def run(args, clock, seed: int) -> list[dict]:
     train = fashion_mnist("train", limit=args.train, batch_size=64)
     test = fashion_mnist("test", limit=args.test, batch_size=500)
     n, half = args.iterations, args.iterations // 2
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     initial = small_cnn()
     rows = []
 
     def report(row):
-        rows.append(row)
-        print(f"  {row['method']:<11} D={row['density']:<5} accuracy {row['accuracy']:.4f}  nonzero "
+        rows.append({**row, "seed": seed})
+        print(f"  seed {seed} {row['method']:<16} D={row['density']:<5} accuracy {row['accuracy']:.4f}  nonzero "
               f"{row['nonzero']:>6,}  {row['seconds']:6.1f} s", flush=True)
 
     dense = copy.deepcopy(initial)
-    report(_row("dense", 1.0, dense, test, _train(dense, train, n, args.seed, clock=clock)))
+    report(_row("dense", 1.0, dense, test, _train(dense, train, n, seed, clock=clock)))
     dense_half = copy.deepcopy(initial)
-    half_seconds = _train(dense_half, train, half, args.seed, clock=clock)
+    half_seconds = _train(dense_half, train, half, seed, clock=clock)
     for d in args.densities:
-        topkast = Sparsity(method="topkast", density=d, refresh_every=args.refresh_every, penalty=args.penalty,
-                           iterations=n)
+        for scope in args.scopes:
+            topkast = Sparsity(method="topkast", density=d, scope=scope, refresh_every=args.refresh_every,
+                               penalty=args.penalty, iterations=n)
+            model = copy.deepcopy(initial)
+            report(_row(f"topkast ({scope})", d, model, test, _train(model, train, n, seed, topkast, clock)))
         magnitude = Sparsity(method="magnitude", density=d, iterations=half)
-        model = copy.deepcopy(initial)
-        report(_row("topkast", d, model, test, _train(model, train, n, args.seed, topkast, clock)))
         model = copy.deepcopy(dense_half)
-        report(_row("magnitude", d, model, test, half_seconds + _train(model, train, n - half, args.seed + 1,
+        report(_row("magnitude", d, model, test, half_seconds + _train(model, train, n - half, seed + 1,
                                                                         magnitude, clock)))
         if args.long:
             model = copy.deepcopy(dense)
-            report(_row("magnitude+", d, model, test, rows[0]["seconds"] + _train(model, train, n, args.seed + 1,
+            report(_row("magnitude+", d, model, test, rows[0]["seconds"] + _train(model, train, n, seed + 1,
                                                                                  magnitude, clock)))
     return rows
 
 
+def summarise(rows: list[dict]) -> list[dict]:
+    """One row per (method, density): the mean over seeds, with the spread of the accuracy."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["density"]), []).append(r)
+    out = []
+    for (method, density), runs in groups.items():
+        acc = torch.tensor([r["accuracy"] for r in runs], dtype=torch.float64)
+        out.append({**runs[0], "accuracy": float(acc.mean()), "accuracy_std": float(acc.std()) if len(runs) > 1 else 0.0,
+                    "seconds": sum(r["seconds"] for r in runs) / len(runs), "seeds": len(runs)})
+    return out
+
+
 def format_rows(rows: list[dict]) -> str:
     header = ["method", "density", "accuracy", "nonzero weights", "nonzero params", "train s"]
-    body = [[r["method"], f"{r['density']:g}", f"{r['accuracy']:.4f}",
+    body = [[r["method"], f"{r['density']:g}", f"{r['accuracy']:.4f}" + (f" ± {r['accuracy_std']:.4f}"
+                                                                          if r.get("seeds", 1) > 1 else ""),
              f"{r['nonzero']:,} ({r['weight_density']:.3f})", f"{r['params_nonzero']:,}", f"{r['seconds']:.1f}"]
             for r in rows]
     return table(header, body, right={1, 2, 3, 4, 5})
@@ -107,21 +125,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test", type=int, default=2000, help="test images (the first ones)")
     parser.add_argument("--refresh-every", type=int, default=50, help="Top-KAST: steps between set refreshes")
     parser.add_argument("--penalty", type=float, default=1e-4, help="Top-KAST: scale of the exploration loss")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of everything per seed; "
+                        "the table shows the mean accuracy (± the standard deviation over seeds)")
+    parser.add_argument("--scopes", nargs="+", choices=["layer", "global"], default=["layer", "global"],
+                        help="Top-KAST's ranking: per tensor (layer) and/or over all tensors (global)")
     parser.add_argument("--long", action="store_true", help="also magnitude+ (the twice-the-budget recipe)")
     add_threads_clock_json(parser, "save the rows and the environment here")
     args = parser.parse_args(argv)
     clock = apply_threads_clock(args)
     print(environment_line(environment()), flush=True)
     print(f"small_cnn on Fashion-MNIST: {args.train} train / {args.test} test images, {args.iterations} steps, "
-          f"batch 64, seed {args.seed}", flush=True)
-    rows = run(args, clock)
+          f"batch 64, seeds {args.seeds}", flush=True)
+    rows = [row for seed in args.seeds for row in run(args, clock, seed)]
+    summary = summarise(rows)
     print()
-    print(format_rows(rows))
+    print(format_rows(summary))
     print("\nCompute is dense with masks in every row (no FLOPs saved); Top-KAST's gradients are computed dense "
           "and masked to B.")
     save_json(args.json, {"environment": environment(), "settings": {k: v for k, v in vars(args).items()
-                                                                     if k != "json"}, "rows": rows}, default=str)
+                                                                     if k != "json"}, "rows": rows, "summary": summary}, default=str)
     return 0
 
 
