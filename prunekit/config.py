@@ -139,7 +139,7 @@ class Sparsity:
 
     method: Literal["topkast", "magnitude"] = "topkast"  # topkast (sets refreshed while training) | magnitude (one-shot, then fine-tune)
     density: float = 0.1  # forward density D: the fraction of each sparse tensor's weights that is used (set A)
-    backward_density: Optional[float] = None  # D + M: the fraction that gets gradients (set B); null: min(1, 2 * D); magnitude: D
+    backward_density: Optional[float] = None  # D + M: the fraction that gets gradients (set B); null: min(1, 2 * D); magnitude: always D
     scope: Optional[Literal["layer", "global"]] = None  # rank per tensor or over all; null: layer (topkast), global (magnitude)
     refresh_every: int = 100  # optimizer steps between recomputing A and B while exploring
     exploration_steps: Optional[int] = None  # steps that refresh the sets, then they freeze; null: 3/4 of iterations
@@ -152,8 +152,10 @@ class Sparsity:
     include_norm: bool = False  # also sparsify norm layers' weights
 
     def __post_init__(self):
-        if self.backward_density is None:
-            self.backward_density = self.density if self.method == "magnitude" else min(1.0, 2 * self.density)
+        if self.method == "magnitude":  # fixed masks: only the kept weights train, whatever B was set to
+            self.backward_density = self.density
+        elif self.backward_density is None:
+            self.backward_density = min(1.0, 2 * self.density)
         if self.scope is None:
             self.scope = "global" if self.method == "magnitude" else "layer"
 
@@ -391,9 +393,6 @@ def _check_sparsity(sparsity: Optional[Sparsity]) -> None:
     if sparsity.backward_density < sparsity.density:
         raise ConfigError(f"config key 'sparsity.backward_density' must be at least sparsity.density "
                           f"({sparsity.density}), got {sparsity.backward_density}.", key="sparsity.backward_density")
-    if sparsity.method == "magnitude" and sparsity.backward_density != sparsity.density:
-        raise ConfigError("config key 'sparsity.backward_density' applies to topkast; magnitude pruning trains the "
-                          "kept weights alone (leave it out).", key="sparsity.backward_density")
     for name, value in sparsity.layers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ConfigError(f"config key 'sparsity.layers.{name}' must be a density in (0, 1], got {value!r}.",
