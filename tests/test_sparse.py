@@ -118,7 +118,7 @@ def test_gradients_outside_b_are_zero_after_every_step_and_b_minus_a_learns():
     sparse = TopKAST(model, select_tensors(model, 0.2, 0.4), refresh_every=2, exploration_steps=6, penalty=1e-3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     outside_a_learned = False
-    for step, (x, y) in enumerate(_batches(10)):
+    for step, (x, y) in enumerate(_batches(10, size=8)):
         loss = nn.functional.cross_entropy(model(x), y) + sparse.penalty()
         optimizer.zero_grad()
         loss.backward()

@@ -62,13 +62,14 @@ def sparsify_to_dir(model: nn.Module, config: Config, run_dir, *, force: bool = 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     example = torch.rand(shape)
+    graph = _channel_graph(model, example, config, required=remove_dead)  # an untraceable model fails here, not after
     original_widths = module_widths(model)
     with placed(model, device):
         result = sparsify(model, on_device(train, device), sparsity, on_device(val, device), seed=config.seed,
                           progress=progress)
     result.model.to("cpu")
     if remove_dead:
-        smaller, dead = remove_dead_filters(result.model, example)
+        smaller, dead = remove_dead_filters(result.model, example, graph)
         if dead.units:  # the report describes the model that is saved: the smaller one
             kept = {k: result.report[k] for k in ("settings", "training_seconds", "metric") if k in result.report}
             result.report = {**sparsity_report(smaller, sparse_tensors(smaller, sparsity), sparsity.method), **kept}
@@ -80,10 +81,10 @@ def sparsify_to_dir(model: nn.Module, config: Config, run_dir, *, force: bool = 
                 from ..data.trainer import evaluate
 
                 result.report["metric"]["after_removal"] = evaluate(smaller, on_device(val, device))
-    else:
+    elif graph is not None:  # offered, not cut
         from .dead import dead_filters
 
-        dead = dead_filters(result.model, example)
+        dead = dead_filters(result.model, example, graph)
         result.report["dead_filters"] = {**dead.counts(), "removed": None, "channels": dead.removable}
     manifest = {"format": MANIFEST_FORMAT, "builder": config.model.builder, "kwargs": config.model.kwargs,
                 "input_shape": list(shape), "modules": width_changes(original_widths, result.model),
@@ -95,3 +96,17 @@ def sparsify_to_dir(model: nn.Module, config: Config, run_dir, *, force: bool = 
         save_json(work / "sparsity.json", result.report)
         atomic_write_text(work / "sparsity.md", render_sparsity_markdown(result.report))
     return result
+
+
+def _channel_graph(model: nn.Module, example: torch.Tensor, config: Config, required: bool):
+    """The channel graph dead filters are found on (training changes weights, not structure); without
+    ``required``, a model the graph cannot take just gets no dead-filter analysis."""
+    from ..graphs import build_graph
+
+    try:
+        return build_graph(model, example, leaf_modules=config.model.leaf_modules)
+    except PrunekitError:
+        if required:
+            raise
+        return None
+
