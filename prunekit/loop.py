@@ -433,19 +433,6 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     return result
 
 
-def _sparse_finetune(run: _Run, model: nn.Module, best_step: int) -> dict:
-    """The hook of prunekit.sparse: the delivered model trained sparse (config ``sparsity``); its report."""
-    from .config import Finetune
-    from .sparse import sparse_tensors, sparsity_report
-
-    s, final = run.config.sparsity, run.config.schedule.final_finetune
-    tensors = sparse_tensors(model, s)
-    _seed(run.config.seed + best_step + 2000)
-    ft = Finetune(iterations=s.iterations, lr=s.lr, task=final.task if final else "auto")
-    run.tune(model, ft, best_step + 2000, f"sparse fine-tune ({s.method})", sparsity=s)
-    return sparsity_report(model, tensors, s.method)
-
-
 # steps a latency target may take beyond schedule.steps when the measured latency is still above it
 EXTRA_STEPS = 4
 
@@ -457,3 +444,16 @@ def _unreachable(run: _Run, flops: int, params: int) -> str:
             f"{params / run.params0:.1%} of the parameters, short of the targets "
             f"({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters{latency}); "
             f"raise limits.default or the per-layer limits to go further.")
+
+
+def _sparse_finetune(run: _Run, model: nn.Module, best_step: int) -> dict:
+    """The hook of prunekit.sparse: the delivered model trained sparse (config ``sparsity``); its report."""
+    from .config import Finetune
+    from .sparse import sparse_tensors, sparsity_report
+
+    s, final = run.config.sparsity, run.config.schedule.final_finetune
+    tensors = sparse_tensors(model, s)
+    _seed(run.config.seed + best_step + 2000)
+    ft = Finetune(iterations=s.iterations, lr=s.lr, task=final.task if final else "auto")
+    run.tune(model, ft, best_step + 2000, f"sparse fine-tune ({s.method})", sparsity=s)
+    return sparsity_report(model, tensors, s.method)
