@@ -249,7 +249,10 @@ def test_report_sizes_and_what_it_says():
     assert b["sparse_tensors_csr"] == 4 * 4 + 4 * 4 + 5 * 4  # values, int32 columns, 4 + 1 row pointers
     assert b["sparse_tensors_bitmask"] == 32 // 8 + 4 * 4
     assert b["model_compressed"] == b["sparse_tensors_bitmask"]
-    assert rep["compute"] == COMPUTE_NOTE and "no FLOPs are saved" in COMPUTE_NOTE
+    assert rep["compute"] == COMPUTE_NOTE and "no FLOPs are saved" in COMPUTE_NOTE and rep["empty"] == []
+    with torch.no_grad():
+        model[0].weight.zero_()
+    assert sparsity_report(model, select_tensors(model, 0.125, 0.125))["empty"] == ["0.weight"]
     assert "dense" in rep["backward"] and "masked" in rep["backward"]
 
 

@@ -67,6 +67,8 @@ def sparsity_report(model: nn.Module, tensors: Sequence[SparseTensor], method: s
         "overall": {"sparse_tensors": len(layers), "numel": numel, "nonzero": nonzero,
                     "density": nonzero / max(numel, 1)},
         "parameters": {"total": total, "nonzero": total_nz, "density": total_nz / max(total, 1)},
+        # a tensor with no weight left cuts its layer off (a global ranking can do this to a layer)
+        "empty": [l["name"] for l in layers if l["nonzero"] == 0],
         "bytes": {"sparse_tensors_dense": dense_b, "sparse_tensors_csr": csr_b, "sparse_tensors_bitmask": mask_b,
                   "model_dense": model_dense, "model_compressed": rest + best_b},
         "formats": "CSR: values + int32 column indices + int32 row pointers, each tensor as (dim 0, rest); "
@@ -98,6 +100,9 @@ def render_sparsity_markdown(report: dict) -> str:
              f"- Formats: {report['formats']}",
              f"- **{report['compute']}**",
              f"- {report['backward']}"]
+    if report.get("empty"):
+        lines.append(f"- **Empty tensors (every weight zero, the layer passes only its bias): "
+                     f"{', '.join(report['empty'])}**")
     if "metric" in report:
         m = report["metric"]
         lines.append(f"- Metric: {m['before']:.4f} before, {m['after']:.4f} after" if m.get("before") is not None
