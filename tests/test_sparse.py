@@ -342,3 +342,34 @@ def test_a_zero_filter_under_batchnorm_with_a_positive_shift_is_kept():
     found = dead_filters(model, torch.randn(1, 2, 10, 10))
     assert found.zero == {"a": [0, 3]} and found.removable == {"a": [3]}
     assert found.counts()["kept_reason"] and found.counts()["removable"] == 1
+
+
+def test_linear_weight_gradient_is_computed_on_b_only_and_equals_the_masked_dense_one():
+    torch.manual_seed(0)
+    dense_path, sparse_path = nn.Sequential(nn.Linear(12, 7)), nn.Sequential(nn.Linear(12, 7))
+    sparse_path.load_state_dict(dense_path.state_dict())
+    tensors = select_tensors(dense_path, 0.2, 0.5)
+    masked = TopKAST(dense_path, tensors, exploration_steps=5)  # "auto": a small layer computes dense
+    sampled = TopKAST(sparse_path, tensors, exploration_steps=5, sparse_backward=True)
+    assert masked.sparse_gradients() == [] and sampled.sparse_gradients() == ["0.weight"]
+    x = torch.randn(3, 5, 12)  # extra leading dims, as a Linear takes them
+    for model in (dense_path, sparse_path):
+        (model(x) ** 2).sum().backward()
+    with torch.no_grad():
+        assert torch.allclose(dense_path(x), sparse_path(x))
+    (w1, w2), b = (masked.originals()[0], sampled.originals()[0]), masked.backward_masks()[0]
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-5) and torch.count_nonzero(w2.grad[~b]) == 0
+    assert torch.allclose(dense_path[0].bias.grad, sparse_path[0].bias.grad, atol=1e-5)
+    sampled.bake()
+    assert "forward" not in vars(sparse_path[0])  # the class's own forward again
+
+
+def test_sparse_backward_auto_follows_the_measurement():
+    from prunekit.sparse.linear import pays_off
+
+    assert pays_off(0.1, 1024 * 4096) and pays_off(0.02, 1 << 20)
+    assert not pays_off(0.2, 1024 * 4096) and not pays_off(0.05, 64 * 576)  # break-even / slower, measured
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 8))
+    sparse = TopKAST(model, select_tensors(model, 0.05, 0.1), exploration_steps=2)
+    assert sparse.sparse_gradients() == ["0.weight"]
+

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .linear import has_sparse_gradient, pays_off
 from .masks import SparseTensor
 
 __all__ = ["sparsity_report", "render_sparsity_markdown", "COMPUTE_NOTE", "BACKWARD_NOTE"]
@@ -24,8 +25,10 @@ __all__ = ["sparsity_report", "render_sparsity_markdown", "COMPUTE_NOTE", "BACKW
 COMPUTE_NOTE = ("Compute is dense with masks: the layers run the same dense kernels on weights that are mostly "
                 "exact zeros, so no FLOPs are saved and latency is unchanged; the gain is in storage (a sparse "
                 "format) and in what a sparse kernel or structured pruning can remove later.")
-BACKWARD_NOTE = ("Gradients are computed dense by the kernels and then masked to set B (zero outside it); "
-                 "the backward pass costs what a dense one does.")
+BACKWARD_NOTE = ("Weight gradients are computed dense by the kernels and then masked to set B (zero outside it), "
+                 "except a large Linear weight with a small B (see the table's last column), whose gradient is "
+                 "computed on B only (a sampled matmul, torch.sparse.sampled_addmm); input gradients are dense. "
+                 "For magnitude pruning, and once Top-KAST's sets are frozen, B = A.")
 
 
 def _csr_bytes(tensor: torch.Tensor, nonzero: int) -> int:
@@ -43,7 +46,8 @@ def sparsity_report(model: nn.Module, tensors: Sequence[SparseTensor], method: s
     layers, sparse_ids = [], set()
     dense_b = csr_b = mask_b = best_b = 0
     for t in tensors:
-        w = getattr(modules[t.module], t.param).detach()
+        module = modules[t.module]
+        w = getattr(module, t.param).detach()
         sparse_ids.add(id(getattr(modules[t.module], t.param)))
         nz = int(torch.count_nonzero(w))
         csr, bits = _csr_bytes(w, nz), _bitmask_bytes(w, nz)
@@ -51,7 +55,9 @@ def sparsity_report(model: nn.Module, tensors: Sequence[SparseTensor], method: s
         dense_b, csr_b, mask_b, best_b = dense_b + dense, csr_b + csr, mask_b + bits, best_b + min(csr, bits, dense)
         layers.append({"name": t.name, "shape": list(w.shape), "numel": w.numel(), "nonzero": nz,
                        "density": nz / max(w.numel(), 1), "target_density": t.density,
-                       "backward_density": t.backward, "dense_bytes": dense, "csr_bytes": csr, "bitmask_bytes": bits})
+                       "backward_density": t.backward, "dense_bytes": dense, "csr_bytes": csr, "bitmask_bytes": bits,
+                       "gradient": "on B only" if has_sparse_gradient(module, t.param)
+                       and pays_off(t.backward, w.numel()) else "dense, masked to B"})
     numel = sum(l["numel"] for l in layers)
     nonzero = sum(l["nonzero"] for l in layers)
     params = dict(model.named_parameters())
@@ -75,8 +81,7 @@ def sparsity_report(model: nn.Module, tensors: Sequence[SparseTensor], method: s
                    "bitmask: 1 bit per entry + values; the compressed model stores each sparse tensor in the "
                    "smaller of the two and the rest dense.",
         "compute": COMPUTE_NOTE,
-        "backward": BACKWARD_NOTE if method == "topkast" else
-        "Gradients are computed dense by the kernels and masked to the kept weights.",
+        "backward": BACKWARD_NOTE,
     }
 
 
@@ -114,9 +119,11 @@ def render_sparsity_markdown(report: dict) -> str:
                         " (remove them with --remove-dead-filters)"))
         if dead.get("kept_reason"):
             lines.append(f"  ({dead['kept_reason']})")
-    lines += ["", "| tensor | shape | nonzero | density | target | CSR | bitmask | dense |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| tensor | shape | nonzero | density | target | CSR | bitmask | dense | weight gradient |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for l in report["layers"]:
         shape = "x".join(map(str, l["shape"]))
         lines.append(f"| {l['name']} | {shape} | {l['nonzero']:,} | {l['density']:.4f} | {l['target_density']:.4f} | "
-                     f"{_size(l['csr_bytes'])} | {_size(l['bitmask_bytes'])} | {_size(l['dense_bytes'])} |")
+                     f"{_size(l['csr_bytes'])} | {_size(l['bitmask_bytes'])} | {_size(l['dense_bytes'])} | "
+                     f"{l['gradient']} |")
     return "\n".join(lines) + "\n"

@@ -11,8 +11,10 @@ gradient. The exploration loss is an L2 term on B, with the part outside A scale
 A and B are recomputed every ``refresh_every`` optimizer steps for ``exploration_steps`` steps,
 then frozen (one last refresh, B = A) for the rest: the refinement phase trains A alone.
 
-Compute is dense: a conv's kernel computes the whole weight gradient, which is then masked to B.
-Nothing here saves FLOPs on dense kernels; it makes the delivered weights sparse.
+Compute is dense: the forward runs dense kernels on the masked weights, and a conv's kernel
+computes its whole weight gradient, which is then masked to B. A Linear weight's gradient is
+computed on B alone (a sampled matmul, ``linear.py``). The forward saves no FLOPs; the point is
+weights that are sparse when delivered.
 
 One-shot magnitude pruning is the same machinery with the sets frozen from the first step
 (``method="magnitude"``, scope "global" by default).
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import linear
 from .masks import SparseTensor, masks_for
 
 __all__ = ["TopKAST", "MaskedWeight"]
@@ -53,6 +56,7 @@ class MaskedWeight(nn.Module):
         full = torch.ones_like(weight, dtype=torch.bool)
         self.register_buffer("forward_mask", full, persistent=False)
         self.register_buffer("backward_mask", full.clone(), persistent=False)
+        self.pattern = None  # B as CSR when the layer computes its weight gradient on B only (linear.py)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _MaskedGrad.apply(weight, self.forward_mask, self.backward_mask)
@@ -65,13 +69,16 @@ class TopKAST:
     >>> loss = task_loss + sparse.penalty(); loss.backward(); optimizer.step(); sparse.step()
     >>> sparse.bake()   # exact zeros outside A, ordinary parameters again
 
+    ``sparse_backward``: compute Linear weight gradients on B only: True, False, or "auto" (where
+    it was measured to pay, :func:`prunekit.sparse.linear.pays_off`).
+
     Create the optimizer after this object: the dense values live in the parametrisation's
     ``original`` parameters.
     """
 
     def __init__(self, model: nn.Module, tensors: Sequence[SparseTensor], scope: str = "layer",
                  refresh_every: int = 100, exploration_steps: int = 0, penalty: float = 0.0,
-                 method: str = "topkast"):
+                 method: str = "topkast", sparse_backward: bool | str = "auto"):
         if not tensors:
             raise ValueError("no tensors to sparsify")
         self.model, self.tensors, self.scope, self.method = model, list(tensors), scope, method
@@ -80,12 +87,19 @@ class TopKAST:
         self.frozen = False
         modules = dict(model.named_modules())
         self._masks: list[MaskedWeight] = []
+        self._sparse_grad: list[bool] = []
         self._coefs: list[torch.Tensor] = []
         for t in self.tensors:
             module = modules[t.module]
             mask = MaskedWeight(getattr(module, t.param))
             parametrize.register_parametrization(module, t.param, mask)
             self._masks.append(mask)
+            # a Linear weight's gradient can be computed on B alone (SDDMM); a conv's is computed dense
+            use = linear.pays_off(t.backward, getattr(module, t.param).numel()) if sparse_backward == "auto" \
+                else bool(sparse_backward)
+            self._sparse_grad.append(use and linear.has_sparse_gradient(module, t.param))
+            if self._sparse_grad[-1]:
+                linear.install(module)
         self.frozen = method == "magnitude" or exploration_steps <= 0  # one-shot: the first sets are the last
         self.refresh()
 
@@ -103,10 +117,12 @@ class TopKAST:
         a = masks_for(weights, [t.density for t in self.tensors], self.scope)
         b = a if self.frozen else masks_for(weights, [t.backward for t in self.tensors], self.scope)
         self._coefs = []
-        for mask, fa, fb, t in zip(self._masks, a, b, self.tensors):
+        for mask, fa, fb, t, sparse_grad, w in zip(self._masks, a, b, self.tensors, self._sparse_grad, weights):
             fb = fb | fa  # B holds A even when ranks tie at its border
             mask.forward_mask.copy_(fa)
             mask.backward_mask.copy_(fb)
+            if sparse_grad:
+                mask.pattern = linear.csr_pattern(fb, w.dtype)
             # the exploration loss weights: 1 on A, 1/D on B \ A, 0 elsewhere
             self._coefs.append(fa.to(fb.device, torch.float32) + (fb & ~fa).float() / t.density)
         self.refreshes += 1
@@ -147,9 +163,16 @@ class TopKAST:
         """Remove the parametrisations, leaving ``where(A, w, 0)`` as ordinary parameters: exact zeros
         outside A, and a state dict that loads into the user's own classes."""
         modules = dict(self.model.named_modules())
-        for t in self.tensors:
+        for t, sparse_grad in zip(self.tensors, self._sparse_grad):
+            if sparse_grad:
+                linear.uninstall(modules[t.module])
             parametrize.remove_parametrizations(modules[t.module], t.param, leave_parametrized=True)
         return self.model
+
+    def sparse_gradients(self) -> list[str]:
+        """The tensors whose weight gradient is computed on B only (Linear weights); the others are
+        computed dense and masked."""
+        return [t.name for t, s in zip(self.tensors, self._sparse_grad) if s]
 
     def density(self) -> float:
         """The fraction of the sparse tensors' entries in A."""
