@@ -22,6 +22,20 @@ _PRUNE_ONLY = ("targets.flops", "targets.params", "targets.latency", "importance
                "data.calibration")
 
 
+def _in_config(path: str | None, key: str) -> bool:
+    """Whether the YAML config at ``path`` sets the dotted ``key``."""
+    if path is None:
+        return False
+    from .yamlfile import read_yaml
+
+    node = read_yaml(path) or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
+
+
 def sparse_flags(fn):
     """The config flags that make sense for sparsify: the model's, then the sparsity keys."""
     decorated = config_flags(exclude=_PRUNE_ONLY)(fn)
@@ -34,6 +48,7 @@ def register(main: click.Group) -> None:
     @main.command(short_help="Train MODEL sparse (Top-KAST or magnitude pruning).", epilog="""\b
 Examples:
   prunekit sparsify model.pt --config configs/sparse.yaml -o out/sparse
+  prunekit sparsify out/run -c configs/sparse.yaml -o out/run-sparse  # pruned
   prunekit sparsify model.pt -c configs/sparse.yaml -d 0.05 -o out/s05
   prunekit sparsify model.pt -c configs/sparse.yaml \\
       --sparse-method magnitude --remove-dead-filters -o out/mag
@@ -53,7 +68,8 @@ Examples:
                  force: bool, quiet: bool, **sparse: str | None) -> None:
         """Train MODEL sparse and write it to RUN_DIR: every conv, transposed conv and Linear
         weight keeps its top `density` fraction by magnitude (Top-KAST: the sets move while
-        training; magnitude: chosen once, then fine-tuned).
+        training; magnitude: chosen once, then fine-tuned). MODEL may be a prunekit prune run
+        directory: its pruned model is trained sparse (its manifest gives builder and shape).
 
         The saved model.pt is an ordinary state dict with exact zeros; sparsity.md gives the
         density per layer, the nonzeros and the size stored sparse. Compute stays dense: no FLOPs
@@ -68,7 +84,15 @@ Examples:
         raw_sparse = {k: v for k, v in values.items() if k.startswith("sparsity.")}
         if config_path is None and not raw_sparse:
             values["sparsity.density"] = 0.1  # the section's defaults, switched on
-        inputs = [model] + ([config_path] if config_path else [])
+        from .artifacts import _read_manifest
+        from .cli_models import _run_dir_of, input_paths
+
+        inputs = input_paths(model) + ([config_path] if config_path else [])
+        run = _run_dir_of(model)  # a pruned run's model: its manifest gives builder, kwargs and shape
+        manifest = _read_manifest(run / "manifest.json") if run is not None else {}
+        for key, field in (("model.builder", "builder"), ("model.kwargs", "kwargs"), ("input_shape", "input_shape")):
+            if manifest.get(field) and key not in values and not _in_config(config_path, key):
+                values[key] = manifest[field]
         config = with_overrides(config_path, values, flags)
         if config.sparsity is None:
             where = f"the config '{config_path}'" if config_path else "the config"
@@ -77,10 +101,18 @@ Examples:
             raise PrunekitError("sparsify needs model.builder (the function that builds the model): pass --builder "
                                 "package.module:function or set model.builder in the config (or --trusted for a "
                                 "whole pickled module).")
-        net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
-                         trusted=config.model.trusted_pickle)
+        if run is not None:
+            from .artifacts import load_pruned
+            from .sparse.outputs import builder_widths
+
+            net = load_pruned(run, builder=config.model.builder, trusted=config.model.trusted_pickle)
+            widths = builder_widths(net, manifest)
+        else:
+            net = load_model(model, builder=config.model.builder, kwargs=config.model.kwargs,
+                             trusted=config.model.trusted_pickle)
+            widths = None
         result = sparsify_to_dir(net, config, run_dir, force=force, remove_dead=remove_dead_filters,
-                                 progress=not quiet, inputs=inputs)
+                                 progress=not quiet, inputs=inputs, original_widths=widths)
         rep = result.report
         o, p, b = rep["overall"], rep["parameters"], rep["bytes"]
         click.echo(f"Sparse ({rep['method']}): density {o['density']:.4f} over {o['sparse_tensors']} weight tensors, "

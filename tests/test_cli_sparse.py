@@ -163,3 +163,18 @@ def test_prune_then_fine_tune_sparsely(setup, tmp_path):
     assert "Compute is dense with masks" in (out / "sparsity.md").read_text()
     report = json.loads((out / "sparsity.json").read_text())
     assert report["overall"]["density"] == pytest.approx(0.25, abs=1e-3)
+
+
+def test_a_pruned_run_directory_is_trained_sparse(setup, tmp_path):
+    """`prunekit sparsify RUN_DIR`: the pruned model, its builder and shape from the manifest."""
+    weights, config = setup
+    pruned = tmp_path / "pruned"
+    done = run("prune", weights, *BUILDER, "--flops", "0.6", "--method", "l1", "--steps", "1", "-q", "-o", pruned)
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "sparse"
+    result = run("sparsify", pruned, "-c", config, "-q", "-o", out)  # no --builder, no --input-shape
+    assert result.exit_code == 0, result.output
+    model = prunekit.load_pruned(out)  # the manifest records the cuts from the builder's widths
+    assert model.features[4].out_channels == prunekit.load_pruned(pruned).features[4].out_channels < 8
+    w = model.fc1.weight
+    assert torch.count_nonzero(w).item() == round(0.2 * w.numel())

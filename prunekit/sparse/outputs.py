@@ -21,15 +21,19 @@ from .dead import remove_dead_filters
 from .report import render_sparsity_markdown, sparsity_report
 from .training import SparseResult, sparse_tensors, sparsify
 
-__all__ = ["FILES", "sparsify_to_dir"]
+__all__ = ["FILES", "sparsify_to_dir", "builder_widths"]
 
 FILES = ("model.pt", "manifest.json", "sparsity.json", "sparsity.md")
 
 
 def sparsify_to_dir(model: nn.Module, config: Config, run_dir, *, force: bool = False,
-                    remove_dead: bool = False, progress: bool = True, inputs=()) -> SparseResult:
+                    remove_dead: bool = False, progress: bool = True, inputs=(),
+                    original_widths: dict | None = None) -> SparseResult:
     """Train ``model`` sparse as ``config.sparsity`` says on ``config.data.train`` (metric on
     ``config.data.val`` when set), optionally cut its dead filters, and write ``run_dir``.
+
+    ``original_widths``: the widths the builder makes (``artifacts.module_widths``) when ``model`` is
+    already pruned, so the manifest records every cut from the builder's model; default: ``model``'s.
 
     Everything that can be checked is checked before training: the output directory, the data's
     first batches and labels, the layers the sparsity section names.
@@ -63,7 +67,7 @@ def sparsify_to_dir(model: nn.Module, config: Config, run_dir, *, force: bool = 
     torch.manual_seed(config.seed)
     example = torch.rand(shape)
     graph = _channel_graph(model, example, config, required=remove_dead)  # an untraceable model fails here, not after
-    original_widths = module_widths(model)
+    original_widths = original_widths or module_widths(model)
     with placed(model, device):
         result = sparsify(model, on_device(train, device), sparsity, on_device(val, device), seed=config.seed,
                           progress=progress)
@@ -109,4 +113,13 @@ def _channel_graph(model: nn.Module, example: torch.Tensor, config: Config, requ
         if required:
             raise
         return None
+
+
+def builder_widths(model: nn.Module, manifest: dict) -> dict:
+    """The widths of the builder's unpruned model, from a pruned ``model`` and its run's manifest."""
+    widths = module_widths(model)
+    for name, change in (manifest.get("modules") or {}).items():
+        if name in widths and isinstance(change, dict):
+            widths[name] = {**widths[name], **(change.get("original") or {})}
+    return widths
 
