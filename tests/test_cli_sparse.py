@@ -41,7 +41,7 @@ def setup(tmp_path):
     config.write_text(yaml.safe_dump({
         "data": {"train": {"factory": "tests.test_cli_sparse:batches"},
                  "val": {"factory": "tests.test_cli_sparse:batches", "kwargs": {"n": 2, "seed": 1}}},
-        "sparsity": {"density": 0.2, "iterations": 30, "refresh_every": 5}}))
+        "sparsity": {"density": 0.2, "iterations": 20, "refresh_every": 5}}))
     return weights, config
 
 
@@ -63,12 +63,13 @@ def test_sparsify_writes_an_ordinary_sparse_model_and_its_report(setup, tmp_path
     assert report["parameters"]["nonzero"] == sum(int(torch.count_nonzero(v)) for k, v in state.items()
                                                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert report["bytes"]["model_compressed"] < report["bytes"]["model_dense"]
-    assert "metric" in report and report["settings"]["exploration_steps"] == 22  # 3/4 of 30
+    assert "metric" in report and report["settings"]["exploration_steps"] == 15  # 3/4 of 20
     text = (out / "sparsity.md").read_text()
     assert "Compute is dense with masks" in text and "| fc1.weight |" in text
     assert prunekit.load_pruned(out) is not None  # a prunekit manifest: report and load_pruned read it
 
 
+@pytest.mark.slow  # two runs of the command
 def test_remove_dead_filters_is_exact_and_loads(setup, tmp_path):
     weights, config = setup
     # density 0.05 keeps 2 of the first conv's 36 weights: at least two of its 4 filters end all zero
@@ -144,6 +145,7 @@ def test_help_has_examples():
     assert result.exit_code == 0 and "Examples:" in result.output and "--remove-dead-filters" in result.output
 
 
+@pytest.mark.slow  # a prune, then sparse training
 def test_prune_then_fine_tune_sparsely(setup, tmp_path):
     """Structured pruning first, then the delivered model's kept weights trained sparse."""
     weights, config = setup
@@ -165,6 +167,7 @@ def test_prune_then_fine_tune_sparsely(setup, tmp_path):
     assert report["overall"]["density"] == pytest.approx(0.25, abs=1e-3)
 
 
+@pytest.mark.slow  # a prune, then sparse training
 def test_a_pruned_run_directory_is_trained_sparse(setup, tmp_path):
     """`prunekit sparsify RUN_DIR`: the pruned model, its builder and shape from the manifest."""
     weights, config = setup
