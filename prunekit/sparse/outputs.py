@@ -21,7 +21,7 @@ from .dead import remove_dead_filters
 from .report import render_sparsity_markdown, sparsity_report
 from .training import SparseResult, sparse_tensors, sparsify
 
-__all__ = ["FILES", "sparsify_to_dir", "builder_widths"]
+__all__ = ["FILES", "sparsify_to_dir", "builder_widths", "load_for_sparsify"]
 
 FILES = ("model.pt", "manifest.json", "sparsity.json", "sparsity.md")
 
@@ -122,4 +122,56 @@ def builder_widths(model: nn.Module, manifest: dict) -> dict:
         if name in widths and isinstance(change, dict):
             widths[name] = {**widths[name], **(change.get("original") or {})}
     return widths
+
+
+def load_for_sparsify(model_path: str, config_path: str | None, values: dict, flags: dict):
+    """What ``prunekit sparsify`` works on: ``(model, config, builder widths or None, input files)``.
+
+    ``values`` (dotted key -> value, from the flags) go over the config file. MODEL may be a prunekit
+    run directory: its pruned model, with the builder, kwargs and input shape of its manifest where
+    neither the flags nor the config set them. Without a config or a sparsity flag, the sparsity
+    section's defaults apply.
+    """
+    from ..artifacts import _read_manifest, load_pruned
+    from ..cli_models import _run_dir_of, input_paths
+    from ..configtools import with_overrides
+    from ..loading import load_model
+
+    values = dict(values)
+    if config_path is None and not any(k.startswith("sparsity.") for k in values):
+        values["sparsity.density"] = 0.1  # the section's defaults, switched on
+    inputs = input_paths(model_path) + ([config_path] if config_path else [])
+    run = _run_dir_of(model_path)
+    manifest = _read_manifest(run / "manifest.json") if run is not None else {}
+    for key, field in (("model.builder", "builder"), ("model.kwargs", "kwargs"), ("input_shape", "input_shape")):
+        if manifest.get(field) and key not in values and not _in_config(config_path, key):
+            values[key] = manifest[field]
+    config = with_overrides(config_path, values, flags)
+    where = f"the config '{config_path}'" if config_path else "the config"
+    if config.sparsity is None:
+        raise PrunekitError(f"sparsify needs a sparsity section in {where}, or --density.")
+    if config.model.builder is None and not config.model.trusted_pickle:
+        raise PrunekitError(f"sparsify needs model.builder (the function that builds the model): pass --builder "
+                            f"package.module:function or set model.builder in {where} (or --trusted for a whole "
+                            "pickled module).")
+    if run is not None:
+        net = load_pruned(run, builder=config.model.builder, trusted=config.model.trusted_pickle)
+        return net, config, builder_widths(net, manifest), inputs
+    net = load_model(model_path, builder=config.model.builder, kwargs=config.model.kwargs,
+                     trusted=config.model.trusted_pickle)
+    return net, config, None, inputs
+
+
+def _in_config(path: str | None, key: str) -> bool:
+    """Whether the YAML config at ``path`` sets the dotted ``key``."""
+    if path is None:
+        return False
+    from ..yamlfile import read_yaml
+
+    node = read_yaml(path) or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
 

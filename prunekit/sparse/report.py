@@ -20,7 +20,7 @@ from torch import nn
 from .linear import has_sparse_gradient, pays_off
 from .masks import SparseTensor
 
-__all__ = ["sparsity_report", "render_sparsity_markdown", "COMPUTE_NOTE", "BACKWARD_NOTE"]
+__all__ = ["sparsity_report", "render_sparsity_markdown", "summary_lines", "COMPUTE_NOTE", "BACKWARD_NOTE"]
 
 COMPUTE_NOTE = ("Compute is dense with masks: the layers run the same dense kernels on weights that are mostly "
                 "exact zeros, so no FLOPs are saved and latency is unchanged; the gain is in storage (a sparse "
@@ -127,3 +127,26 @@ def render_sparsity_markdown(report: dict) -> str:
                      f"{_size(l['csr_bytes'])} | {_size(l['bitmask_bytes'])} | {_size(l['dense_bytes'])} | "
                      f"{l['gradient']} |")
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """What ``prunekit sparsify`` prints when it is done."""
+    o, p, b = report["overall"], report["parameters"], report["bytes"]
+    lines = [f"Sparse ({report['method']}): density {o['density']:.4f} over {o['sparse_tensors']} weight tensors, "
+             f"{p['nonzero']:,} of {p['total']:,} parameters nonzero.",
+             f"Size: {b['model_dense']:,} bytes dense, {b['model_compressed']:,} bytes stored sparse."]
+    if "metric" in report:
+        m = report["metric"]
+        lines.append(f"Metric: {m['before']:.4f} before, {m['after']:.4f} after sparse training"
+                     + (f", {m['after_removal']:.4f} after removing dead filters" if "after_removal" in m else "")
+                     + ".")
+    dead = report.get("dead_filters") or {}
+    if dead.get("zero"):
+        done = f"removed {dead['removed']}" if dead.get("removed") is not None else \
+            "pass --remove-dead-filters to cut them"
+        lines.append(f"Dead filters: {dead['zero']} all zero, {dead['removable']} removable exactly; {done}.")
+    if report.get("empty"):
+        lines.append(f"Empty tensors (every weight zero): {', '.join(report['empty'])}.")
+    lines.append("Compute is dense with masks: no FLOPs are saved on dense kernels.")
+    return lines
+
