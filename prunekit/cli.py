@@ -445,5 +445,10 @@ def demo(out_dir: str, iterations: int, quiet: bool) -> None:
     run_demo(out_dir, train_iterations=iterations, progress=not quiet, echo=click.echo)
 
 
+from .cli_sparse import register as _register_sparse  # noqa: E402 - needs `main`
+
+_register_sparse(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

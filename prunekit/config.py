@@ -134,6 +134,33 @@ class Data:
 
 
 @dataclass
+class Sparsity:
+    """Always-sparse training of the weights that are kept (prunekit sparsify; after prune's final fine-tune)."""
+
+    method: Literal["topkast", "magnitude"] = "topkast"  # topkast (sets refreshed while training) | magnitude (one-shot, then fine-tune)
+    density: float = 0.1  # forward density D: the fraction of each sparse tensor's weights that is used (set A)
+    backward_density: Optional[float] = None  # D + M: the fraction that gets gradients (set B); null: min(1, 2 * D); magnitude: always D
+    scope: Optional[Literal["layer", "global"]] = None  # rank per tensor or over all; null: layer (topkast), global (magnitude)
+    refresh_every: int = 100  # optimizer steps between recomputing A and B while exploring
+    exploration_steps: Optional[int] = None  # steps that refresh the sets, then they freeze; null: 3/4 of iterations
+    penalty: float = 0.0001  # scale of the exploration loss: L2 on A, plus L2 / D on B minus A
+    iterations: int = 1000  # optimizer steps of sparse training
+    lr: float = 0.001  # learning rate (Adam)
+    layers: dict = field(default_factory=dict)  # module name or glob -> its own density D; 1.0 = dense
+    exclude: list = field(default_factory=list)  # module names or globs left dense
+    include_bias: bool = False  # also sparsify the biases of convs and Linears
+    include_norm: bool = False  # also sparsify norm layers' weights
+
+    def __post_init__(self):
+        if self.method == "magnitude":  # fixed masks: only the kept weights train, whatever B was set to
+            self.backward_density = self.density
+        elif self.backward_density is None:
+            self.backward_density = min(1.0, 2 * self.density)
+        if self.scope is None:
+            self.scope = "global" if self.method == "magnitude" else "layer"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     input_shape: Optional[list] = None
@@ -147,6 +174,7 @@ class Config:
     validate: Optional[str] = None  # package.module:fn(model) -> float, higher is better
     keep_best: int = 3
     seed: int = 0
+    sparsity: Optional[Sparsity] = None  # always-sparse training of the kept weights (prunekit sparsify); null: dense
 
 
 # -- range checks: key path -> (predicate, what it must be) -------------------
@@ -179,6 +207,13 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "keep_best": (lambda v: v >= 1, "an integer >= 1"),
     "input_shape": (_shape, "a list of at least two positive integers, like [1, 3, 256, 256]"),
     "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "sparsity.density": (_ratio, "a density in (0, 1]"),
+    "sparsity.backward_density": (_ratio, "a density in (0, 1]"),
+    "sparsity.refresh_every": (lambda v: v >= 1, "an integer >= 1"),
+    "sparsity.exploration_steps": (lambda v: v >= 0, "an integer >= 0 (or null for 3/4 of the iterations)"),
+    "sparsity.penalty": (lambda v: v >= 0, "a number >= 0"),
+    "sparsity.iterations": (lambda v: v >= 1, "an integer >= 1"),
+    "sparsity.lr": (lambda v: 0 < v <= 10, "a positive number at most 10"),
 }
 for _prefix in ("schedule.finetune", "schedule.final_finetune"):
     _CHECKS[f"{_prefix}.iterations"] = (lambda v: v >= 0, "an integer >= 0")
@@ -317,6 +352,7 @@ def load_config(source) -> Config:
     _check_limits(config)
     _check_targets(config.targets)
     _check_data(config.data)
+    _check_sparsity(config.sparsity)
     if folder is not None:
         root = config.data.root
         config.data.root = os.path.normpath(os.path.join(folder, os.path.expanduser(root))) if root else folder
@@ -349,6 +385,22 @@ def _check_data(data: Data) -> None:
         if isinstance(norm, Normalize) and len(norm.mean) != len(norm.std) and 1 not in (len(norm.mean), len(norm.std)):
             raise ConfigError(f"config key '{key}.normalize' has {len(norm.mean)} means and {len(norm.std)} "
                               "standard deviations; give one per channel (or one for all).", key=f"{key}.normalize")
+
+
+def _check_sparsity(sparsity: Optional[Sparsity]) -> None:
+    if sparsity is None:
+        return
+    if sparsity.backward_density < sparsity.density:
+        raise ConfigError(f"config key 'sparsity.backward_density' must be at least sparsity.density "
+                          f"({sparsity.density}), got {sparsity.backward_density}.", key="sparsity.backward_density")
+    for name, value in sparsity.layers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(f"config key 'sparsity.layers.{name}' must be a density in (0, 1], got {value!r}.",
+                              key=f"sparsity.layers.{name}")
+    for name in sparsity.exclude:
+        if not isinstance(name, str):
+            raise ConfigError(f"config key 'sparsity.exclude' must list module names or globs, got {name!r}.",
+                              key="sparsity.exclude")
 
 
 def _check_targets(targets: Targets) -> None:

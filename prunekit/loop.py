@@ -126,6 +126,9 @@ class _Run:
                              for ft in (cfg.schedule.finetune, cfg.schedule.final_finetune))
         if wants_training and self.train is None:
             raise PrunekitError("schedule.finetune needs training data: set data.train.")
+        if cfg.sparsity is not None and self.train is None:
+            raise PrunekitError("sparsity (sparse fine-tuning of the delivered model) needs training data: set "
+                                "data.train.")
         if cfg.importance.method == "taylor" and self.train is None:
             raise PrunekitError("importance method 'taylor' needs a loss: set data.train.")
         check_labels(model, self.train, "train")
@@ -205,7 +208,7 @@ class _Run:
             self.task = ft.task if ft is not None and ft.task != "auto" else task_of(main_output(output), target)
         return self.task
 
-    def tune(self, model: nn.Module, ft, step: int, label: str) -> None:
+    def tune(self, model: nn.Module, ft, step: int, label: str, sparsity=None) -> None:
         if ft is None or ft.iterations <= 0:
             return
         with placed(model, self.device), self.world.training(model) as net:  # a new DDP after every cut
@@ -215,7 +218,7 @@ class _Run:
                 return
             finetune(net, train, ft.iterations, lr=ft.lr, weight_decay=ft.weight_decay, task=ft.task,
                      use_augment=ft.augment, seed=self.config.seed + step, show_progress=self.progress,
-                     description=label, amp=ft.amp)
+                     description=label, amp=ft.amp, sparsity=sparsity)
 
     def metric(self, model: nn.Module) -> float | None:
         model.eval()
@@ -391,6 +394,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     if cfg.schedule.final_finetune is not None:
         _seed(cfg.seed + best_step + 1000)  # the same whether the run was resumed or not
         run.tune(model_out, cfg.schedule.final_finetune, best_step + 1000, "final fine-tune")
+    sparse_report = _sparse_finetune(run, model_out, best_step) if cfg.sparsity is not None else None
     final_metric = run.metric(model_out)  # the delivered model's, after the final fine-tune
     final_seconds = time.perf_counter() - final_started
     run.log(f"final: step {best_step}'s model" + (" after the final fine-tune" if cfg.schedule.final_finetune else "")
@@ -423,6 +427,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         calibration=run.calibration_from,
         metrics={"original": original_metric, "final": final_metric, "final_finetune_seconds": final_seconds},
     )
+    if sparse_report is not None:
+        result.metrics["sparsity"] = sparse_report
     if writer is not None:
         from .reports.run import write_outputs
 
@@ -447,3 +453,16 @@ def _unreachable(run: _Run, flops: int, params: int) -> str:
             f"{params / run.params0:.1%} of the parameters, short of the targets "
             f"({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters{latency}); "
             f"raise limits.default or the per-layer limits to go further.")
+
+
+def _sparse_finetune(run: _Run, model: nn.Module, best_step: int) -> dict:
+    """The hook of prunekit.sparse: the delivered model trained sparse (config ``sparsity``); its report."""
+    from .config import Finetune
+    from .sparse import sparse_tensors, sparsity_report
+
+    s, final = run.config.sparsity, run.config.schedule.final_finetune
+    tensors = sparse_tensors(model, s)
+    _seed(run.config.seed + best_step + 2000)
+    ft = Finetune(iterations=s.iterations, lr=s.lr, task=final.task if final else "auto")
+    run.tune(model, ft, best_step + 2000, f"sparse fine-tune ({s.method})", sparsity=s)
+    return sparsity_report(model, tensors, s.method)

@@ -43,7 +43,8 @@ __all__ = ["MARKER", "CHECKPOINT", "RunDirError", "Interrupted", "inspect", "pla
 MARKER = ".prunekit-run"
 MARKER_FORMAT = "prunekit-run/1"
 CHECKPOINT = "checkpoint.pt"
-OUTPUTS = ("model.pt", "manifest.json", "report.json", "report.md", "trajectory.png", "widths.png")
+OUTPUTS = ("model.pt", "manifest.json", "report.json", "report.md", "trajectory.png", "widths.png", "sparsity.json",
+           "sparsity.md")
 KNOWN = (MARKER, CHECKPOINT, *OUTPUTS)
 # what prunekit's atomic writer leaves when killed mid-write: .NAME.XXXXXXXX.tmp
 _STRAY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in KNOWN) + r")\.[^/]+\.tmp$")

@@ -90,13 +90,31 @@ def _cycle(batches: Iterable):
 
 def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1e-3,
              weight_decay: float = 0.0, task: str = "auto", use_augment: bool = True, seed: int = 0,
-             show_progress: bool = True, description: str = "fine-tune", amp: bool = False) -> list[float]:
+             show_progress: bool = True, description: str = "fine-tune", amp: bool = False,
+             sparsity=None) -> list[float]:
     """Train ``model`` in place for ``iterations`` batches (cycling the data); returns the losses.
 
     ``amp``: mixed precision (float16 autocast, gradient scaling) when the model is on CUDA.
+    ``sparsity``: a :class:`~prunekit.config.Sparsity`: train sparse (Top-KAST or fixed magnitude
+    masks, its exploration loss added) and leave exact zeros outside the kept weights.
     """
     if iterations <= 0:
         return []
+    sparse = None
+    if sparsity is not None:  # before the optimizer: the dense values move into the parametrisation
+        from ..sparse import start_sparse
+
+        sparse = start_sparse(model, sparsity, iterations)
+    try:
+        return _train(model, batches, iterations, lr, weight_decay, task, use_augment, seed, show_progress,
+                      description, amp, sparse)
+    finally:
+        if sparse is not None:
+            sparse.bake()
+
+
+def _train(model, batches, iterations, lr, weight_decay, task, use_augment, seed, show_progress, description, amp,
+           sparse) -> list[float]:
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=weight_decay)
@@ -122,6 +140,8 @@ def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1
                 x, y = augment(x, y, generator, task)
             with torch.autocast("cuda", dtype=torch.float16) if mixed else contextlib.nullcontext():
                 loss = loss_fn(main_output(model(x)), y)
+                if sparse is not None:
+                    loss = loss + sparse.penalty()
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -130,6 +150,8 @@ def finetune(model: nn.Module, batches: Iterable, iterations: int, lr: float = 1
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
+            if sparse is not None:
+                sparse.step()
             losses.append(loss.item())
             advance(loss=losses[-1])
     model.eval()

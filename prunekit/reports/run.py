@@ -270,6 +270,11 @@ def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph
     atomic_write_text(run_dir / "report.md", render_markdown(report))
     atomic_write_bytes(run_dir / "trajectory.png", plot_trajectory(report))
     atomic_write_bytes(run_dir / "widths.png", plot_widths(report))
+    if result.metrics.get("sparsity"):  # the kept weights were also trained sparse (config sparsity)
+        from ..sparse import render_sparsity_markdown
+
+        save_json(run_dir / "sparsity.json", result.metrics["sparsity"])
+        atomic_write_text(run_dir / "sparsity.md", render_sparsity_markdown(result.metrics["sparsity"]))
 
 
 def summary_lines(result) -> list[str]:
@@ -290,4 +295,9 @@ def summary_lines(result) -> list[str]:
         lines.append(f"Metric ({source.split(':')[0]}) {_num(m.get('original')) or '-'} -> {_num(m.get('final')) or '-'}"
                      f" (the delivered model: step {result.best_step}"
                      + (" after the final fine-tune)." if tuned else ")."))
+    sparse = m.get("sparsity")
+    if sparse:
+        lines.append(f"Sparse ({sparse['method']}): density {sparse['overall']['density']:.4f} of the conv and "
+                     f"Linear weights, {sparse['parameters']['nonzero']:,} parameters nonzero (sparsity.md); "
+                     "compute is dense with masks.")
     return lines
