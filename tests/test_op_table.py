@@ -282,3 +282,23 @@ def test_register_puts_each_kind_of_key_in_its_table(monkeypatch):
     register("expit_", spec)
     assert table.MODULES[Swish2] is spec and table.FUNCTIONS[torch.special.expit] is spec
     assert table.METHODS["expit_"] is spec
+
+
+@pytest.mark.parametrize("shapes, dim", [([(1, 3, 4, 4), (1, 5, 4, 4)], 1), ([(2, 3), (2, 4), (2, 1)], -1),
+                                         ([(3, 2), (1, 2)], 0)])
+def test_cat_shape_is_torch_cat_shape(shapes, dim):
+    from prunekit.ops.layers import cat_shape
+
+    tensors = [torch.empty(s, device="meta") for s in shapes]
+    assert cat_shape((tensors,), None, {"dim": dim}) == tuple(torch.cat(tensors, dim=dim).shape)
+    assert cat_shape((tensors, dim), None) == tuple(torch.cat(tensors, dim).shape)
+
+
+def test_cat_shape_leaves_the_odd_cases_to_torch():
+    from prunekit.ops.layers import cat_shape
+
+    a = torch.empty(1, 3, device="meta")
+    assert cat_shape(([a, a.double()],), None) is None  # type promotion
+    assert cat_shape(([a, torch.empty(0, device="meta")],), None) is None  # legacy empty 1-d input
+    assert cat_shape(([a, torch.empty(2, 4, device="meta")],), None) is None  # torch's own error
+    assert cat_shape(([a],), None, {"dim": 2}) is None and cat_shape(([a],), None, {"out": a}) is None
