@@ -47,6 +47,9 @@ class CostModel:
     def __init__(self, model: nn.Module, graph: ChannelGraph):
         self.graph = graph
         self.tensor_shapes = graph.tensor_shapes
+        self._sliced: dict[str, dict[int, np.ndarray]] = defaultdict(dict)  # tensor -> {dim: units}
+        for (name, dim), units in graph.slices.items():
+            self._sliced[name][dim] = units
         self._unit_cache: dict[int, np.ndarray] = {}
         self._terms: list[tuple[str, fx.Node, Callable]] = []  # (owning module, node, flop count)
         self._constant: dict[str, int] = defaultdict(int)
@@ -55,11 +58,8 @@ class CostModel:
             if node in live:  # a value nothing reads is not counted, as fvcore's traced graph drops it
                 self._compile(model, node)
         self._params = []  # (owner, shape, {dim: units})
-        sliced: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-        for (name, dim), units in graph.slices.items():
-            sliced[name][dim] = units
         for name, p in model.named_parameters():
-            self._params.append((name.rpartition(".")[0], tuple(p.shape), sliced.get(name, {})))
+            self._params.append((name.rpartition(".")[0], tuple(p.shape), self._sliced.get(name, {})))
         self.module_types = {name: type(m).__name__ for name, m in model.named_modules()}
         self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array
 
@@ -77,7 +77,7 @@ class CostModel:
         """A function from a removal to ``tensor``'s kept shape (the flops handles' view of the model)."""
         # a weight recomputed by a hook (weight_norm, spectral_norm) is no parameter: read its value's shape
         shape = self.tensor_shapes[tensor] if value is None else tuple(value.shape)
-        dims = {dim: units for (name, dim), units in self.graph.slices.items() if name == tensor}
+        dims = self._sliced.get(tensor, {})
 
         def kept_shape(removed: np.ndarray) -> tuple:
             return tuple(self.kept_count(removed, dims[d]) if d in dims else s for d, s in enumerate(shape))
