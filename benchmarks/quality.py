@@ -1,7 +1,8 @@
 """Quality of pruning criteria and allocations: retention without fine-tuning, and after fine-tuning.
 
-    python benchmarks/quality.py                           # retention curves, 3 seeds: about 45 minutes
-    python benchmarks/quality.py --finetune --tasks shapes  # fine-tuned to 50% FLOPs: about 25 minutes
+    python benchmarks/quality.py                           # retention curves, 3 seeds, fmnist, fmnist-nobn,
+                                                           # fmnist-resnet, mni: about 2 hours on one thread
+    python benchmarks/quality.py --finetune --tasks fmnist --methods none ipad l1 group_l2  # fine-tuned, 50% FLOPs
     python benchmarks/quality.py --tasks shapes --methods ipad l1 l1@sensitivity --json out/q.json
 
 Tasks (each pretrained once per seed from that seed, so seeds vary pretraining as well as pruning):
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import platform
@@ -386,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks:
             try:
                 results.append(bench_task(task, methods, args.seeds, args.finetune))
+                if args.json:  # every finished task is kept, even if a later one is stopped
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"environment": env, "seeds": args.seeds, "tasks": results},
+                                                    indent=2, default=str))
             except DataError as exc:  # a dataset this machine does not have: the other tasks still run
                 print(f"  {task}: skipped: {exc}", flush=True)
     total = time.perf_counter() - started
