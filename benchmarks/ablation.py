@@ -35,7 +35,7 @@ from prunekit.surgery import apply_removal
 
 import quality
 
-CRITERIA = [c for c in quality.CRITERIA]
+CRITERIA = list(quality.CRITERIA)
 MIN_GROUP = 4  # a group with fewer prunable units gets no correlation of its own
 TEST_IMAGES = 500  # classification: the first 500 test images (every removal is one pass over them)
 

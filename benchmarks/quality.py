@@ -336,8 +336,8 @@ def format_task(result: dict, methods: list[str], reference: str) -> str:
             "fmnist": f"small_cnn, Fashion-MNIST {b.get('train')} train / {b.get('test')} test, accuracy",
             "fmnist-nobn": f"small_cnn without BatchNorm, Fashion-MNIST {b.get('train')} train / {b.get('test')} "
                            "test, accuracy",
-            "fmnist-resnet": f"resnet_small (width {RESNET_WIDTH}, 13 3x3 convs), Fashion-MNIST {b.get('train')} train / "
-                             f"{b.get('test')} test, accuracy",
+            "fmnist-resnet": f"resnet_small (width {RESNET_WIDTH}, 13 3x3 convs), Fashion-MNIST "
+                             f"{b.get('train')} train / {b.get('test')} test, accuracy",
             "mni": f"U-Net (width {MNI_KWARGS['width']}, depth 3, 3 classes), MNI152 axial slices 72 train / 68 test, "
                    "mean IoU of grey and white matter",
             }[result["task"]]
