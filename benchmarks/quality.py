@@ -1,7 +1,8 @@
 """Quality of pruning criteria and allocations: retention without fine-tuning, and after fine-tuning.
 
-    python benchmarks/quality.py                           # retention curves, 3 seeds: about 45 minutes
-    python benchmarks/quality.py --finetune --tasks shapes  # fine-tuned to 50% FLOPs: about 25 minutes
+    python benchmarks/quality.py                           # retention curves, 3 seeds, fmnist, fmnist-nobn,
+                                                           # fmnist-resnet, mni: about 2 hours on one thread
+    python benchmarks/quality.py --finetune --tasks fmnist --methods none ipad l1 group_l2  # fine-tuned, 50% FLOPs
     python benchmarks/quality.py --tasks shapes --methods ipad l1 l1@sensitivity --json out/q.json
 
 Tasks (each pretrained once per seed from that seed, so seeds vary pretraining as well as pruning):
@@ -12,7 +13,15 @@ Tasks (each pretrained once per seed from that seed, so seeds vary pretraining a
 - shapes / shapes-nobn: ``prunekit.zoo.small_cnn()`` (with its BatchNorms, or with them replaced
   by identities) on :func:`shapes`, a synthetic 10-class task (a bar at one of 10 angles, random
   position and length, two distractor blobs, noise) that ships with this file; metric: accuracy.
-- fmnist: ``small_cnn`` on a Fashion-MNIST subset, when the data set is on this machine.
+- fmnist / fmnist-nobn: ``small_cnn`` (with or without its BatchNorms) on a Fashion-MNIST subset
+  (``prunekit.data.datasets.fashion_mnist``: the first 6000 train images, the first 2000 test images).
+- fmnist-resnet: ``prunekit.zoo.resnet_small(in_channels=1, width=8)``, a residual CNN of 13 3x3 convs
+  (stem, 3 stages of 2 basic blocks, BN), on the same Fashion-MNIST subset.
+- mni: the reference U-Net with 3 classes, grey / white matter on 2 mm axial slices of the MNI152
+  template that ships in the nilearn wheel (:mod:`mni`: 72 train / 68 test slices of 96x112, in
+  alternating blocks of 8 slices); metric: mean IoU of grey and white matter on the test slices.
+
+A task whose data is not on this machine (Fashion-MNIST, nilearn) is skipped with a message.
 
 Methods are ``criterion[@allocation]``: a criterion of :data:`CRITERIA` (l1, l2, bn_scale,
 group_l2, fisher, random, and IPAD variants: ipad = raw output as published, ipad-bn / ipad-act
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import platform
@@ -54,7 +64,7 @@ RETENTION_TARGETS = (0.7, 0.5, 0.35)
 RETENTION_STEPS = 2
 FLOPS_TARGET, STEPS = 0.5, 4  # fine-tuned mode
 FINAL_SEED_OFFSET = 1000  # prunekit seeds the final fine-tune with seed + best_step + 1000
-TASKS = ["unet", "shapes", "shapes-nobn", "fmnist"]
+TASKS = ["unet", "shapes", "shapes-nobn", "fmnist", "fmnist-nobn", "fmnist-resnet", "mni"]
 CRITERIA = {
     "ipad": {"method": "ipad"},
     "ipad-bn": {"method": "ipad", "measure": "bn"},
@@ -64,8 +74,10 @@ CRITERIA = {
     "ipad-act-prop": {"method": "ipad", "measure": "act", "propagate": 0.5},
     **{m: {"method": m} for m in ("l1", "l2", "bn_scale", "group_l2", "fisher", "random")},
 }
-DEFAULT_METHODS = ["ipad", "ipad-act", "ipad-prop", "ipad-act-prop", "l1", "bn_scale", "group_l2", "fisher",
-                   "random", "l1@global", "group_l2@global", "l1@sensitivity", "ipad-act@sensitivity"]
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+DEFAULT_METHODS = ["ipad", "ipad-bn", "ipad-act", "ipad-w", "ipad-prop", "ipad-act-prop", "l1", "l2", "bn_scale",
+                   "group_l2", "fisher", "random", "group_l2@global", "ipad@sensitivity", "ipad-act@sensitivity",
+                   "l1@sensitivity", "l2@sensitivity", "bn_scale@sensitivity", "group_l2@sensitivity"]
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 BUDGETS = {
@@ -74,11 +86,17 @@ BUDGETS = {
     # no flips for shapes: a flipped bar is another class
     "shapes": {"train": 4000, "test": 1000, "pretrain": 500, "step_iterations": 30, "final_iterations": 100,
                "lr": 2e-3, "final_lr": 5e-4, "augment": False},
-    "fmnist": {"train": 6000, "test": 2000, "pretrain": 600, "step_iterations": 50, "final_iterations": 150,
+    "fmnist": {"train": 6000, "test": 2000, "pretrain": 1000, "step_iterations": 50, "final_iterations": 150,
                "lr": 1e-3, "final_lr": 5e-4, "augment": True},
 }
 BUDGETS["shapes-nobn"] = BUDGETS["shapes"]
+BUDGETS["fmnist-nobn"] = BUDGETS["fmnist"]
+BUDGETS["fmnist-resnet"] = {**BUDGETS["fmnist"], "pretrain": 800}
+BUDGETS["mni"] = {"pretrain": 600, "step_iterations": 10, "final_iterations": 40, "lr": 2e-3, "final_lr": 5e-4,
+                  "augment": True}
 UNET_KWARGS = {"in_channels": 1, "num_classes": 2, "width": 16, "depth": 3}
+MNI_KWARGS = {"in_channels": 1, "num_classes": 3, "width": 8, "depth": 3}
+RESNET_WIDTH = 8
 UNET_TILE, UNET_BATCH, CNN_BATCH, CALIBRATION_IMAGES = 64, 8, 64, 256
 
 
@@ -115,7 +133,10 @@ def data_sources(task: str, budget: dict) -> dict:
         train = {"factory": "prunekit.data.datasets:nuclei_tiles",
                  "kwargs": {"split": "train", "tile": UNET_TILE, "batch_size": UNET_BATCH}}
         return {"calibration": train, "train": train}
-    if task == "fmnist":
+    if task == "mni":
+        train = {"factory": "mni:slices", "kwargs": {"split": "train", "batch_size": UNET_BATCH}}
+        return {"calibration": train, "train": train}
+    if task.startswith("fmnist"):
         factory, kwargs = "prunekit.data.datasets:fashion_mnist", {"split": "train", "batch_size": CNN_BATCH}
         train = {"factory": factory, "kwargs": {**kwargs, "limit": budget["train"]}}
         return {"calibration": {"factory": factory, "kwargs": {**kwargs, "limit": CALIBRATION_IMAGES}},
@@ -152,7 +173,7 @@ def prunekit_config(task: str, budget: dict, method: str, seed: int, flops: floa
 
 
 def last_layer(task: str) -> str:
-    return "out" if task == "unet" else "fc2"
+    return {"unet": "out", "mni": "out", "fmnist-resnet": "fc"}.get(task, "fc2")
 
 
 def load_task(task: str, budget: dict, seed: int):
@@ -166,12 +187,17 @@ def load_task(task: str, budget: dict, seed: int):
         train = datasets.nuclei_tiles("train", tile=UNET_TILE, batch_size=UNET_BATCH)
         test = datasets.nuclei_tiles("test", tile=UNET_TILE, batch_size=UNET_BATCH)
         return model, torch.zeros(1, 1, UNET_TILE, UNET_TILE), train, test
-    model = zoo.small_cnn()
-    if task == "shapes-nobn":
+    if task == "mni":
+        import mni
+
+        train, test = mni.slices("train", UNET_BATCH), mni.slices("test", UNET_BATCH)
+        return zoo.unet(**MNI_KWARGS), torch.zeros(1, 1, *mni.SIZE), train, test
+    model = zoo.resnet_small(in_channels=1, width=RESNET_WIDTH) if task == "fmnist-resnet" else zoo.small_cnn()
+    if task.endswith("-nobn"):
         for i, m in enumerate(model.features):
             if isinstance(m, nn.BatchNorm2d):
                 model.features[i] = nn.Identity()
-    if task == "fmnist":
+    if task.startswith("fmnist"):
         train = datasets.fashion_mnist("train", limit=budget["train"], batch_size=CNN_BATCH)
         test = datasets.fashion_mnist("test", limit=budget["test"], batch_size=500)
     else:
@@ -243,7 +269,7 @@ def run_one(task, budget, method, seed, pretrained, x, train, flops, tuned):
 def bench_task(task: str, methods: list[str], seeds: list[int], tuned: bool) -> dict:
     budget = BUDGETS[task]
     targets = (FLOPS_TARGET,) if tuned else RETENTION_TARGETS
-    metric = "IoU" if task == "unet" else "accuracy"
+    metric = "IoU" if task in ("unet", "mni") else "accuracy"
     runs = []  # one row per (seed, method, target)
     before = {}
     for seed in seeds:
@@ -308,6 +334,12 @@ def format_task(result: dict, methods: list[str], reference: str) -> str:
             "shapes-nobn": f"small_cnn without BatchNorm, synthetic shapes {b.get('train')} train / "
                            f"{b.get('test')} test, accuracy",
             "fmnist": f"small_cnn, Fashion-MNIST {b.get('train')} train / {b.get('test')} test, accuracy",
+            "fmnist-nobn": f"small_cnn without BatchNorm, Fashion-MNIST {b.get('train')} train / {b.get('test')} "
+                           "test, accuracy",
+            "fmnist-resnet": f"resnet_small (width {RESNET_WIDTH}, 13 3x3 convs), Fashion-MNIST "
+                             f"{b.get('train')} train / {b.get('test')} test, accuracy",
+            "mni": f"U-Net (width {MNI_KWARGS['width']}, depth 3, 3 classes), MNI152 axial slices 72 train / 68 test, "
+                   "mean IoU of grey and white matter",
             }[result["task"]]
     mode = (f"fine-tuned: {STEPS} steps with {b['step_iterations']} iterations each + {b['final_iterations']} final"
             if result["tuned"] else f"no fine-tuning, {RETENTION_STEPS} steps")
@@ -319,7 +351,7 @@ def format_task(result: dict, methods: list[str], reference: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["unet", "shapes", "shapes-nobn"])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=["fmnist", "fmnist-nobn", "fmnist-resnet", "mni"])
     parser.add_argument("--methods", nargs="+", default=None,
                         help="criterion[@allocation] (criteria: " + ", ".join(CRITERIA) + "), none, tp-l2")
     parser.add_argument("--reference", default="ipad", help="the method paired differences are taken against")
@@ -336,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         criterion, _, allocation = method.partition("@")
         if method not in ("none", "tp-l2") and (criterion not in CRITERIA
-                                                 or allocation not in ("", "uniform", "global", "sensitivity")):
+                                                 or allocation not in ("", *ALLOCATIONS)):
             parser.error(f"unknown method {method!r}")
     if args.reference not in methods:
         methods.insert(0, args.reference)
@@ -356,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         for task in args.tasks:
             try:
                 results.append(bench_task(task, methods, args.seeds, args.finetune))
+                if args.json:  # every finished task is kept, even if a later one is stopped
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"environment": env, "seeds": args.seeds, "tasks": results},
+                                                    indent=2, default=str))
             except DataError as exc:  # a dataset this machine does not have: the other tasks still run
                 print(f"  {task}: skipped: {exc}", flush=True)
     total = time.perf_counter() - started

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FIRST = ["graph_speed", "flops_target", "quality"]  # known benchmarks, in this order; the rest are discovered
-SKIP = {"run", "common"}  # run.py itself and what the benchmarks share (common.py)
+SKIP = {"run", "common", "mni", "quality_report"}  # run.py, what benchmarks share, data and report helpers
 
 
 def available() -> list[str]:

@@ -144,3 +144,31 @@ def test_bad_importance_keys_name_the_key(raw, fragment):
     with pytest.raises(ConfigError) as info:
         load_config({"importance": raw})
     assert fragment in str(info.value)
+
+
+def test_sensitivity_on_a_residual_model_measures_each_coupled_group_once(monkeypatch):
+    """Residual sums couple layers into one group: one curve per group, every pass on the sample only."""
+    from prunekit.zoo import resnet_small
+
+    torch.manual_seed(0)
+    model = resnet_small(in_channels=1, width=4).eval()
+    batches = [torch.rand(8, 1, 16, 16) for _ in range(3)]  # 24 calibration images
+    graph = prunekit.build_graph(model, batches[0][:1])
+    costs = CostModel(model, graph)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))  # deep copies keep it
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("the sensitivity measurement traced the model again")
+
+    monkeypatch.setattr(torch.fx.Tracer, "trace", no_trace)
+    scores = score_units(model, graph, "l1", batches, allocation="sensitivity", costs=costs)
+    measured = [g for g in graph.groups if len(g.prunable_units) >= 2]
+    layers = {p for g in measured for p in g.producers}
+    assert len(measured) < len(layers)  # the residual stream of a stage is one group of several convs
+    pairs = len(measured) * len(RATIOS)
+    # l1 reads no data: every image seen is the measurement's, the reference sample plus at most one
+    # sample per (group, ratio), a sample being SENSITIVITY_IMAGES of the 24 calibration images
+    assert 0 < sum(seen) <= (pairs + 1) * SENSITIVITY_IMAGES < pairs * sum(len(b) for b in batches)
+    prunable = np.array([u for g in measured for u in g.prunable_units])
+    assert np.isfinite(scores[prunable]).all()
