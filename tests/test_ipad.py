@@ -62,6 +62,16 @@ def test_ipad_measured_after_batchnorm_or_activation(measure):
     assert len(measure_chain(model, graph, "conv", measure)) == {"raw": 0, "bn": 1, "act": 2}[measure]
 
 
+def test_measure_act_reads_past_a_batchnorm_replaced_by_identity():
+    model, batches = _tiny(), _batches()
+    model.bn = nn.Identity()
+    graph = prunekit.build_graph(model, batches[0][:1])
+    adc = activation_deviation(_mean_map(lambda x: torch.relu(model.conv(x)), batches), 1).numpy()
+    scores = ipad(model, graph, batches, measure="act", scale="paper")["conv"].numpy()
+    assert np.allclose(scores, 10 * adc, rtol=1e-5)
+    assert len(measure_chain(model, graph, "conv", "act")) == 1
+
+
 def test_measure_through_inplace_activation_leaves_the_forward_alone():
     torch.manual_seed(0)
     model = Chain().eval()

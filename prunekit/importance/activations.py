@@ -49,12 +49,15 @@ def _hookable(model: nn.Module, graph: ChannelGraph) -> list[str]:
 
 
 def _step(model: nn.Module, node) -> tuple[str, Callable] | None:
-    """(kind, f) when fx ``node`` applies a BatchNorm or an activation to its first argument alone."""
+    """(kind, f) when fx ``node`` applies a BatchNorm or an activation to its first argument alone
+    ("same" for an nn.Identity, which changes nothing)."""
     rest, kwargs = node.args[1:], {k: v for k, v in node.kwargs.items() if k != "inplace"}
     if any(isinstance(a, type(node)) for a in (*rest, *kwargs.values())):
         return None  # reads a second tensor: not channel-wise on this one
     if node.op == "call_module":
         m = model.get_submodule(node.target)
+        if isinstance(m, nn.Identity):  # a norm layer switched off: read past it
+            return "same", m
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             return "bn", m
         if isinstance(m, _ACTIVATION_MODULES):
@@ -80,6 +83,8 @@ def measure_chain(model: nn.Module, graph: ChannelGraph, name: str, measure: str
     while node is not None and wanted and len(node.users) == 1:
         node = next(iter(node.users))
         step = _step(model, node)
+        if step is not None and step[0] == "same":
+            continue
         if step is None or step[0] not in wanted:
             break
         chain.append(step[1])
