@@ -158,7 +158,7 @@ def resize_to(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, t
     return model
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     try:
         if path.stat().st_size > 16 * 2**20:
             raise ManifestError(f"'{path}' is larger than 16 MB; it is not a prunekit manifest.", str(path))
@@ -198,7 +198,7 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
     for path in (manifest_path, weights_path):
         if not path.is_file():
             raise PrunekitError(f"'{run}' is not a prunekit run directory: '{path.name}' is missing.")
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     named = manifest.get("builder")
     if model is None and builder is not None and named is not None and builder != named:
         raise ManifestError(f"'{manifest_path}' names the builder {named!r}, not {builder!r}.",
@@ -220,7 +220,7 @@ def recorded_input_shape(run_dir) -> list[int] | None:
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
         return None
-    shape = _read_manifest(path).get("input_shape")
+    shape = read_manifest(path).get("input_shape")
     if isinstance(shape, list) and shape and all(isinstance(s, int) and not isinstance(s, bool) and s > 0
                                                  for s in shape):
         return shape

@@ -30,8 +30,9 @@ from typing import Any
 import click
 
 from .cli_config import Overrides, command_line, config_flags
-from .cli_models import ModelSpec, input_paths, load_cli_model, load_compare_model, model_options
+from .cli_models import ModelSpec, load_cli_model, load_compare_model, model_options
 from .errors import PrunekitError, PrunekitWarning
+from .rundir import input_paths
 
 __all__ = ["main", "ModelSpec", "model_options", "load_cli_model", "load_compare_model", "CliError",
            "make_console", "echo_json", "write_text_file"]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import click
 
 from .errors import PrunekitError
+from .rundir import input_paths, run_dir_of
 
 if TYPE_CHECKING:
     import torch
@@ -86,12 +87,12 @@ def _example(spec: ModelSpec, also: str | None = None):
 
 def run_input_shape(path: str) -> list[int] | None:
     """The example input shape stored in the manifest of the run directory ``path`` is (or holds)."""
-    from .artifacts import _read_manifest
+    from .artifacts import read_manifest
 
-    run_dir = _run_dir_of(path)
+    run_dir = run_dir_of(path)
     if run_dir is None:
         return None
-    shape = _read_manifest(run_dir / "manifest.json").get("input_shape")
+    shape = read_manifest(run_dir / "manifest.json").get("input_shape")
     return shape if isinstance(shape, list) and shape else None
 
 
@@ -116,7 +117,7 @@ def load_cli_model(spec: ModelSpec, compare: str | None = None):
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
     example = _example(spec, compare)
     _check_unfinished(spec.path)
-    run_dir = _run_dir_of(spec.path)
+    run_dir = run_dir_of(spec.path)
     if run_dir is not None:  # a pruned model, rebuilt from its manifest: data, not code
         from .artifacts import load_pruned
         from .errors import UsageError
@@ -131,14 +132,6 @@ def load_cli_model(spec: ModelSpec, compare: str | None = None):
     return model, example
 
 
-def input_paths(path: str) -> list[str]:
-    """The files a MODEL argument reads: the file, or a run directory's manifest and weights."""
-    run_dir = _run_dir_of(path)
-    if run_dir is None:
-        return [path]
-    return [path, str(run_dir / "manifest.json"), str(run_dir / "model.pt")]
-
-
 def _check_unfinished(path: str) -> None:
     """A run directory without its model yet: say so, instead of "is a directory"."""
     from .rundir import inspect
@@ -146,15 +139,6 @@ def _check_unfinished(path: str) -> None:
     if Path(path).is_dir() and inspect(path) in ("started", "interrupted"):
         raise PrunekitError(f"'{path}' holds a prunekit run that has not finished (no model.pt yet); finish it with "
                             "prunekit prune ... --resume.")
-
-
-def _run_dir_of(path: str) -> Path | None:
-    """The prunekit run directory that ``path`` is, or whose model.pt it is."""
-    candidate = Path(path)
-    run_dir = candidate if candidate.is_dir() else candidate.parent
-    if (run_dir / "manifest.json").is_file() and (candidate.is_dir() or candidate.name == "model.pt"):
-        return run_dir
-    return None
 
 
 def load_compare_model(path: str, spec: ModelSpec, base=None):
@@ -165,7 +149,7 @@ def load_compare_model(path: str, spec: ModelSpec, base=None):
     from .errors import UsageError
     from .loading import load_model
 
-    run_dir = _run_dir_of(path)
+    run_dir = run_dir_of(path)
     if run_dir is not None:
         return load_pruned(run_dir, model=base, builder=spec.builder, trusted=spec.trusted)
     if spec.trusted:
@@ -196,7 +180,7 @@ def export_inputs(run_dir: str, input_shape: str | None) -> tuple[Path, list[str
     if not Path(run_dir).exists():
         raise PrunekitError(f"'{run_dir}' does not exist; give the directory a prunekit prune run wrote.")
     _check_unfinished(run_dir)
-    found = _run_dir_of(run_dir)
+    found = run_dir_of(run_dir)
     if found is None:
         raise PrunekitError(f"'{run_dir}' is not a prunekit run directory (it needs manifest.json and model.pt); "
                             "give the directory a prunekit prune run wrote.")

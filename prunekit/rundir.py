@@ -375,3 +375,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def run_dir_of(path: str) -> Path | None:
+    """The prunekit run directory that ``path`` is, or whose model.pt it is."""
+    candidate = Path(path)
+    run_dir = candidate if candidate.is_dir() else candidate.parent
+    if (run_dir / "manifest.json").is_file() and (candidate.is_dir() or candidate.name == "model.pt"):
+        return run_dir
+    return None
+
+
+def input_paths(path: str) -> list[str]:
+    """The files a MODEL argument reads: the file, or a run directory's manifest and weights."""
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        return [path]
+    return [path, str(run_dir / "manifest.json"), str(run_dir / "model.pt")]

@@ -17,6 +17,7 @@ from torch import nn
 from ..artifacts import MANIFEST_FORMAT, module_widths, width_changes
 from ..config import Config
 from ..errors import PrunekitError
+from ..rundir import input_paths, run_dir_of
 from .dead import remove_dead_filters
 from .report import render_sparsity_markdown, sparsity_report
 from .training import SparseResult, sparse_tensors, sparsify
@@ -132,8 +133,7 @@ def load_for_sparsify(model_path: str, config_path: str | None, values: dict, fl
     neither the flags nor the config set them. Without a config or a sparsity flag, the sparsity
     section's defaults apply.
     """
-    from ..artifacts import _read_manifest, load_pruned
-    from ..cli_models import _run_dir_of, input_paths
+    from ..artifacts import load_pruned, read_manifest
     from ..configtools import with_overrides
     from ..loading import load_model
 
@@ -141,8 +141,8 @@ def load_for_sparsify(model_path: str, config_path: str | None, values: dict, fl
     if config_path is None and not any(k.startswith("sparsity.") for k in values):
         values["sparsity.density"] = 0.1  # the section's defaults, switched on
     inputs = input_paths(model_path) + ([config_path] if config_path else [])
-    run = _run_dir_of(model_path)
-    manifest = _read_manifest(run / "manifest.json") if run is not None else {}
+    run = run_dir_of(model_path)
+    manifest = read_manifest(run / "manifest.json") if run is not None else {}
     for key, field in (("model.builder", "builder"), ("model.kwargs", "kwargs"), ("input_shape", "input_shape")):
         if manifest.get(field) and key not in values and not _in_config(config_path, key):
             values[key] = manifest[field]
