@@ -31,6 +31,7 @@ import click
 
 from .cli_config import Overrides, command_line, config_flags
 from .cli_models import ModelSpec, load_cli_model, load_compare_model, model_options
+from .cli_sparse import sparsify
 from .errors import PrunekitError, PrunekitWarning
 from .rundir import input_paths
 
@@ -446,9 +447,7 @@ def demo(out_dir: str, iterations: int, quiet: bool) -> None:
     run_demo(out_dir, train_iterations=iterations, progress=not quiet, echo=click.echo)
 
 
-from .cli_sparse import register as _register_sparse  # noqa: E402 - needs `main`
-
-_register_sparse(main)
+main.add_command(sparsify)
 
 
 if __name__ == "__main__":  # pragma: no cover
