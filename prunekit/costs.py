@@ -60,6 +60,7 @@ class CostModel:
         self._params = []  # (owner, shape, {dim: units})
         for name, p in model.named_parameters():
             self._params.append((name.rpartition(".")[0], tuple(p.shape), self._sliced.get(name, {})))
+        self._compile_params()
         self.module_types = {name: type(m).__name__ for name, m in model.named_modules()}
         self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array
 
@@ -102,6 +103,28 @@ class CostModel:
             self._constant[self._owner(node)] += _fvcore_total(call, *materialize(node.meta["prunekit_call"]))
         elif flops is not None:
             self._terms.append((self._owner(node), node, flops))
+
+    def _compile_params(self) -> None:
+        """The parameter count as arrays: a tensor's size is its fixed dims' product times the kept counts
+        of its sliced dims, so pricing a removal is a few numpy operations, not a loop over tensors."""
+        arrays: dict[bytes, int] = {}  # a unit array's contents -> its row (a conv, its bias and norm share one)
+        units, fixed, factors = [], [], []
+        for _, shape, dims in self._params:
+            fixed.append(math.prod(s for d, s in enumerate(shape) if d not in dims))
+            rows = []
+            for d in sorted(dims):
+                key = np.asarray(dims[d], dtype=np.int64).tobytes()
+                if key not in arrays:
+                    arrays[key] = len(units)
+                    units.append(dims[d])
+                rows.append(arrays[key])
+            factors.append(rows)
+        width = max(map(len, factors), default=0)
+        self._param_fixed = np.array(fixed, dtype=np.int64)
+        self._param_factors = np.array([f + [-1] * (width - len(f)) for f in factors], dtype=np.int64).reshape(len(factors), width)
+        self._param_units = np.concatenate(units) if units else np.zeros(0, dtype=np.int64)
+        self._param_sizes = np.array([len(u) for u in units], dtype=np.int64)
+        self._param_owner = np.repeat(np.arange(len(units)), self._param_sizes)
 
     # -- evaluate --------------------------------------------------------
 
@@ -153,7 +176,10 @@ class CostModel:
         return sum(self.flops_by_layer(removed).values())
 
     def params(self, removed=None) -> int:
-        return sum(self.params_by_layer(removed).values())
+        removed = self._mask(removed)
+        lost = np.bincount(self._param_owner, weights=removed[self._param_units], minlength=len(self._param_sizes))
+        kept = np.append(self._param_sizes - lost.astype(np.int64), 1)  # index -1: a dim that is not sliced
+        return int((self._param_fixed * kept[self._param_factors].prod(axis=1)).sum())
 
     def layers(self, removed=None) -> list[LayerCost]:
         """One row per leaf module (and per module owning functional ops), in graph order."""

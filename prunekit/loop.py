@@ -43,7 +43,7 @@ from .importance import SCORERS, resolve_scorer, score_units
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .builders import resolve_callable
 from .planner import Planner, Targets
-from .run_state import Candidate, StepRecord, load_checkpoint, own_weights, rebuild, save_checkpoint, \
+from .run_state import Candidate, CheckpointClock, StepRecord, load_checkpoint, own_weights, rebuild, save_checkpoint, \
     shared_copy, state_of
 from .progress import progress_bar
 from .rundir import RunDirError, RunWriter
@@ -316,6 +316,7 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
     original_metric = run.metric(copy.deepcopy(run.original)) if run.validate_fn or run.val else None
     graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
     cut = None  # (graph, removed units) of the last step: the next graph is derived from them
+    checkpoints = CheckpointClock()
     while True:
         if graph is None and cut is not None:
             graph = updated_graph(*cut, current, run.inputs, cfg.model.leaf_modules)
@@ -379,8 +380,8 @@ def _loop(run: _Run, writer: RunWriter | None, builder, builder_kwargs) -> Prune
         candidates = sorted(candidates, key=Candidate.rank, reverse=True)[:cfg.keep_best]
         for later in candidates[1:]:  # only the best one's weights can become the result
             later.state = None
-        if writer is not None:  # the first checkpoint comes after a whole step: a failing step writes nothing
-            save_checkpoint(run, writer, step, current, history, candidates)
+        if writer is not None and checkpoints.due():  # the first comes after a whole step: a failing one writes nothing
+            checkpoints.save(run, writer, step, current, history, candidates)
         if not plan.reached and step >= cfg.schedule.steps:
             message = _unreachable(run, plan.flops, plan.params)
             break

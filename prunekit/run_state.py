@@ -8,6 +8,7 @@ checkpoint holds each tensor once: the current model and the best candidate, oft
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -97,6 +98,25 @@ def own_weights(model: nn.Module, candidates: list) -> None:
                 if id(p) not in copies:
                     copies[id(p)] = nn.Parameter(p.detach().clone(), p.requires_grad)
                 m._parameters[attr] = copies[id(p)]
+
+
+class CheckpointClock:
+    """When a step's checkpoint is worth writing: after the first step, then once the work since the last
+    checkpoint took at least as long as writing that one did. A run of cheap steps (no fine-tuning) does not
+    spend most of its time saving what resume could redo faster, and redone steps give the same result."""
+
+    def __init__(self) -> None:
+        self.written_at: float | None = None
+        self.write_seconds = 0.0
+
+    def due(self) -> bool:
+        return self.written_at is None or time.perf_counter() - self.written_at >= self.write_seconds
+
+    def save(self, *args) -> None:
+        started = time.perf_counter()
+        save_checkpoint(*args)
+        self.written_at = time.perf_counter()
+        self.write_seconds = self.written_at - started
 
 
 def save_checkpoint(run, writer: RunWriter, step: int, model: nn.Module, history, candidates) -> None:

@@ -141,3 +141,50 @@ def test_a_full_disk_while_saving_tensors_is_one_error_naming_the_file(tmp_path,
     assert "model.pt" in str(caught.value)
     assert path.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
+
+
+def test_checkpoints_are_written_when_the_work_since_the_last_outweighs_writing_one(monkeypatch):
+    from prunekit import run_state
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(run_state.time, "perf_counter", lambda: now["t"])
+    monkeypatch.setattr(run_state, "save_checkpoint", lambda *args: now.update(t=now["t"] + 2.0))  # 2 s to write
+    clock, written = run_state.CheckpointClock(), []
+    for step, seconds in enumerate([0.5, 0.5, 0.5, 0.5, 3.0, 0.1, 2.5], start=1):
+        now["t"] += seconds  # the step's work
+        if clock.due():
+            clock.save()
+            written.append(step)
+    assert written == [1, 5, 7]  # the first step always; then once 2 s of work has piled up
+
+
+def test_a_run_of_cheap_steps_skips_checkpoints_and_still_resumes_bit_for_bit(tmp_path, monkeypatch):
+    from prunekit import run_state
+
+    cfg = unet_config(schedule={"steps": 4}, importance={"method": "l1"})
+    x = torch.rand(1, 1, 32, 32)
+    full = prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "full", progress=False)
+    saved, real_save = [], run_state.CheckpointClock.save
+
+    def slow_save(clock, run, writer, step, *rest):
+        real_save(clock, run, writer, step, *rest)
+        saved.append(step)
+        clock.write_seconds = 1e9  # as if writing took far longer than any step
+
+    monkeypatch.setattr(run_state.CheckpointClock, "save", slow_save)
+    real_score, calls = loop.score_units, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "score_units", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "cut", progress=False)
+    assert saved == [1]  # writing costs more than the cheap steps 2 and 3: resume redoes them
+    monkeypatch.setattr(loop, "score_units", real_score)
+    resumed = prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "cut", resume=True, progress=False)
+    assert [h.flops for h in resumed.history] == [h.flops for h in full.history]
+    assert _same(full.model.state_dict(), resumed.model.state_dict())

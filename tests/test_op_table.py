@@ -302,3 +302,26 @@ def test_cat_shape_leaves_the_odd_cases_to_torch():
     assert cat_shape(([a, torch.empty(0, device="meta")],), None) is None  # legacy empty 1-d input
     assert cat_shape(([a, torch.empty(2, 4, device="meta")],), None) is None  # torch's own error
     assert cat_shape(([a],), None, {"dim": 2}) is None and cat_shape(([a],), None, {"out": a}) is None
+
+
+@pytest.mark.parametrize("layer, rank", [
+    (nn.MaxPool2d(2), 2), (nn.MaxPool2d(3, 2, 1), 2), (nn.MaxPool2d(3, 2, 1, ceil_mode=True), 2),
+    (nn.MaxPool2d((3, 2), (2, 1), (1, 0)), 2), (nn.MaxPool2d(3, 2, 0, dilation=2, ceil_mode=True), 2),
+    (nn.AvgPool2d(2, ceil_mode=True), 2), (nn.AvgPool2d(3, 2, 1), 2), (nn.MaxPool1d(3, 2, ceil_mode=True), 1),
+    (nn.AvgPool1d(4, 3, 2), 1), (nn.MaxPool3d(2, 2, 1, ceil_mode=True), 3), (nn.AvgPool3d((1, 2, 2)), 3)])
+@pytest.mark.parametrize("size", [7, 8, 13])
+def test_pool_shape_is_torch_pooling_shape(layer, rank, size):
+    from prunekit.ops.layers import pool_shape
+
+    for shape in [(2, 3, *(size + i for i in range(rank))), (3, *(size,) * rank)]:  # batched and unbatched
+        x = torch.randn(shape)
+        assert pool_shape(rank)((x,), layer) == tuple(layer(x).shape)
+
+
+def test_pool_shape_leaves_the_odd_cases_to_torch():
+    from prunekit.ops.layers import pool_shape
+
+    x = torch.empty(1, 3, 8, 8, device="meta")
+    assert pool_shape(2)((x,), nn.MaxPool2d(2, return_indices=True)) is None
+    assert pool_shape(2)((x,), nn.MaxPool2d(2, padding=2)) is None  # padding over half the kernel: torch's error
+    assert pool_shape(2)((torch.empty(1, 3, 1, 1, device="meta"),), nn.MaxPool2d(3)) is None  # an empty output

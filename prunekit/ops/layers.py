@@ -374,6 +374,37 @@ def adaptive_pool_shape(rank: int):
     return shape
 
 
+def pool_shape(rank: int):
+    """nn.MaxPoolNd / nn.AvgPoolNd output shape (torch's pooling_output_shape). Their meta kernels
+    import torch's symbolic shapes on first use, a third of a second before the first trace."""
+    def shape(args: tuple, m: nn.Module, kwargs: dict | None = None) -> tuple | None:
+        x = args[0]
+        if len(args) != 1 or kwargs or x.dim() not in (rank + 1, rank + 2) or getattr(m, "return_indices", False):
+            return None
+        dims = [_per_dim(getattr(m, name, default), rank)
+                for name, default in (("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1))]
+        kernel, stride, padding, dilation = dims[0], dims[1] or dims[0], dims[2], dims[3]
+        sizes = []
+        for n, k, s, p, d in zip(x.shape[-rank:], kernel, stride, padding, dilation):
+            if not (s > 0 and d > 0 and 0 <= 2 * p <= k):
+                return None  # torch's own error
+            out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if m.ceil_mode else 0)) // s + 1
+            if m.ceil_mode and (out - 1) * s >= n + p:
+                out -= 1  # the last window must start inside the input or its left padding
+            if out < 1:
+                return None
+            sizes.append(out)
+        return (*x.shape[:-rank], *sizes)
+
+    return shape
+
+
+def _per_dim(value, rank: int) -> tuple | None:
+    if value is None or (isinstance(value, (tuple, list)) and len(value) == 0):
+        return None
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * rank
+
+
 def cat_shape(args: tuple, m: None, kwargs: dict | None = None) -> tuple | None:
     """torch.cat's output shape: the inputs' sizes summed along ``dim`` (one rank, one dtype; anything
     else, torch's own kernel decides). Its meta kernel would import torch._dynamo on first use."""

@@ -28,7 +28,7 @@ from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad
     spatial, split, stack, _softmax_dim
 from .layers import adaptive_pool_shape, batchnorm_module, cat_shape, conv_shape, group_norm_function, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
     holder_function, layernorm_function, layernorm_module, linear_carries, linear_function, linear_module, \
-    prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, resize_prelu
+    pool_shape, prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, resize_prelu
 from .op import Op, constant, model_input, model_output, no_channels, pin_all, unknown
 from .shapes import attribute, expand, getitem, permute, reshape
 
@@ -75,14 +75,16 @@ MODULES: dict[type, OpSpec] = {
     nn.LayerNorm: _same(layernorm_module, flops=fl.affine_norm_module("elementwise_affine")),
     nn.PReLU: _same(prelu_module, widths=("num_parameters",), resize=resize_prelu, carries=holder_carries),
     **{t: _same(passthrough) for t in _ACTIVATIONS},
-    **{t: OpSpec(spatial(1)) for t in (nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d)},
+    **{t: OpSpec(spatial(1), shape=pool_shape(1)) for t in (nn.MaxPool1d, nn.AvgPool1d)},
+    nn.LPPool1d: OpSpec(spatial(1)),
     **{t: OpSpec(spatial(1), shape=adaptive_pool_shape(1)) for t in (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)},
-    **{t: OpSpec(spatial(2)) for t in (nn.MaxPool2d, nn.AvgPool2d, nn.LPPool2d)},
+    **{t: OpSpec(spatial(2), shape=pool_shape(2)) for t in (nn.MaxPool2d, nn.AvgPool2d)},
+    nn.LPPool2d: OpSpec(spatial(2)),
     nn.AdaptiveMaxPool2d: OpSpec(spatial(2), shape=adaptive_pool_shape(2)),
     nn.AdaptiveAvgPool2d: OpSpec(spatial(2), fl.adaptive_avg_pool2d, shape=adaptive_pool_shape(2)),
     nn.UpsamplingNearest2d: OpSpec(spatial(2), fl.upsample("nearest")),
     nn.UpsamplingBilinear2d: OpSpec(spatial(2), fl.upsample("bilinear")),
-    **{t: OpSpec(spatial(3)) for t in (nn.MaxPool3d, nn.AvgPool3d)},
+    **{t: OpSpec(spatial(3), shape=pool_shape(3)) for t in (nn.MaxPool3d, nn.AvgPool3d)},
     **{t: OpSpec(spatial(3), shape=adaptive_pool_shape(3)) for t in (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)},
     nn.Upsample: OpSpec(spatial(None), fl.upsample()),
     **{t: OpSpec(pad) for t in (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
