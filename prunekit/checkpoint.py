@@ -1,6 +1,6 @@
 """The checkpoint file of a run: what it holds and the checks that it belongs to this run.
 
-    write_checkpoint(path, identity, state)        # atomically, after every finished step
+    write_checkpoint(path, identity, state)        # atomically, after a finished step
     state = read_checkpoint(path, identity)        # refuses another model, config or format
 
 ``identity`` is ``{"fingerprint": ..., "model_hash": ...}``: the config and example

@@ -4,7 +4,7 @@ A run directory is a prunekit run when it holds the marker file ``.prunekit-run`
 (written by prunekit, never trusted from a ``manifest.json`` alone)::
 
     out/run/.prunekit-run      {"format": "prunekit-run/1", "status": "running" | "complete"}
-    out/run/checkpoint.pt      after every finished step (resume from here)
+    out/run/checkpoint.pt      after finished steps (resume from here; see run_state.CheckpointClock)
     out/run/model.pt, manifest.json, report.*, *.png    when the run completes
 
 Its states (:func:`inspect`): ``absent``, ``empty`` (nothing but prunekit's stray temporary
