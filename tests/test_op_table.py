@@ -287,7 +287,7 @@ def test_register_puts_each_kind_of_key_in_its_table(monkeypatch):
 @pytest.mark.parametrize("shapes, dim", [([(1, 3, 4, 4), (1, 5, 4, 4)], 1), ([(2, 3), (2, 4), (2, 1)], -1),
                                          ([(3, 2), (1, 2)], 0)])
 def test_cat_shape_is_torch_cat_shape(shapes, dim):
-    from prunekit.ops.layers import cat_shape
+    from prunekit.ops.meta_shapes import cat_shape
 
     tensors = [torch.empty(s, device="meta") for s in shapes]
     assert cat_shape((tensors,), None, {"dim": dim}) == tuple(torch.cat(tensors, dim=dim).shape)
@@ -295,7 +295,7 @@ def test_cat_shape_is_torch_cat_shape(shapes, dim):
 
 
 def test_cat_shape_leaves_the_odd_cases_to_torch():
-    from prunekit.ops.layers import cat_shape
+    from prunekit.ops.meta_shapes import cat_shape
 
     a = torch.empty(1, 3, device="meta")
     assert cat_shape(([a, a.double()],), None) is None  # type promotion
@@ -311,7 +311,7 @@ def test_cat_shape_leaves_the_odd_cases_to_torch():
     (nn.AvgPool1d(4, 3, 2), 1), (nn.MaxPool3d(2, 2, 1, ceil_mode=True), 3), (nn.AvgPool3d((1, 2, 2)), 3)])
 @pytest.mark.parametrize("size", [7, 8, 13])
 def test_pool_shape_is_torch_pooling_shape(layer, rank, size):
-    from prunekit.ops.layers import pool_shape
+    from prunekit.ops.meta_shapes import pool_shape
 
     for shape in [(2, 3, *(size + i for i in range(rank))), (3, *(size,) * rank)]:  # batched and unbatched
         x = torch.randn(shape)
@@ -319,7 +319,7 @@ def test_pool_shape_is_torch_pooling_shape(layer, rank, size):
 
 
 def test_pool_shape_leaves_the_odd_cases_to_torch():
-    from prunekit.ops.layers import pool_shape
+    from prunekit.ops.meta_shapes import pool_shape
 
     x = torch.empty(1, 3, 8, 8, device="meta")
     assert pool_shape(2)((x,), nn.MaxPool2d(2, return_indices=True)) is None

@@ -26,9 +26,11 @@ from torch import fx, nn
 from . import flops as fl
 from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, reduce, softmax2d, \
     spatial, split, stack, _softmax_dim
-from .layers import adaptive_pool_shape, batchnorm_module, cat_shape, conv_shape, group_norm_function, linear_shape, conv_carries, conv_function, conv_module, groupnorm_module, holder_carries, \
-    holder_function, layernorm_function, layernorm_module, linear_carries, linear_function, linear_module, \
-    pool_shape, prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, resize_prelu
+from .layers import batchnorm_module, group_norm_function, conv_carries, conv_function, conv_module, \
+    groupnorm_module, holder_carries, holder_function, layernorm_function, layernorm_module, linear_carries, \
+    linear_function, linear_module, prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, \
+    resize_prelu
+from .meta_shapes import adaptive_pool_shape, cat_shape, conv_shape, linear_shape, pool_shape
 from .op import Op, constant, model_input, model_output, no_channels, pin_all, unknown
 from .shapes import attribute, expand, getitem, permute, reshape
 
