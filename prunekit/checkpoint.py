@@ -4,7 +4,7 @@
     state = read_checkpoint(path, identity)        # refuses another model, config or format
 
 ``identity`` is ``{"fingerprint": ..., "model_hash": ...}``: the config and example
-input (:meth:`prunekit.loop._Run.identity`) and the weights
+input (:meth:`prunekit.run_context.Run.identity`) and the weights
 (:func:`prunekit.checks.weights_hash`) the run was started from. The file is
 read with ``weights_only=True``: tensors, numbers and strings only.
 """
