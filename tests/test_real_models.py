@@ -173,8 +173,8 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def check(name: str, seed: int = 0) -> list:
-    """The whole check for one model; returns its fallbacks."""
+def check(name: str, seed: int = 0, build: Callable = build) -> list:
+    """The whole check for one model (``build(name)`` gives it and its inputs); returns its fallbacks."""
     with time_limit(TIMEOUT, name):
         model, x1, x2 = build(name)
         graph = prunekit.build_graph(model, x1)
