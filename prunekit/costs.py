@@ -121,7 +121,8 @@ class CostModel:
             factors.append(rows)
         width = max(map(len, factors), default=0)
         self._param_fixed = np.array(fixed, dtype=np.int64)
-        self._param_factors = np.array([f + [-1] * (width - len(f)) for f in factors], dtype=np.int64).reshape(len(factors), width)
+        padded = [f + [-1] * (width - len(f)) for f in factors]  # -1: the constant 1 appended to the kept counts
+        self._param_factors = np.array(padded, dtype=np.int64).reshape(len(factors), width)
         self._param_units = np.concatenate(units) if units else np.zeros(0, dtype=np.int64)
         self._param_sizes = np.array([len(u) for u in units], dtype=np.int64)
         self._param_owner = np.repeat(np.arange(len(units)), self._param_sizes)
