@@ -40,7 +40,6 @@ from .rundir import RunWriter
 from .surgery import apply_removal
 
 
-
 @dataclass
 class PruneResult:
     model: nn.Module
