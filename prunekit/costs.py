@@ -51,6 +51,7 @@ class CostModel:
         for (name, dim), units in graph.slices.items():
             self._sliced[name][dim] = units
         self._unit_cache: dict[int, np.ndarray] = {}
+        self._counts_table = _KeptCounts()
         self._terms: list[tuple[str, fx.Node, Callable]] = []  # (owning module, node, flop count)
         self._constant: dict[str, int] = defaultdict(int)
         live = reaching_output(graph.fx_graph)
@@ -60,13 +61,15 @@ class CostModel:
         self._params = []  # (owner, shape, {dim: units})
         for name, p in model.named_parameters():
             self._params.append((name.rpartition(".")[0], tuple(p.shape), self._sliced.get(name, {})))
-        self._compile_params()
+        self._compile_sums()
         self.module_types = {name: type(m).__name__ for name, m in model.named_modules()}
         self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array
 
     def kept_count(self, removed: np.ndarray, units: np.ndarray) -> int:
         """How many of ``units`` survive ``removed``; one pricing reads the same unit arrays many times
         (a conv's output is read by its norm, activation and consumers), so counts are kept until the next."""
+        if removed is SYMBOLIC:  # compiling: the count itself, as a product with one factor
+            return _Product(1, (self._counts_table.row(units),))
         count = self._counts.get(id(units))
         if count is None:
             count = self._counts[id(units)] = len(units) - int(np.count_nonzero(removed[units]))
@@ -104,28 +107,29 @@ class CostModel:
         elif flops is not None:
             self._terms.append((self._owner(node), node, flops))
 
-    def _compile_params(self) -> None:
-        """The parameter count as arrays: a tensor's size is its fixed dims' product times the kept counts
-        of its sliced dims, so pricing a removal is a few numpy operations, not a loop over tensors."""
-        arrays: dict[bytes, int] = {}  # a unit array's contents -> its row (a conv, its bias and norm share one)
-        units, fixed, factors = [], [], []
-        for _, shape, dims in self._params:
-            fixed.append(math.prod(s for d, s in enumerate(shape) if d not in dims))
-            rows = []
-            for d in sorted(dims):
-                key = np.asarray(dims[d], dtype=np.int64).tobytes()
-                if key not in arrays:
-                    arrays[key] = len(units)
-                    units.append(dims[d])
-                rows.append(arrays[key])
-            factors.append(rows)
-        width = max(map(len, factors), default=0)
-        self._param_fixed = np.array(fixed, dtype=np.int64)
-        padded = [f + [-1] * (width - len(f)) for f in factors]  # -1: the constant 1 appended to the kept counts
-        self._param_factors = np.array(padded, dtype=np.int64).reshape(len(factors), width)
-        self._param_units = np.concatenate(units) if units else np.zeros(0, dtype=np.int64)
-        self._param_sizes = np.array([len(u) for u in units], dtype=np.int64)
-        self._param_owner = np.repeat(np.arange(len(units)), self._param_sizes)
+    def _compile_sums(self) -> None:
+        """FLOPs and parameters as sums of products of kept counts, so that pricing a removal is a few
+        numpy operations. A parameter's size is such a product; so is almost every FLOPs handle's count,
+        found by running the handle on symbolic counts; a handle that does more (divides, compares,
+        rounds) stays a Python call."""
+        self._param_sum = _Sum([_Product(math.prod(s for d, s in enumerate(shape) if d not in dims),
+                                         tuple(self._counts_table.row(dims[d]) for d in sorted(dims)))
+                                for _, shape, dims in self._params])
+        kept = self._kept_fn(SYMBOLIC)
+        products, self._flop_calls = [], []
+        for owner, node, fn in self._terms:
+            try:
+                count = fn(kept, node, SYMBOLIC)
+            except Exception:  # noqa: BLE001 - any handle that cannot run on symbols runs as Python
+                count = None
+            if isinstance(count, int) and not isinstance(count, bool):
+                count = _Product(count, ())
+            if isinstance(count, _Product):
+                products.append(count)
+            else:
+                self._flop_calls.append((owner, node, fn))
+        self._flop_sum = _Sum(products)
+        self._counts_table.freeze()
 
     # -- evaluate --------------------------------------------------------
 
@@ -174,13 +178,14 @@ class CostModel:
         return dict(out)
 
     def flops(self, removed=None) -> int:
-        return sum(self.flops_by_layer(removed).values())
+        removed = self._mask(removed)
+        kept = self._kept_fn(removed)
+        called = sum(int(fn(kept, node, removed)) for _, node, fn in self._flop_calls)
+        return self._flop_sum(self._counts_table.counts(removed)) + called + sum(self._constant.values())
 
     def params(self, removed=None) -> int:
         removed = self._mask(removed)
-        lost = np.bincount(self._param_owner, weights=removed[self._param_units], minlength=len(self._param_sizes))
-        kept = np.append(self._param_sizes - lost.astype(np.int64), 1)  # index -1: a dim that is not sliced
-        return int((self._param_fixed * kept[self._param_factors].prod(axis=1)).sum())
+        return self._param_sum(self._counts_table.counts(removed))
 
     def layers(self, removed=None) -> list[LayerCost]:
         """One row per leaf module (and per module owning functional ops), in graph order."""
@@ -200,6 +205,80 @@ class CostModel:
         for owner in sorted(set(params) - seen):  # parameters never called in eval (aux heads)
             rows.append(LayerCost(owner, self.module_types.get(owner, ""), (), params[owner], 0))
         return rows
+
+
+SYMBOLIC = object()  # the "removal" a FLOPs handle is compiled with: kept counts come back as _Products
+
+
+class _Product:
+    """``coef`` times the kept counts of some unit arrays (rows of a :class:`_KeptCounts`). Only
+    multiplication by integers and other products is defined: anything else a handle does with a
+    count (compare, divide, round, index) raises TypeError, and that handle stays a Python call."""
+
+    __slots__ = ("coef", "rows")
+
+    def __init__(self, coef: int, rows: tuple[int, ...]):
+        self.coef, self.rows = coef, rows
+
+    def __mul__(self, other):
+        if isinstance(other, _Product):
+            return _Product(self.coef * other.coef, self.rows + other.rows)
+        if isinstance(other, int) and not isinstance(other, bool):
+            return _Product(self.coef * other, self.rows)
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def _unknown(self, *args):
+        raise TypeError("a kept count is not known until a removal is priced")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __int__ = __float__ = __index__ = _unknown
+    __hash__ = None
+
+
+class _KeptCounts:
+    """Unit arrays, numbered once by their contents (a conv's weight, bias, norm and output share one),
+    and the kept count of every one of them under a removal in a single numpy pass."""
+
+    def __init__(self):
+        self.rows: dict[bytes, int] = {}
+        self.arrays: list[np.ndarray] = []
+        self.seen: dict[int, tuple[np.ndarray, int]] = {}  # id -> (the array, kept alive, and its row)
+
+    def row(self, units: np.ndarray) -> int:
+        seen = self.seen.get(id(units))
+        if seen is not None and seen[0] is units:
+            return seen[1]
+        key = np.asarray(units, dtype=np.int64).tobytes()
+        if key not in self.rows:
+            self.rows[key] = len(self.arrays)
+            self.arrays.append(np.asarray(units, dtype=np.int64))
+        self.seen[id(units)] = (units, self.rows[key])
+        return self.rows[key]
+
+    def freeze(self) -> None:
+        self.units = np.concatenate(self.arrays) if self.arrays else np.zeros(0, dtype=np.int64)
+        self.sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self.ends = np.cumsum(self.sizes)
+
+    def counts(self, removed: np.ndarray) -> np.ndarray:
+        """Kept counts by row, and a last entry of 1 (the row -1 pads shorter products with)."""
+        removed_so_far = np.concatenate(([0], np.cumsum(removed[self.units], dtype=np.int64)))
+        lost = removed_so_far[self.ends] - removed_so_far[self.ends - self.sizes]
+        return np.append(self.sizes - lost, 1)
+
+
+class _Sum:
+    """A sum of :class:`_Product` s, evaluated on the kept counts of one removal."""
+
+    def __init__(self, products: list[_Product]):
+        width = max((len(p.rows) for p in products), default=0)
+        self.coef = np.array([p.coef for p in products], dtype=np.int64)
+        self.rows = np.array([list(p.rows) + [-1] * (width - len(p.rows)) for p in products],
+                             dtype=np.int64).reshape(len(products), width)
+
+    def __call__(self, counts: np.ndarray) -> int:
+        return int((self.coef * counts[self.rows].prod(axis=1)).sum())
 
 
 class _Call(nn.Module):

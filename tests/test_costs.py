@@ -102,3 +102,38 @@ def test_cost_model_prices_without_tracing(monkeypatch):
 
 def test_convention_is_stated():
     assert "fused multiply-add" in CONVENTION and "fvcore" in CONVENTION
+
+
+class Gated(torch.nn.Module):
+    """An element-wise op whose FLOPs handle branches on the kept width and divides."""
+
+    def forward(self, x):
+        return x * 2
+
+
+def _gated_flops(ctx, node, module):
+    def flops(kept, node, removed):
+        channels = kept(node.args[0])[1]
+        return 0 if channels <= 4 else channels * 100 // 3
+
+    return flops
+
+
+def test_flops_handles_that_branch_or_divide_are_priced_by_running_them():
+    """Handles are compiled to products of kept counts where they are one; a comparison or a division
+    on a count must not be evaluated once at compile time, but for every removal."""
+    from prunekit.ops import OpSpec, register
+    from prunekit.ops.channels import passthrough
+
+    register(Gated, OpSpec(passthrough, _gated_flops, shape="input"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), Gated(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 5, 5)
+    graph = prunekit.build_graph(model, x)
+    costs = CostModel(model, graph)
+    first = graph.producers["0"]
+    for removed, kept in ((0, 8), (2, 6), (5, 3)):
+        mask = graph.removal_mask(first[:removed])
+        conv_flops = 25 * (3 * kept + kept * 4)  # 1x1 convs on 5x5: one multiply-add per weight and pixel
+        gated = 0 if kept <= 4 else kept * 100 // 3
+        assert costs.flops(mask) == sum(costs.flops_by_layer(mask).values()) == conv_flops + gated
+        assert costs.params(mask) == 3 * kept + kept + kept * 4 + 4

@@ -79,9 +79,9 @@ def einsum(ctx, node: fx.Node, module) -> FlopFn:
     return flops
 
 
-def _scaled_input(scale: float) -> FlopFn:
+def _scaled_input(scale: int) -> FlopFn:
     def flops(kept: Kept, node: fx.Node, removed) -> int:
-        return int(math.prod(kept(node.args[0])) * scale)
+        return math.prod(kept(node.args[0])) * scale
 
     return flops
 
