@@ -6,9 +6,11 @@ and matrix products, normalisation layers, 2d nearest/bilinear upsampling,
 2d adaptive average pooling and grid sampling. Element-wise ops, activations and max pooling
 count zero. Multiply by two for the "multiplies and adds separately" count.
 
-A :class:`CostModel` is compiled once from a channel graph; pricing a
-removal is then a few numpy sums per layer, with no tracing and no forward
-pass, which is what lets the planner price many candidates cheaply.
+A :class:`CostModel` is compiled once from a channel graph: the totals become
+sums of products of kept channel counts (each FLOPs handle run once on
+symbolic counts), so pricing a removal is one numpy pass, with no tracing and
+no forward pass, which is what lets the planner price many candidates cheaply.
+Per-layer tables (``flops_by_layer``, ``layers``) run the handles themselves.
 """
 
 from __future__ import annotations
