@@ -57,14 +57,15 @@ class CostModel:
         self._terms: list[tuple[str, fx.Node, Callable]] = []  # (owning module, node, flop count)
         self._constant: dict[str, int] = defaultdict(int)
         live = reaching_output(graph.fx_graph)
+        modules = dict(model.named_modules(remove_duplicate=False))  # a shared module under every name
         for node in graph.fx_graph.nodes:
             if node in live:  # a value nothing reads is not counted, as fvcore's traced graph drops it
-                self._compile(model, node)
+                self._compile(modules, node)
         self._params = []  # (owner, shape, {dim: units})
         for name, p in model.named_parameters():
             self._params.append((name.rpartition(".")[0], tuple(p.shape), self._sliced.get(name, {})))
         self._compile_sums()
-        self.module_types = {name: type(m).__name__ for name, m in model.named_modules()}
+        self.module_types = {name: type(m).__name__ for name, m in modules.items()}
         self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array
 
     def kept_count(self, removed: np.ndarray, units: np.ndarray) -> int:
@@ -96,10 +97,10 @@ class CostModel:
         stack = node.meta.get("nn_module_stack") or {}
         return next(reversed(stack.values()))[0] if stack else ""
 
-    def _compile(self, model: nn.Module, node: fx.Node) -> None:
+    def _compile(self, modules: dict[str, nn.Module], node: fx.Node) -> None:
         if node.op not in ("call_module", "call_function", "call_method"):
             return
-        module = model.get_submodule(node.target) if node.op == "call_module" else None
+        module = modules[node.target] if node.op == "call_module" else None
         spec = spec_for(node, module)
         flops = spec.flops(self, node, module) if spec.flops is not None else None
         if flops is None and "prunekit_call" in node.meta:

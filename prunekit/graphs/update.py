@@ -83,8 +83,9 @@ def obstacle(graph: ChannelGraph, removed: np.ndarray, pruned: nn.Module) -> str
         return f"the trace was specialised: {graph.notes[0]}"
     if (removed & graph.pinned).any():
         return "pinned channels were removed"
+    modules = dict(pruned.named_modules(remove_duplicate=False))
     for name, before in graph.original_attrs.items():
-        module = pruned.get_submodule(name)
+        module = modules[name]
         spec = layer_spec(module)
         after = {a: getattr(module, a) for a in spec.widths}
         for attr, old in before.items():
