@@ -70,8 +70,9 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs, device: str
                       repeats, warmup, budget)
 
 
-# a measurement cut short by its time budget still has this many runs of each call
-MIN_REPEATS = 5
+# a measurement cut short by its time budget still has this many runs of each call: a median of 3
+# is robust to one outlier, and a model that takes seconds a run is not timed for half a minute
+MIN_REPEATS = 3
 
 
 def time_calls(calls: Mapping[str, Callable[[], object]], device: str = "cpu", threads: int | None = None,
