@@ -26,8 +26,9 @@ A task whose data is not on this machine (Fashion-MNIST, nilearn) is skipped wit
 Methods are ``criterion[@allocation]``: a criterion of :data:`CRITERIA` (l1, l2, bn_scale,
 group_l2, fisher, random, and IPAD variants: ipad = raw output as published, ipad-bn / ipad-act
 read after the BatchNorm / activation, ipad-w mixes the filter norm with omega 0.5 on comparable
-scales, ipad-prop propagates importance with weight 0.5) and an allocation (uniform by default,
-global or sensitivity). Also: none (no pruning) and tp-l2 (Torch-Pruning's group L2 pruner,
+scales, ipad-prop propagates importance with weight 0.5; ipad-w0.8 with omega 0.8, ipad-w0.8-l2 the
+same with L2 norms, ipad-w-prop and ipad-act-w combine those options) and an allocation (uniform by
+default, global or sensitivity). Also: none (no pruning) and tp-l2 (Torch-Pruning's group L2 pruner,
 fine-tuned mode only, when installed).
 
 Retention (default): ``prunekit.prune`` to 70, 50 and 35% of the FLOPs in 2 steps, no fine-tuning,
@@ -72,6 +73,11 @@ CRITERIA = {
     "ipad-w": {"method": "ipad", "omega": 0.5},
     "ipad-prop": {"method": "ipad", "propagate": 0.5},
     "ipad-act-prop": {"method": "ipad", "measure": "act", "propagate": 0.5},
+    # candidates for the bar: a larger filter-norm share, its L2 form, and mixing with propagation
+    "ipad-w0.8": {"method": "ipad", "omega": 0.8},
+    "ipad-w0.8-l2": {"method": "ipad", "omega": 0.8, "norm": 2},
+    "ipad-w-prop": {"method": "ipad", "omega": 0.5, "propagate": 0.5},
+    "ipad-act-w": {"method": "ipad", "measure": "act", "omega": 0.5},
     **{m: {"method": m} for m in ("l1", "l2", "bn_scale", "group_l2", "fisher", "random")},
 }
 ALLOCATIONS = ("uniform", "global", "sensitivity")
@@ -205,10 +211,21 @@ def load_task(task: str, budget: dict, seed: int):
     return model, torch.zeros(1, 1, 28, 28), train, test
 
 
+CACHE: Path | None = None  # --cache: pretrained weights kept here per (task, seed, budget)
+
+
 def pretrained_model(task: str, budget: dict, seed: int):
     model, x, train, test = load_task(task, budget, seed)
+    key = "-".join(str(budget[k]) for k in ("pretrain", "lr", "augment", "train") if k in budget)
+    path = CACHE / f"{task}-seed{seed}-{key}.pt" if CACHE else None
+    if path is not None and path.exists():
+        model.load_state_dict(torch.load(path))
+        return model.eval(), x, train, test
     finetune(model, train, budget["pretrain"], lr=budget["lr"], seed=seed, use_augment=budget["augment"],
              show_progress=False)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
     return model.eval(), x, train, test
 
 
@@ -362,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: on a shared machine more threads are slower)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="save all results here")
+    parser.add_argument("--cache", type=Path, metavar="DIR",
+                        help="keep pretrained weights here and reuse them (pretraining is most of a short run)")
     args = parser.parse_args(argv)
+    global CACHE
+    CACHE = args.cache
     torch.set_num_threads(args.threads)
     methods = list(dict.fromkeys(args.methods or (["none", *DEFAULT_METHODS] + (["tp-l2"] if args.finetune else []))))
     for method in methods:
