@@ -219,7 +219,7 @@ def pretrained_model(task: str, budget: dict, seed: int):
     key = "-".join(str(budget[k]) for k in ("pretrain", "lr", "augment", "train") if k in budget)
     path = CACHE / f"{task}-seed{seed}-{key}.pt" if CACHE else None
     if path is not None and path.exists():
-        model.load_state_dict(torch.load(path))
+        model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval(), x, train, test
     finetune(model, train, budget["pretrain"], lr=budget["lr"], seed=seed, use_augment=budget["augment"],
              show_progress=False)
