@@ -4,7 +4,8 @@
     python benchmarks/flops_target.py --models resnet50 unet --repeats 3 --json out/flops_target.json
 
 prunekit: ``prunekit.prune(model, x, CONFIG, progress=False)`` with the
-config below (L1 filter norms, 8 geometric steps, no fine-tuning): it prices
+config below (L1 filter norms, 8 geometric steps, no fine-tuning, widths not aligned:
+``round_to: 1``; the "round_to 8" column aligns them, as the default does): it prices
 every candidate removal analytically and cuts until the FLOPs target holds.
 
 Torch-Pruning (optional, ``pip install --no-deps torch-pruning==1.6.1``): its
@@ -72,7 +73,7 @@ def prunekit_config(last_layer: str) -> dict:
         "targets": {"flops": FLOPS_TARGET, "params": 1.0},
         "importance": {"method": "l1"},
         "schedule": {"steps": 8},
-        "limits": {"default": 0.9, "layers": {last_layer: 0}},
+        "limits": {"default": 0.9, "layers": {last_layer: 0}, "round_to": 1},
     }
 
 
@@ -253,7 +254,7 @@ def format_results(rows: list[dict], repeats: int, clock_name: str = "wall") -> 
              f"targets: TP/pk >= {SPEEDUP_TARGET:.0f}x, FLOPs within 1% "
              f"([{FLOPS_TARGET - TOLERANCE:.2f}, {FLOPS_TARGET:.2f}])")
     notes = ["pk = prunekit.prune, config {targets: {flops: 0.5, params: 1.0}, importance: {method: l1}, "
-             "schedule: {steps: 8}, limits: {default: 0.9, layers: {<last layer>: 0}}}.",
+             "schedule: {steps: 8}, limits: {default: 0.9, layers: {<last layer>: 0}, round_to: 1}}.",
              "FLOPs / params = pruned / original, FLOPs counted by fvcore (1 multiply-add = 1 flop); "
              "1% = FLOPs ratio in [0.49, 0.50].",
              "round_to 8 s: the same config with limits.round_to: 8 (target: at most 1.2 x unrounded)."]

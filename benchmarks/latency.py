@@ -5,7 +5,8 @@
 
 For each model (random weights, seed 0), four models are timed together, interleaved, in
 one run (``prunekit.latency.compare_latency``): the original; prunekit at 50% of the FLOPs
-(``flops``: L1 norms, 8 steps, no fine-tuning, the classifier or output conv left alone);
+(``flops``: L1 norms, 8 steps, no fine-tuning, the classifier or output conv left alone,
+``limits.round_to: 1``);
 the same with ``limits.round_to: 8`` (``flops/8``); prunekit with ``targets.latency: 0.5``
 measured at one thread (``latency``); Torch-Pruning's model at the same FLOPs
 (``tp``: MetaPruner, L1, 50 steps of at most 0.9 per layer, stopping at half the MACs); and
@@ -85,7 +86,7 @@ def thin_model(name: str, x: torch.Tensor) -> nn.Module | None:
 
 def config(last: str, **changes) -> dict:
     cfg = {"targets": {"flops": 0.5, "params": 1.0}, "importance": {"method": "l1"}, "schedule": {"steps": 8},
-           "limits": {"default": 0.9, "layers": {last: 0}}}
+           "limits": {"default": 0.9, "layers": {last: 0}, "round_to": 1}}
     for key, value in changes.items():
         section, name = key.split("__")
         cfg[section] = {**cfg.get(section, {}), name: value}

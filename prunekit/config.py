@@ -79,7 +79,7 @@ class ImportanceConfig:
 class Limits:
     default: float = 0.75  # at most this fraction of any layer's filters may be removed
     layers: dict = field(default_factory=dict)  # module name or glob -> max fraction; 0 = never
-    round_to: Union[int, Literal["auto"]] = 1  # keep channel counts multiples of this; auto: what the device rewards
+    round_to: Union[int, Literal["auto"]] = 8  # layers of >= 4 x round_to channels keep multiples of it; 1: off; auto
 
 
 @dataclass

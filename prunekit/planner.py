@@ -84,22 +84,42 @@ class Plan:
     latency: float | None = None  # predicted, as a fraction of the original's
 
 
+# limits.round_to aligns a layer of at least this many times round_to channels (originally); a narrower
+# one is pruned freely: aligned, a 16-channel layer could only keep 8 or 16 at round_to 8, an 8-channel
+# one nothing but all of them
+ALIGN_FROM = 4
+
+
 class Planner:
     """Greedy, limit-respecting removal sequences priced with analytic costs."""
 
     def __init__(self, graph: ChannelGraph, costs: CostModel, limits: Limits,
                  original_widths: dict[str, int], latency: LatencyModel | None = None, round_to: int | None = None):
         self.graph, self.costs, self.limits, self.latency = graph, costs, limits, latency
-        self.round_to = limits.round_to if round_to is None else round_to
-        if not isinstance(self.round_to, int):
+        round_to = limits.round_to if round_to is None else round_to
+        if not isinstance(round_to, int):
             raise ValueError("round_to: auto is resolved from latency tables before planning")
         self.budget: dict[str, int] = {}
+        self._original_widths: dict[str, int] = {}
         for name, units in graph.producers.items():
-            original = original_widths.get(name, len(units))
+            original = self._original_widths[name] = original_widths.get(name, len(units))
             allowed = math.floor(layer_limit(name, limits) * original + 1e-9)
             already = original - len(units)
             self.budget[name] = max(0, min(allowed - already, len(units) - 1))
         self._compile_touches()
+        self.round_to = round_to
+
+    @property
+    def round_to(self) -> int:
+        return self._round_to
+
+    @round_to.setter
+    def round_to(self, value: int) -> None:
+        """The alignment, and with it the multiple each producer's width keeps (1: free)."""
+        self._round_to = value
+        self.alignment = {name: value if width >= ALIGN_FROM * value else 1
+                          for name, width in self._original_widths.items()}
+        self._steps = [self.alignment[n] for n in self._names]
 
     def _compile_touches(self) -> None:
         """Which producers each unit touches, with how many of their channels, as flat arrays.
@@ -189,13 +209,13 @@ class Planner:
         return order[accepted].tolist()
 
     def _rounded(self, units: list[int]) -> list[int]:
-        """Drop the last-chosen units until every touched layer keeps a multiple of round_to.
+        """Drop the last-chosen units until every touched layer keeps a multiple of its alignment.
 
         A class of units (see :meth:`_compile_touches`) gives back the fewest of its last units
         that align all its producers, every class at once; the other units go through
         :meth:`_rounded_checked`.
         """
-        step = self.round_to
+        step = max(self._steps, default=1)
         if step <= 1 or not units:
             return units
         units = np.asarray(units, dtype=np.int64)
@@ -209,7 +229,7 @@ class Planner:
         for c in np.flatnonzero(taken).tolist():
             n, members = int(taken[c]), self._members[c]
             drop[c] = next((d for d in range(min(n, step) + 1)
-                            if all((self._widths[q] - (n - d) * k) % step == 0 for q, k in members)), n)
+                            if all((self._widths[q] - (n - d) * k) % self._steps[q] == 0 for q, k in members)), n)
         rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
         keep[by_class] = rank < taken[grouped] - drop[grouped]
         others = np.flatnonzero(group < 0)
@@ -220,7 +240,6 @@ class Planner:
         """:meth:`_rounded` for units that share producers: passes from the end of the sequence,
         keeping the set of misaligned layers up to date as units go; a unit dropped late can
         misalign a layer again, so passes repeat until none drops anything (one or two, each linear)."""
-        step = self.round_to
         removed: dict[str, int] = defaultdict(int)
         for u in units:
             for p, c in self.touches[u]:
@@ -228,7 +247,7 @@ class Planner:
         width = {p: len(self.graph.producers[p]) for p in removed}
 
         def misaligned(p: str) -> bool:
-            return bool(removed[p]) and (width[p] - removed[p]) % step != 0
+            return bool(removed[p]) and (width[p] - removed[p]) % self.alignment[p] != 0
 
         bad = {p for p in removed if misaligned(p)}
         kept = list(units)

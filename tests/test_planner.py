@@ -102,3 +102,23 @@ def test_the_removal_sequence_and_its_alignment_are_the_one_by_one_choices():
                         assert planner._rounded(sequence[:k]) == planner._rounded_checked(sequence[:k]), (name, step)
                 planner.round_to = 1
     assert checked > 100
+
+
+def test_round_to_aligns_wide_layers_and_leaves_narrow_ones_free():
+    """At round_to 8 a layer of 32 channels or more keeps a multiple of 8; a narrower one is pruned
+    freely (aligned, a 16-channel layer could keep only 8 or 16, an 8-channel one all of them)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 64, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 4, 1)).eval()
+    graph = prunekit.build_graph(model, torch.randn(1, 3, 16, 16))
+    costs = CostModel(model, graph)
+    widths = {n: len(u) for n, u in graph.producers.items()}
+    planner = Planner(graph, costs, Limits(default=0.5, round_to=8), widths)
+    assert planner.alignment == {"0": 1, "2": 1, "4": 8, "6": 1}
+    scores = np.random.default_rng(0).random(graph.num_units)
+    plan = planner.plan(scores, lambda flops, params: flops <= 0.55 * costs.flops())
+    mask = graph.removal_mask(plan.units)
+    kept = {name: int((~mask[units]).sum()) for name, units in graph.producers.items()}
+    assert kept["4"] % 8 == 0 and kept["4"] < 64
+    assert kept["0"] < 16 and kept["2"] < 8  # pruned, to counts no alignment to 8 would allow
+    assert (kept["0"] % 8, kept["2"] % 8) != (0, 0)
