@@ -76,6 +76,7 @@ def test_markdown_has_before_and_after_the_limits_and_the_pins(run):
     assert f"- Delivered model: step {result.best_step}'s model after the final fine-tune (20 iterations" in md
     assert "## Limits" in md and "`dec1.*`: at most 25% removed; applies to `dec1.block.0`, `dec1.block.3`" in md
     assert "`out`: never touched" in md
+    assert "- round_to: 8 (layers of 32 channels or more keep multiples of 8; narrower ones are pruned freely)" in md
     assert "- Calibration data: none needed (the weights alone)" in md  # l1
     assert "## Pinned channels" in md and "model output" in md and "model input" in md
     assert report["limits_applied"]["layers"]["out"]["matches"] == ["out"]

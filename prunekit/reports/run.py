@@ -20,6 +20,7 @@ from torch import nn
 from ..config import to_dict
 from ..costs import CONVENTION, CostModel
 from ..graphs import ChannelGraph
+from ..planner import ALIGN_FROM
 from ..files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
 from ..planner import layer_limit
 from .data import graph_report, tracing_report
@@ -229,10 +230,17 @@ def _limits_markdown(applied: dict | None) -> list[str]:
         names = ", ".join(f"`{n}`" for n in item["matches"]) or "no producer (it limits layers that own no filters)"
         what = "never touched" if item["limit"] == 0 else f"at most {item['limit']:.0%} removed"
         lines.append(f"- `{pattern}`: {what}; applies to {names}")
-    lines.append(f"- round_to: {applied['round_to']}")
+    lines.append(f"- round_to: {applied['round_to']}" + _alignment_note(applied["round_to"]))
     if applied["at_limit"]:
         lines.append(f"- Layers that reached their limit: {', '.join(f'`{n}`' for n in applied['at_limit'])}")
     return lines
+
+
+def _alignment_note(round_to) -> str:
+    if not isinstance(round_to, int) or round_to <= 1:
+        return ""
+    return (f" (layers of {ALIGN_FROM * round_to} channels or more keep multiples of {round_to}; "
+            "narrower ones are pruned freely)")
 
 
 def _pins_markdown(pins: list | None, tracing: dict) -> list[str]:
