@@ -13,8 +13,9 @@ measured at one thread (``latency``); Torch-Pruning's model at the same FLOPs
 the same architecture built thinner by design (``thin``: the width argument its authors
 give it, chosen so that the FLOPs come closest to 50%: ``unet(width=...)``,
 ``mobilenet_v2(width_mult=...)``, ``resnet50(width_per_group=...)``,
-``DenseNet(growth_rate, (6, 12, 24, 16), 2 * growth_rate)``). ``thin`` is what any channel pruning can at best hope
-for: every layer narrowed evenly, at widths the architecture was designed with.
+``DenseNet(growth_rate, (6, 12, 24, 16), 2 * growth_rate)``). ``thin`` is the
+reference for what narrowing gives: every layer narrowed evenly, at widths the architecture was
+designed with.
 
 Columns: the FLOPs ratio (fvcore), the latency ratio at one thread and at all of this
 machine's cores, and the efficiency, the latency speed-up over the FLOPs speed-up
