@@ -33,6 +33,7 @@ __all__ = [
     "assert_same_structure",
     "assert_close_nested",
     "assert_train_mode_runs",
+    "interrupt_scoring",
     "output_shapes",
     "pick_units",
     "randomize_norms",
@@ -41,6 +42,23 @@ __all__ = [
     "zero_roles",
     "zero_units",
 ]
+
+def interrupt_scoring(monkeypatch, at: int):
+    """Make the pruning loop's ``at``-th scoring raise KeyboardInterrupt, as Ctrl-C would in step ``at``;
+    returns the real scorer, to put back before resuming."""
+    import prunekit.loop as loop
+
+    real, calls = loop.score_units, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "score_units", interrupting)
+    return real
+
 
 @contextmanager
 def time_limit(seconds: int, what: str):

@@ -19,6 +19,7 @@ import prunekit
 import prunekit.files as files
 import prunekit.loop as loop
 from prunekit.errors import ResourceError
+from helpers import interrupt_scoring
 from tests.test_pruner import make_unet, unet_config
 
 WIDE = {"in_channels": 1, "num_classes": 2, "width": 16, "depth": 2}
@@ -106,16 +107,7 @@ def test_a_kept_best_candidate_is_not_changed_by_later_fine_tuning():
 def test_resuming_with_an_earlier_best_candidate_gives_the_same_model(tmp_path, monkeypatch):
     x = torch.rand(1, 1, 32, 32)
     full = prunekit.prune(make_unet(), x, _kept_best_config(), run_dir=tmp_path / "full", progress=False)
-    calls = {"n": 0}
-    original = loop.score_units
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "score_units", interrupting)
+    original = interrupt_scoring(monkeypatch, at=3)
     with pytest.raises(KeyboardInterrupt):
         prunekit.prune(make_unet(), x, _kept_best_config(), run_dir=tmp_path / "cut", progress=False)
     monkeypatch.setattr(loop, "score_units", original)
@@ -172,15 +164,7 @@ def test_a_run_of_cheap_steps_skips_checkpoints_and_still_resumes_bit_for_bit(tm
         clock.write_seconds = 1e9  # as if writing took far longer than any step
 
     monkeypatch.setattr(run_state.CheckpointClock, "save", slow_save)
-    real_score, calls = loop.score_units, {"n": 0}
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_score(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "score_units", interrupting)
+    real_score = interrupt_scoring(monkeypatch, at=4)
     with pytest.raises(KeyboardInterrupt):
         prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "cut", progress=False)
     assert saved == [1]  # writing costs more than the cheap steps 2 and 3: resume redoes them

@@ -30,6 +30,7 @@ import yaml
 from click.testing import CliRunner
 
 import prunekit
+from helpers import interrupt_scoring
 from prunekit.cli import main
 from prunekit.errors import PrunekitError, UnsafeInputError
 from prunekit.zoo import unet
@@ -683,16 +684,7 @@ def _interrupted_run(ws: Path, monkeypatch) -> None:
     """``ws/cut``: a run interrupted after its first step."""
     import prunekit.loop as pruner
 
-    calls = {"n": 0}
-    original = pruner.score_units
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pruner, "score_units", interrupting)
+    original = interrupt_scoring(monkeypatch, at=2)
     result = CliRunner().invoke(main, prune_args("config.yaml", "cut"))
     assert result.exit_code == 130 and "--resume" in result.stderr, result.output
     monkeypatch.setattr(pruner, "score_units", original)

@@ -8,6 +8,7 @@ import torch
 import torchvision
 
 import prunekit
+from helpers import interrupt_scoring
 from prunekit.costs import fvcore_counts
 from prunekit.zoo import unet
 
@@ -180,30 +181,17 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     cfg = unet_config(schedule={"steps": 3, "finetune": {"iterations": 2}},
                       data={"calibration": {"factory": "tests.test_pruner:seg_batches"},
                             "train": {"factory": "tests.test_pruner:seg_batches"}})
     x = torch.rand(1, 1, 32, 32)
     full = prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "full", progress=False)
 
-    calls = {"n": 0}
-    import prunekit.loop as pruner_module
-
-    original = pruner_module.score_units
-
-    def interrupting(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    pruner_module.score_units = interrupting
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "cut", progress=False)
-    finally:
-        pruner_module.score_units = original
+    interrupt_scoring(monkeypatch, at=2)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.undo()
     assert (tmp_path / "cut" / "checkpoint.pt").is_file()
     resumed = prunekit.prune(make_unet(), x, cfg, run_dir=tmp_path / "cut", resume=True, progress=False)
     assert [h.flops for h in resumed.history] == [h.flops for h in full.history]
