@@ -45,8 +45,17 @@ def _storages(model) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in model.state_dict().values() if t.numel()}
 
 
+def _checkpoint_every_step(monkeypatch) -> None:
+    """For a test that reads the checkpoint of a given step: one after every step, whatever the
+    CheckpointClock would decide from how long steps and writes took on this machine."""
+    from prunekit import run_state
+
+    monkeypatch.setattr(run_state.CheckpointClock, "due", lambda clock: True)
+
+
 @pytest.mark.parametrize("keep_best", [1, 3])
-def test_a_checkpoint_holds_one_copy_of_the_model(tmp_path, keep_best):
+def test_a_checkpoint_holds_one_copy_of_the_model(tmp_path, keep_best, monkeypatch):
+    _checkpoint_every_step(monkeypatch)  # the last checkpoint is the delivered model's step
     torch.manual_seed(0)
     model = prunekit.zoo.unet(**WIDE).eval()
     cfg = unet_config(model={"kwargs": WIDE}, keep_best=keep_best, importance={"method": "l1"})
@@ -105,6 +114,7 @@ def test_a_kept_best_candidate_is_not_changed_by_later_fine_tuning():
 
 
 def test_resuming_with_an_earlier_best_candidate_gives_the_same_model(tmp_path, monkeypatch):
+    _checkpoint_every_step(monkeypatch)  # the interrupted run's checkpoint is step 2's
     x = torch.rand(1, 1, 32, 32)
     full = prunekit.prune(make_unet(), x, _kept_best_config(), run_dir=tmp_path / "full", progress=False)
     original = interrupt_scoring(monkeypatch, at=3)
