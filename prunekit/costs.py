@@ -119,7 +119,8 @@ class CostModel:
                                          tuple(self._counts_table.row(dims[d]) for d in sorted(dims)))
                                 for _, shape, dims in self._params])
         kept = self._kept_fn(SYMBOLIC)
-        products, self._flop_calls = [], []
+        products = [_Product(sum(self._constant.values()), ())]  # opaque calls: counted once, never cut
+        self._flop_calls = []
         for owner, node, fn in self._terms:
             try:
                 count = fn(kept, node, SYMBOLIC)
@@ -184,7 +185,7 @@ class CostModel:
         removed = self._mask(removed)
         kept = self._kept_fn(removed)
         called = sum(int(fn(kept, node, removed)) for _, node, fn in self._flop_calls)
-        return self._flop_sum(self._counts_table.counts(removed)) + called + sum(self._constant.values())
+        return self._flop_sum(self._counts_table.counts(removed)) + called
 
     def params(self, removed=None) -> int:
         removed = self._mask(removed)
