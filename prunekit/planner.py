@@ -14,7 +14,7 @@ import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Collection
 
 import numpy as np
 
@@ -128,7 +128,7 @@ class Planner:
         depthwise conv it feeds, a residual stream's convs), each with the same channel counts,
         when no other unit touches those producers. Within a class the greedy sequence keeps the
         first units in score order, as many as the tightest producer's budget allows, and
-        alignment gives back the fewest last ones: numpy decides that for every class at once.
+        alignment moves each class to its nearest aligned count: numpy decides that for every class at once.
         Units outside a class (concatenations that share producers unevenly) are checked one by one.
         """
         names = list(self.graph.producers)
@@ -208,33 +208,49 @@ class Planner:
                     accepted[i] = True
         return order[accepted].tolist()
 
-    def _rounded(self, units: list[int]) -> list[int]:
-        """Drop the last-chosen units until every touched layer keeps a multiple of its alignment.
-
-        A class of units (see :meth:`_compile_touches`) gives back the fewest of its last units
-        that align all its producers, every class at once; the other units go through
-        :meth:`_rounded_checked`.
-        """
-        step = max(self._steps, default=1)
-        if step <= 1 or not units:
-            return units
-        units = np.asarray(units, dtype=np.int64)
-        group = self._class[units]
-        keep = np.zeros(len(units), dtype=bool)
-        in_class = np.flatnonzero(group >= 0)
-        by_class = in_class[np.argsort(group[in_class], kind="stable")]
-        grouped = group[by_class]
-        taken = np.bincount(grouped, minlength=len(self._keep_first))
-        drop = np.zeros(len(taken), dtype=np.int64)  # how many of its last units each class gives back
+    def _class_counts(self, sequence: list[int], k: int, down_only: Collection[int] = ()) -> tuple[np.ndarray, ...]:
+        """How many units each class has in the first ``k`` of ``sequence``, and how many it keeps aligned:
+        the nearest aligned count (half way: the larger), or the one below for the classes in ``down_only``."""
+        group = self._class[np.asarray(sequence, dtype=np.int64)]
+        in_class = group[group >= 0]
+        taken = np.bincount(in_class[:int(np.count_nonzero(group[:k] >= 0))], minlength=len(self._keep_first))
+        available = np.bincount(in_class, minlength=len(self._keep_first))
+        count = taken.copy()
         for c in np.flatnonzero(taken).tolist():
             n, members = int(taken[c]), self._members[c]
-            drop[c] = next((d for d in range(min(n, step) + 1)
-                            if all((self._widths[q] - (n - d) * k) % self._steps[q] == 0 for q, k in members)), n)
+
+            def aligned(m: int) -> bool:
+                return all((self._widths[q] - m * per) % self._steps[q] == 0 for q, per in members)
+
+            down = next((d for d in range(min(n, self.round_to) + 1) if aligned(n - d)), n)
+            up = None if c in down_only else \
+                next((a for a in range(1, min(self.round_to, int(available[c]) - n) + 1) if aligned(n + a)), None)
+            count[c] = n + up if up is not None and up <= down else n - down
+        return taken, count
+
+    def _rounded(self, sequence: list[int], k: int, down_only: Collection[int] = ()) -> list[int]:
+        """The first ``k`` units of ``sequence``, each touched layer brought to a multiple of its alignment.
+
+        A class of units (see :meth:`_compile_touches`) goes to its nearest aligned count: it gives
+        back its last units, or takes its next ones from the rest of the sequence when fewer are
+        needed, so a layer whose units come late in the sequence is still cut instead of never
+        reaching a whole group. Every class at once; the other units go through
+        :meth:`_rounded_checked`, which only gives back.
+        """
+        if max(self._steps, default=1) <= 1 or not k:
+            return sequence[:k]
+        ordered = np.asarray(sequence, dtype=np.int64)
+        group = self._class[ordered]
+        in_class = np.flatnonzero(group >= 0)
+        by_class = in_class[np.argsort(group[in_class], kind="stable")]  # positions, class by class
+        grouped = group[by_class]
+        _, count = self._class_counts(sequence, k, down_only)
         rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
-        keep[by_class] = rank < taken[grouped] - drop[grouped]
-        others = np.flatnonzero(group < 0)
-        keep[others] = np.isin(units[others], self._rounded_checked(units[others].tolist()))
-        return units[keep].tolist()
+        keep = np.zeros(len(ordered), dtype=bool)
+        keep[by_class] = rank < count[grouped]
+        others = np.flatnonzero(group[:k] < 0)
+        keep[others] = np.isin(ordered[others], self._rounded_checked(ordered[others].tolist()))
+        return ordered[keep].tolist()
 
     def _rounded_checked(self, units: list[int]) -> list[int]:
         """:meth:`_rounded` for units that share producers: passes from the end of the sequence,
@@ -272,8 +288,8 @@ class Planner:
         (latency when the planner has a latency model)."""
         sequence = self.sequence(scores)
 
-        def price(k: int) -> Plan:
-            units = np.array(self._rounded(sequence[:k]), dtype=np.int64)
+        def price(k: int, down_only: Collection[int] = ()) -> Plan:
+            units = np.array(self._rounded(sequence, k, down_only), dtype=np.int64)
             mask = self.graph.removal_mask(units)
             latency = self.latency.ratio(mask) if self.latency is not None else None
             return Plan(units, self.costs.flops(mask), self.costs.params(mask), False, latency)
@@ -293,5 +309,15 @@ class Planner:
                 best, high = candidate, mid
             else:
                 low = mid + 1
+        # a class rounded up at the last unit may take a whole group more than the goal needs: give back
+        # each such group the goal can spare, the latest in the sequence first
+        taken, count = self._class_counts(sequence, high)
+        last = {int(c): i for i, c in enumerate(self._class[np.asarray(sequence, dtype=np.int64)].tolist())}
+        down_only: set[int] = set()
+        for c in sorted(np.flatnonzero(count > taken).tolist(), key=last.get, reverse=True):
+            candidate = price(high, down_only | {c})
+            if meets(candidate):
+                best = candidate
+                down_only.add(c)
         best.reached = True
         return best

@@ -64,6 +64,31 @@ def _greedy(planner: Planner, scores: np.ndarray) -> list[int]:
     return chosen
 
 
+def _aligned_reference(planner: Planner, sequence: list[int], k: int) -> list[int]:
+    """The alignment by its definition. Units that touch the same producers with the same counts, alone
+    among all units, form a class; a class keeps the aligned count of its units nearest to the number
+    in the first k (within one step either way, or none; half way: the larger), taking them in sequence
+    order. Every other unit goes through the unit-by-unit passes, which only give back."""
+    step = planner.round_to
+    key = {u: tuple(sorted(planner.touches[u])) for u in sequence}
+    touched_by: dict[str, set] = {}
+    for u in range(planner.graph.num_units):
+        for p, _ in planner.touches.get(u, []):
+            touched_by.setdefault(p, set()).add(tuple(sorted(planner.touches[u])))
+    is_class = {kk: all(touched_by[p] == {kk} for p, _ in kk) for kk in set(key.values())}
+    others = [u for u in sequence[:k] if not is_class[key[u]]]
+    kept = set(planner._rounded_checked(others))
+    for kk in {key[u] for u in sequence[:k] if is_class[key[u]]}:
+        members = [u for u in sequence if key[u] == kk]
+        n = sum(1 for u in sequence[:k] if key[u] == kk)
+        width = {p: len(planner.graph.producers[p]) for p, _ in kk}
+        aligned = [m for m in range(max(0, n - step), min(len(members), n + step) + 1)
+                   if all((width[p] - m * c) % planner.alignment[p] == 0 for p, c in kk)]
+        count = min(aligned + [0], key=lambda m: (abs(m - n), -m)) if n else 0
+        kept.update(members[:count])
+    return [u for u in sequence if u in kept]
+
+
 def _sequence_cases():
     from archs import ARCHS
     from dag_generator import random_dag
@@ -79,7 +104,7 @@ def _sequence_cases():
 
 def test_the_removal_sequence_and_its_alignment_are_the_one_by_one_choices():
     """The planner decides most units class by class with numpy; it must choose exactly as the plain greedy,
-    and align exactly as the unit-by-unit passes."""
+    and align exactly as the alignment's definition."""
     rng = np.random.default_rng(0)
     checked = 0
     for name, model, x in _sequence_cases():
@@ -96,10 +121,10 @@ def test_the_removal_sequence_and_its_alignment_are_the_one_by_one_choices():
                 sequence = planner.sequence(scores)
                 assert sequence == _greedy(planner, scores), name
                 checked += 1
-                for step in (2, 3, 8):  # alignment by classes gives back what the unit-by-unit passes give back
+                for step in (2, 3, 8):  # alignment by classes, with numpy, is the alignment by its definition
                     planner.round_to = step
-                    for k in (1, len(sequence) // 2, len(sequence)):
-                        assert planner._rounded(sequence[:k]) == planner._rounded_checked(sequence[:k]), (name, step)
+                    for k in (1, len(sequence) // 3, len(sequence) // 2, len(sequence)):
+                        assert planner._rounded(sequence, k) == _aligned_reference(planner, sequence, k), (name, step)
                 planner.round_to = 1
     assert checked > 100
 
@@ -122,3 +147,32 @@ def test_round_to_aligns_wide_layers_and_leaves_narrow_ones_free():
     assert kept["4"] % 8 == 0 and kept["4"] < 64
     assert kept["0"] < 16 and kept["2"] < 8  # pruned, to counts no alignment to 8 would allow
     assert (kept["0"] % 8, kept["2"] % 8) != (0, 0)
+
+
+def test_round_to_takes_the_nearest_group_and_gives_back_what_the_goal_can_spare():
+    """Two 64-channel layers whose units alternate in the sequence: half a group of each rounds up to a whole
+    group (rounding down would never cut either until 8 of its units came first), and of the two groups
+    taken at the shortest prefix that reaches the goal, the one the goal does not need is given back."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 64, 3),
+                                torch.nn.ReLU(), torch.nn.Conv2d(64, 4, 1)).eval()
+    graph = prunekit.build_graph(model, torch.randn(1, 3, 16, 16))
+    costs = CostModel(model, graph)
+    widths = {n: len(u) for n, u in graph.producers.items()}
+    planner = Planner(graph, costs, Limits(default=0.5, layers={"4": 0}, round_to=8), widths)
+    scores = np.full(graph.num_units, np.inf)
+    scores[graph.producers["2"]] = np.arange(64) * 2.0
+    scores[graph.producers["0"]] = np.arange(64) * 2.0 + 1  # the sequence alternates: 2, 0, 2, 0, ...
+    sequence = planner.sequence(scores)
+
+    def kept(units):
+        mask = graph.removal_mask(np.asarray(units, dtype=np.int64))
+        return {name: int((~mask[graph.producers[name]]).sum()) for name in ("0", "2")}
+
+    assert kept(planner._rounded(sequence, 7)) == {"0": 64, "2": 56}  # 3 and 4 of the first 7: 0 and 8
+    assert kept(planner._rounded(sequence, 8)) == {"0": 56, "2": 56}
+    assert kept(planner._rounded(sequence, 6)) == {"0": 64, "2": 64}
+    # a goal that 8 units of "2" miss and 8 of "0" meet: the prefix of 8 takes both groups, "2"'s is given back
+    goal = costs.flops(graph.removal_mask(np.asarray(graph.producers["0"][:8], dtype=np.int64)))
+    assert costs.flops(graph.removal_mask(np.asarray(graph.producers["2"][:8], dtype=np.int64))) > goal
+    plan = planner.plan(scores, lambda flops, params: flops <= goal)
+    assert plan.reached and kept(plan.units) == {"0": 56, "2": 64}
