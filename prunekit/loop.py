@@ -34,7 +34,7 @@ from .importance import score_units
 from .latency_model import LatencyGauge
 from .planner import Planner
 from .run_context import Run
-from .run_state import Candidate, CheckpointClock, StepRecord, own_weights, rebuild, save_checkpoint, shared_copy, \
+from .run_state import Candidate, CheckpointClock, StepRecord, own_weights, rebuild, shared_copy, \
     state_of
 from .rundir import RunWriter
 from .surgery import apply_removal
@@ -118,7 +118,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
     original_metric = run.metric(copy.deepcopy(run.original)) if run.validate_fn or run.val else None
     graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
     cut = None  # (graph, removed units) of the last step: the next graph is derived from them
-    checkpoints = CheckpointClock()
+    checkpoints = CheckpointClock(current)
     while True:
         if graph is None and cut is not None:
             graph = updated_graph(*cut, current, run.inputs, cfg.model.leaf_modules)
@@ -182,7 +182,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
         candidates = sorted(candidates, key=Candidate.rank, reverse=True)[:cfg.keep_best]
         for later in candidates[1:]:  # only the best one's weights can become the result
             later.state = None
-        if writer is not None and checkpoints.due():  # the first comes after a whole step: a failing one writes nothing
+        if writer is not None and checkpoints.due():  # only after a whole step: a failing one writes nothing
             checkpoints.save(run, writer, step, current, history, candidates)
         if not plan.reached and step >= cfg.schedule.steps:
             message = _unreachable(run, plan.flops, plan.params)
@@ -235,8 +235,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
     if writer is not None:
         from .reports.run import write_outputs
 
-        if not writer.began:  # the model met the targets before any step: still a complete run
-            save_checkpoint(run, writer, step, current, history, candidates)
+        writer.begin()  # a run of cheap steps may have written no checkpoint: a complete run needs none
         write_outputs(result, run.original, run.graph0, final_graph, run.inputs, directory=writer.work)
         writer.complete()
     return result

@@ -101,16 +101,22 @@ def own_weights(model: nn.Module, candidates: list) -> None:
 
 
 class CheckpointClock:
-    """When a step's checkpoint is worth writing: after the first step, then once the work since the last
-    checkpoint took at least as long as writing that one did. A run of cheap steps (no fine-tuning) does not
-    spend most of its time saving what resume could redo faster, and redone steps give the same result."""
+    """When a step's checkpoint is worth writing: once the work since the last one (or since the run
+    started) took WORK_PER_WRITE times as long as writing one does (measured at the last write; before
+    the first, estimated from the model's size). Checkpoints then cost at most a fifth of a run of cheap
+    steps (no fine-tuning), an interruption loses little more than that, and a step that fine-tunes is
+    followed by one; redone steps give the same result."""
 
-    def __init__(self) -> None:
-        self.written_at: float | None = None
-        self.write_seconds = 0.0
+    WORK_PER_WRITE = 4
+    ESTIMATED_BYTES_PER_SECOND = 200e6  # a checkpoint's write before one has been timed
+
+    def __init__(self, model: nn.Module) -> None:
+        self.written_at = time.perf_counter()
+        self.write_seconds = sum(t.numel() * t.element_size() for t in model.state_dict().values()) \
+            / self.ESTIMATED_BYTES_PER_SECOND
 
     def due(self) -> bool:
-        return self.written_at is None or time.perf_counter() - self.written_at >= self.write_seconds
+        return time.perf_counter() - self.written_at >= self.WORK_PER_WRITE * self.write_seconds
 
     def save(self, *args) -> None:
         started = time.perf_counter()

@@ -111,8 +111,11 @@ def plan(path, resume: bool, force: bool, inputs: Iterable = (), *, locked: bool
         raise RunDirError(f"'{shown}' already exists and is not a prunekit run directory (it has no {MARKER} "
                           "marker); prunekit never overwrites it, so choose a new or empty directory.", shown)
     if resume:
-        if state in ("interrupted", "complete"):
+        if state == "interrupted" or (state == "complete" and (Path(path) / CHECKPOINT).is_file()):
             return "resume"
+        if state == "complete":
+            raise RunDirError(f"'{shown}' holds a complete run without a {CHECKPOINT} (its steps were cheaper to "
+                              "redo than to save): there is nothing to resume; pass --force to run it again.", shown)
         if state == "started":
             return "fresh"  # killed before its first checkpoint: nothing to continue, start again
         raise RunDirError(f"cannot resume: '{shown}' holds no {CHECKPOINT}; start the run without --resume.",

@@ -150,14 +150,17 @@ def test_checkpoints_are_written_when_the_work_since_the_last_outweighs_writing_
 
     now = {"t": 0.0}
     monkeypatch.setattr(run_state.time, "perf_counter", lambda: now["t"])
-    monkeypatch.setattr(run_state, "save_checkpoint", lambda *args: now.update(t=now["t"] + 2.0))  # 2 s to write
-    clock, written = run_state.CheckpointClock(), []
-    for step, seconds in enumerate([0.5, 0.5, 0.5, 0.5, 3.0, 0.1, 2.5], start=1):
+    monkeypatch.setattr(run_state, "save_checkpoint", lambda *args: now.update(t=now["t"] + 0.5))  # 0.5 s to write
+    model = torch.nn.Linear(1000, 250, bias=False)  # 1 MB of weights: a write estimated at 1e6 / 200e6 = 5 ms
+    clock, written = run_state.CheckpointClock(model), []
+    assert clock.write_seconds == pytest.approx(0.005)
+    for step, seconds in enumerate([0.01, 0.015, 0.5, 0.5, 0.5, 0.4, 3.0, 0.1, 2.5], start=1):
         now["t"] += seconds  # the step's work
         if clock.due():
             clock.save()
             written.append(step)
-    assert written == [1, 5, 7]  # the first step always; then once 2 s of work has piled up
+    # 20 ms of work outweighs the estimate 4 times over; then 4 x 0.5 s of work must pile up between writes
+    assert written == [2, 7, 9]
 
 
 def test_a_run_of_cheap_steps_skips_checkpoints_and_still_resumes_bit_for_bit(tmp_path, monkeypatch):

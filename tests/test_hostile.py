@@ -809,6 +809,14 @@ def test_g_an_interrupted_run_resumes_to_the_same_result(ws, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_g_resume_of_a_complete_run_without_a_checkpoint_is_refused(ws):
+    """A run of cheap steps may complete without writing a checkpoint (they are cheaper to redo than to
+    save): there is nothing to continue, and saying so beats a 'damaged' or 'missing' file."""
+    done = ws / "done"
+    (done / "checkpoint.pt").unlink(missing_ok=True)
+    refused(ws, prune_args("config.yaml", "done", "unet.pt", "--resume"), "nothing to resume")
+
+
 def test_g_resume_without_a_run(ws):
     refused(ws, prune_args("config.yaml", "nowhere", "unet.pt", "--resume"), "cannot resume")
 

@@ -24,7 +24,7 @@ def _figure(**kwargs):
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=110)  # laid out by tight_layout: one draw less than bbox "tight"
     return buffer.getvalue()
 
 
