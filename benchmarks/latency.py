@@ -22,12 +22,18 @@ machine's cores, and the efficiency, the latency speed-up over the FLOPs speed-u
 (``flops ratio / latency ratio``: 1.0 means every saved flop saved its share of time).
 Targets: efficiency >= 0.9 at one thread and >= 0.8 at all cores; the latency run within
 5% of its target (ratio <= 0.525 at one thread).
+
+``--onnx`` (needs ``onnxruntime``) also exports every model with ``prunekit.export_onnx``
+(checked against PyTorch) and times the files with ONNX Runtime the same way, interleaved, at
+one thread and at all cores: a deployment runtime that folds each BatchNorm into its conv and
+fuses the activations, so the time left is mostly the convolutions the FLOPs count.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +43,7 @@ from torch import nn
 
 from common import environment, environment_line, prunekit, save_json, table, tp
 from prunekit.costs import fvcore_counts
-from prunekit.latency import compare_latency
+from prunekit.latency import compare_latency, time_calls
 
 MODELS = ["resnet50", "mobilenet_v2", "densenet121", "unet", "smp_unet"]
 ALL_CORES = torch.get_num_threads()
@@ -109,7 +115,26 @@ def run_tp(model: nn.Module, x: torch.Tensor, last: str) -> nn.Module:
     return model.eval()
 
 
-def bench_model(name: str, repeats: int, use_tp: bool) -> dict | None:
+def onnxruntime_latency(models: dict[str, nn.Module], x: torch.Tensor, threads: int, repeats: int) -> dict:
+    """Each model exported (checked against PyTorch) and its ONNX Runtime session timed, interleaved."""
+    import onnxruntime
+
+    from prunekit.export import export_onnx
+
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, m in models.items():
+            path = Path(tmp) / f"{k.replace('/', '_')}.onnx"
+            export_onnx(m, x, path, repeats=0, exporter="torchscript", dynamic_batch=False)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            feed = {session.get_inputs()[0].name: x.numpy()}
+            runs[k] = (lambda s, f: lambda: s.run(None, f))(session, feed)
+        return time_calls(runs, "cpu", threads, repeats, warmup=3)
+
+
+def bench_model(name: str, repeats: int, use_tp: bool, onnx: bool = False) -> dict | None:
     built = build_model(name)
     if built is None:
         return None
@@ -143,20 +168,32 @@ def bench_model(name: str, repeats: int, use_tp: bool) -> dict | None:
         lat1, latn = one[k].median / one["original"].median, every[k].median / every["original"].median
         rows[k] = {"flops_ratio": flops[k], "latency_1": lat1, "latency_all": latn,
                    "efficiency_1": flops[k] / lat1, "efficiency_all": flops[k] / latn, "seconds": seconds[k]}
-    return {"model": name, "input": list(x.shape), "original_ms": {"1": one["original"].median * 1e3,
-            "all": every["original"].median * 1e3}, "variants": rows}
+    original_ms = {"1": one["original"].median * 1e3, "all": every["original"].median * 1e3}
+    if onnx:
+        for threads, key in ((1, "1"), (ALL_CORES, "all")):
+            timed_ort = onnxruntime_latency(timed, x, threads, repeats)
+            original_ms[f"ort_{key}"] = timed_ort["original"].median * 1e3
+            for k in variants:
+                ratio = timed_ort[k].median / timed_ort["original"].median
+                rows[k].update({f"ort_latency_{key}": ratio, f"ort_efficiency_{key}": flops[k] / ratio})
+    return {"model": name, "input": list(x.shape), "original_ms": original_ms, "variants": rows}
 
 
 def format_results(results: list[dict]) -> str:
-    header = ["model", "variant", "FLOPs", "latency 1t", "eff 1t", f"latency {ALL_CORES}t", f"eff {ALL_CORES}t",
-              "prune s"]
+    onnx = any("ort_latency_1" in v for r in results for v in r["variants"].values())
+    header = ["model", "variant", "FLOPs", "latency 1t", "eff 1t", f"latency {ALL_CORES}t", f"eff {ALL_CORES}t"]
+    if onnx:
+        header += ["ORT 1t", "ORT eff 1t", f"ORT {ALL_CORES}t", f"ORT eff {ALL_CORES}t"]
     rows = []
     for r in results:
         for k, v in r["variants"].items():
-            rows.append([r["model"], k, f"{v['flops_ratio']:.1%}", f"{v['latency_1']:.1%}", f"{v['efficiency_1']:.2f}",
-                         f"{v['latency_all']:.1%}", f"{v['efficiency_all']:.2f}", f"{v['seconds']:.1f}"])
-    return table(header, rows, right={2, 3, 4, 5, 6, 7})
-
+            row = [r["model"], k, f"{v['flops_ratio']:.1%}", f"{v['latency_1']:.1%}", f"{v['efficiency_1']:.2f}",
+                   f"{v['latency_all']:.1%}", f"{v['efficiency_all']:.2f}"]
+            if onnx:
+                row += [f"{v['ort_latency_1']:.1%}", f"{v['ort_efficiency_1']:.2f}", f"{v['ort_latency_all']:.1%}",
+                        f"{v['ort_efficiency_all']:.2f}"] if "ort_latency_1" in v else ["-"] * 4
+            rows.append(row + [f"{v['seconds']:.1f}"])
+    return table(header + ["prune s"], rows, right=set(range(2, len(header) + 1)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS)
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per model and thread count")
     parser.add_argument("--no-tp", action="store_true", help="leave Torch-Pruning out")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also time every model exported to ONNX under ONNX Runtime (needs onnxruntime)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="save all results here")
     args = parser.parse_args(argv)
     env = environment(fvcore=True)
     print(environment_line(env), flush=True)
-    results = [r for r in (bench_model(m, args.repeats, tp is not None and not args.no_tp) for m in args.models) if r]
+    use_tp = tp is not None and not args.no_tp
+    results = [r for r in (bench_model(m, args.repeats, use_tp, args.onnx) for m in args.models) if r]
     print()
     print(format_results(results))
     print(f"\nlatency = pruned / original, median of {args.repeats} interleaved runs; eff = FLOPs ratio / latency "
