@@ -208,7 +208,8 @@ class Planner:
                     accepted[i] = True
         return order[accepted].tolist()
 
-    def _class_counts(self, sequence: list[int], k: int, down_only: Collection[int] = ()) -> tuple[np.ndarray, ...]:
+    def _class_counts(self, sequence: list[int], k: int,
+                      down_only: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """How many units each class has in the first ``k`` of ``sequence``, and how many it keeps aligned:
         the nearest aligned count (half way: the larger), or the one below for the classes in ``down_only``."""
         group = self._class[np.asarray(sequence, dtype=np.int64)]
@@ -309,15 +310,20 @@ class Planner:
                 best, high = candidate, mid
             else:
                 low = mid + 1
-        # a class rounded up at the last unit may take a whole group more than the goal needs: give back
-        # each such group the goal can spare, the latest in the sequence first
-        taken, count = self._class_counts(sequence, high)
+        if max(self._steps, default=1) > 1:
+            best = self._give_back(sequence, high, best, price, meets)
+        best.reached = True
+        return best
+
+    def _give_back(self, sequence: list[int], k: int, best: Plan, price, meets) -> Plan:
+        """A class rounded up at the shortest prefix that reaches the goal may take a whole group more than
+        the goal needs: give back each such group the goal can spare, the latest in the sequence first."""
+        taken, count = self._class_counts(sequence, k)
         last = {int(c): i for i, c in enumerate(self._class[np.asarray(sequence, dtype=np.int64)].tolist())}
         down_only: set[int] = set()
         for c in sorted(np.flatnonzero(count > taken).tolist(), key=last.get, reverse=True):
-            candidate = price(high, down_only | {c})
+            candidate = price(k, down_only | {c})
             if meets(candidate):
                 best = candidate
                 down_only.add(c)
-        best.reached = True
         return best
