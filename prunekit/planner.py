@@ -120,6 +120,23 @@ class Planner:
         self.alignment = {name: value if width >= ALIGN_FROM * value else 1
                           for name, width in self._original_widths.items()}
         self._steps = [self.alignment[n] for n in self._names]
+        self._compile_alignment()
+
+    def _compile_alignment(self) -> None:
+        """For every class and every count m of its units it may lose, the nearest counts at or below and
+        at or above m that leave all its producers aligned, as two flat arrays (``-1`` / a huge value: none)."""
+        classes = list(self._members)
+        sizes = [int(self._keep_first[c]) + 1 for c in classes]
+        self._offset = np.zeros(len(self._keep_first), dtype=np.int64)
+        self._offset[classes] = np.cumsum([0] + sizes[:-1]) if classes else []
+        aligned = np.concatenate([np.logical_and.reduce(
+            [(self._widths[q] - np.arange(size) * per) % self._steps[q] == 0 for q, per in self._members[c]])
+            for c, size in zip(classes, sizes)]) if classes else np.zeros(0, dtype=bool)
+        position = np.arange(len(aligned))
+        self._at_or_below = np.maximum.accumulate(np.where(aligned, position, -1)) if len(aligned) else position
+        none = np.iinfo(np.int64).max
+        self._at_or_above = np.minimum.accumulate(np.where(aligned, position, none)[::-1])[::-1] \
+            if len(aligned) else position
 
     def _compile_touches(self) -> None:
         """Which producers each unit touches, with how many of their channels, as flat arrays.
@@ -211,22 +228,22 @@ class Planner:
     def _class_counts(self, sequence: list[int], k: int,
                       down_only: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """How many units each class has in the first ``k`` of ``sequence``, and how many it keeps aligned:
-        the nearest aligned count (half way: the larger), or the one below for the classes in ``down_only``."""
+        the nearest aligned count within one step (half way: the larger; none within a step below: 0),
+        only the one below for the classes in ``down_only``; every class at once."""
         group = self._class[np.asarray(sequence, dtype=np.int64)]
         in_class = group[group >= 0]
         taken = np.bincount(in_class[:int(np.count_nonzero(group[:k] >= 0))], minlength=len(self._keep_first))
         available = np.bincount(in_class, minlength=len(self._keep_first))
         count = taken.copy()
-        for c in np.flatnonzero(taken).tolist():
-            n, members = int(taken[c]), self._members[c]
-
-            def aligned(m: int) -> bool:
-                return all((self._widths[q] - m * per) % self._steps[q] == 0 for q, per in members)
-
-            down = next((d for d in range(min(n, self.round_to) + 1) if aligned(n - d)), n)
-            up = None if c in down_only else \
-                next((a for a in range(1, min(self.round_to, int(available[c]) - n) + 1) if aligned(n + a)), None)
-            count[c] = n + up if up is not None and up <= down else n - down
+        c = np.flatnonzero(taken)
+        n, start, step = taken[c], self._offset[c], self.round_to
+        below = self._at_or_below[start + n] - start
+        below = np.where(below >= np.maximum(n - step, 0), below, 0)
+        above = self._at_or_above[np.minimum(start + n + 1, start + self._keep_first[c])] - start
+        up = (above > n) & (above <= np.minimum(n + step, available[c])) & (above - n <= n - below)
+        if down_only:
+            up &= ~np.isin(c, list(down_only))
+        count[c] = np.where(up, above, below)
         return taken, count
 
     def _rounded(self, sequence: list[int], k: int, down_only: Collection[int] = ()) -> list[int]:
@@ -289,23 +306,25 @@ class Planner:
         (latency when the planner has a latency model)."""
         sequence = self.sequence(scores)
 
-        def price(k: int, down_only: Collection[int] = ()) -> Plan:
-            units = np.array(self._rounded(sequence, k, down_only), dtype=np.int64)
+        def price(units: np.ndarray) -> Plan:
             mask = self.graph.removal_mask(units)
             latency = self.latency.ratio(mask) if self.latency is not None else None
             return Plan(units, self.costs.flops(mask), self.costs.params(mask), False, latency)
+
+        def first(k: int) -> Plan:
+            return price(np.array(self._rounded(sequence, k), dtype=np.int64))
 
         def meets(plan: Plan) -> bool:
             values = (plan.flops, plan.params) if plan.latency is None else (plan.flops, plan.params, plan.latency)
             return goal(*values)
 
         low, high = 0, len(sequence)
-        best = price(high)
+        best = first(high)
         if not meets(best):
             return best
         while low < high:  # smallest k that reaches the goal
             mid = (low + high) // 2
-            candidate = price(mid)
+            candidate = first(mid)
             if meets(candidate):
                 best, high = candidate, mid
             else:
@@ -318,12 +337,26 @@ class Planner:
     def _give_back(self, sequence: list[int], k: int, best: Plan, price, meets) -> Plan:
         """A class rounded up at the shortest prefix that reaches the goal may take a whole group more than
         the goal needs: give back each such group the goal can spare, the latest in the sequence first."""
-        taken, count = self._class_counts(sequence, k)
-        last = {int(c): i for i, c in enumerate(self._class[np.asarray(sequence, dtype=np.int64)].tolist())}
-        down_only: set[int] = set()
-        for c in sorted(np.flatnonzero(count > taken).tolist(), key=last.get, reverse=True):
-            candidate = price(k, down_only | {c})
+        taken, up = self._class_counts(sequence, k)
+        rounded_up = np.flatnonzero(up > taken)
+        if not rounded_up.size:
+            return best
+        _, down = self._class_counts(sequence, k, down_only=rounded_up.tolist())
+        group = self._class[np.asarray(sequence, dtype=np.int64)]
+        in_class = np.flatnonzero(group >= 0)
+        by_class = in_class[np.argsort(group[in_class], kind="stable")]
+        grouped = group[by_class]
+        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
+        extra = (rank >= down[grouped]) & (rank < up[grouped])  # the units each class took by rounding up
+        extra_units = np.asarray(sequence, dtype=np.int64)[by_class[extra]]
+        extra_class = grouped[extra]
+        last = np.full(len(self._keep_first), -1, dtype=np.int64)  # each class's last position in the sequence
+        np.maximum.at(last, grouped, by_class)
+        given = np.zeros(self.graph.num_units, dtype=bool)
+        for c in rounded_up[np.argsort(-last[rounded_up], kind="stable")].tolist():
+            trial = given.copy()
+            trial[extra_units[extra_class == c]] = True
+            candidate = price(best.units[~trial[best.units]])
             if meets(candidate):
-                best = candidate
-                down_only.add(c)
+                best, given = candidate, trial
         return best
