@@ -148,6 +148,7 @@ def test_a_full_disk_while_saving_tensors_is_one_error_naming_the_file(tmp_path,
 def test_checkpoints_are_written_when_the_work_since_the_last_outweighs_writing_one(monkeypatch):
     from prunekit import run_state
 
+    monkeypatch.undo()  # the clock's own estimate, not the one conftest pins
     now = {"t": 0.0}
     monkeypatch.setattr(run_state.time, "perf_counter", lambda: now["t"])
     monkeypatch.setattr(run_state, "save_checkpoint", lambda *args: now.update(t=now["t"] + 0.5))  # 0.5 s to write
