@@ -115,23 +115,26 @@ def run_tp(model: nn.Module, x: torch.Tensor, last: str) -> nn.Module:
     return model.eval()
 
 
-def onnxruntime_latency(models: dict[str, nn.Module], x: torch.Tensor, threads: int, repeats: int) -> dict:
-    """Each model exported (checked against PyTorch) and its ONNX Runtime session timed, interleaved."""
+def onnxruntime_latency(models: dict[str, nn.Module], x: torch.Tensor, thread_counts: tuple[int, ...],
+                        repeats: int) -> dict[int, dict]:
+    """Each model exported once (checked against PyTorch) and its ONNX Runtime session timed, interleaved,
+    at each thread count."""
     import onnxruntime
 
-    from prunekit.export import export_onnx
+    from prunekit.export import _feeds, _session, export_onnx
 
-    runs = {}
+    timed = {}
     with tempfile.TemporaryDirectory() as tmp:
+        paths = {k: Path(tmp) / f"{k.replace('/', '_')}.onnx" for k in models}
         for k, m in models.items():
-            path = Path(tmp) / f"{k.replace('/', '_')}.onnx"
-            export_onnx(m, x, path, repeats=0, exporter="torchscript", dynamic_batch=False)
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feed = {session.get_inputs()[0].name: x.numpy()}
-            runs[k] = (lambda s, f: lambda: s.run(None, f))(session, feed)
-        return time_calls(runs, "cpu", threads, repeats, warmup=3)
+            export_onnx(m, x, paths[k], repeats=0, exporter="torchscript", dynamic_batch=False)
+        for threads in thread_counts:
+            runs = {}
+            for k, path in paths.items():
+                session = _session(onnxruntime, path, threads)
+                runs[k] = (lambda s, f: lambda: s.run(None, f))(session, _feeds(session, (x,)))
+            timed[threads] = time_calls(runs, "cpu", threads, repeats, warmup=3)
+    return timed
 
 
 def bench_model(name: str, repeats: int, use_tp: bool, onnx: bool = False) -> dict | None:
@@ -170,8 +173,9 @@ def bench_model(name: str, repeats: int, use_tp: bool, onnx: bool = False) -> di
                    "efficiency_1": flops[k] / lat1, "efficiency_all": flops[k] / latn, "seconds": seconds[k]}
     original_ms = {"1": one["original"].median * 1e3, "all": every["original"].median * 1e3}
     if onnx:
+        by_threads = onnxruntime_latency(timed, x, (1, ALL_CORES), repeats)
         for threads, key in ((1, "1"), (ALL_CORES, "all")):
-            timed_ort = onnxruntime_latency(timed, x, threads, repeats)
+            timed_ort = by_threads[threads]
             original_ms[f"ort_{key}"] = timed_ort["original"].median * 1e3
             for k in variants:
                 ratio = timed_ort[k].median / timed_ort["original"].median
