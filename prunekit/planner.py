@@ -84,6 +84,15 @@ class Plan:
     latency: float | None = None  # predicted, as a fraction of the original's
 
 
+def _class_ranks(group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a sequence's class labels (-1: no class): the positions of the classed units, class by class
+    in sequence order; their classes; and each one's rank within its class."""
+    in_class = np.flatnonzero(group >= 0)
+    by_class = in_class[np.argsort(group[in_class], kind="stable")]
+    grouped = group[by_class]
+    return by_class, grouped, np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
+
+
 # limits.round_to aligns a layer of at least this many times round_to channels (originally); a narrower
 # one is pruned freely: aligned, a 16-channel layer could only keep 8 or 16 at round_to 8, an 8-channel
 # one nothing but all of them
@@ -207,10 +216,7 @@ class Planner:
         accepted = np.zeros(len(order), dtype=bool)
         # classes: each keeps its first units in score order, as many as its budget allows
         group = self._class[order]
-        in_class = np.flatnonzero(group >= 0)
-        by_class = in_class[np.argsort(group[in_class], kind="stable")]
-        grouped = group[by_class]
-        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")  # within its class
+        by_class, grouped, rank = _class_ranks(group)
         accepted[by_class] = rank < self._keep_first[grouped]
         # the others: one by one, every producer the unit touches must have room for it
         checked = np.flatnonzero(group < 0)
@@ -259,11 +265,8 @@ class Planner:
             return sequence[:k]
         ordered = np.asarray(sequence, dtype=np.int64)
         group = self._class[ordered]
-        in_class = np.flatnonzero(group >= 0)
-        by_class = in_class[np.argsort(group[in_class], kind="stable")]  # positions, class by class
-        grouped = group[by_class]
+        by_class, grouped, rank = _class_ranks(group)
         _, count = self._class_counts(sequence, k, down_only)
-        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
         keep = np.zeros(len(ordered), dtype=bool)
         keep[by_class] = rank < count[grouped]
         others = np.flatnonzero(group[:k] < 0)
@@ -342,11 +345,7 @@ class Planner:
         if not rounded_up.size:
             return best
         _, down = self._class_counts(sequence, k, down_only=rounded_up.tolist())
-        group = self._class[np.asarray(sequence, dtype=np.int64)]
-        in_class = np.flatnonzero(group >= 0)
-        by_class = in_class[np.argsort(group[in_class], kind="stable")]
-        grouped = group[by_class]
-        rank = np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
+        by_class, grouped, rank = _class_ranks(self._class[np.asarray(sequence, dtype=np.int64)])
         extra = (rank >= down[grouped]) & (rank < up[grouped])  # the units each class took by rounding up
         extra_units = np.asarray(sequence, dtype=np.int64)[by_class[extra]]
         extra_class = grouped[extra]

@@ -20,9 +20,8 @@ from torch import nn
 from ..config import to_dict
 from ..costs import CONVENTION, CostModel
 from ..graphs import ChannelGraph
-from ..planner import ALIGN_FROM
 from ..files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
-from ..planner import layer_limit
+from ..planner import ALIGN_FROM, layer_limit
 from .data import graph_report, tracing_report
 from .plots import plot_trajectory, plot_widths
 
