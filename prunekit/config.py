@@ -10,13 +10,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
+from .typedmap import build
 from .yamlfile import ConfigError, read_yaml
 
 
@@ -234,93 +232,6 @@ for _prefix in ("data.calibration", "data.train", "data.val"):
             "a list of 1 to 4 finite numbers" + (", each above 0" if _part == "std" else ""))
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {float: "a number", int: "an integer", str: "a string", bool: "true or false",
-            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _convert(value, tp, path: str):
-    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, path)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        tried = [o for o in options if o is not type(None)]
-        if isinstance(value, dict):  # a mapping is meant as the option that is one: keep its precise error
-            for option, error in zip(tried, errors):
-                if dataclasses.is_dataclass(option):
-                    raise error
-        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{path}' must be a mapping, got {value!r}.", key=path)
-        return _build(tp, value, path)
-    if tp is Callable or origin is typing.get_origin(Callable):
-        if callable(value):
-            return value
-        raise ConfigError(f"config key '{path}' must be callable.", key=path)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{path}' must be a number, got {value!r}.", key=path)
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(f"config key '{path}' must be a finite number, got {value!r}.", key=path)
-        return number
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{path}' must be an integer, got {value!r}.", key=path)
-        return value
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key '{path}' must be true or false, got {value!r}.", key=path)
-    if tp in (str, dict, list) and not isinstance(value, tp):
-        raise ConfigError(f"config key '{path}' must be {_type_name(tp)}, got {value!r}.", key=path)
-    return value
-
-
-def _build(cls, raw: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in raw.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            nearest = f"{prefix}.{close[0]}" if prefix and close else (close[0] if close else None)
-            hint = f"; did you mean '{nearest}'?" if nearest else f"; valid keys here: {', '.join(names)}."
-            raise ConfigError(f"config key '{path}' does not exist{hint}", key=path, suggestion=nearest)
-        converted = _convert(value, hints[key], path)
-        check = _CHECKS.get(path)
-        if check and converted is not None and not check[0](converted):
-            raise ConfigError(f"config key '{path}' must be {check[1]}, got {value!r}.", key=path)
-        values[key] = converted
-    return cls(**values)
-
-
 def _check_limits(config: Config) -> None:
     for name, value in config.limits.layers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -348,7 +259,7 @@ def load_config(source) -> Config:
         raise ConfigError("config must be a Config, a dict, or a path to a YAML file.")
     if not isinstance(raw, dict):
         raise ConfigError("config must be a mapping at the top level.")
-    config = _build(Config, raw)
+    config = build(Config, raw, _CHECKS)
     _check_limits(config)
     _check_targets(config.targets)
     _check_data(config.data)

@@ -65,9 +65,18 @@ class MaskedWeight(nn.Module):
 class TopKAST:
     """Top-KAST on the ``tensors`` of ``model`` (in place; the module classes stay the user's).
 
+    >>> from prunekit.sparse.masks import select_tensors
+    >>> model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 3))
     >>> sparse = TopKAST(model, select_tensors(model, 0.1, 0.2), refresh_every=100, exploration_steps=750)
-    >>> loss = task_loss + sparse.penalty(); loss.backward(); optimizer.step(); sparse.step()
-    >>> sparse.bake()   # exact zeros outside A, ordinary parameters again
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # made after TopKAST: see below
+    >>> x, y = torch.randn(8, 20), torch.randint(0, 3, (8,))
+    >>> for _ in range(3):
+    ...     optimizer.zero_grad()
+    ...     loss = nn.functional.cross_entropy(model(x), y) + sparse.penalty()
+    ...     loss.backward(); optimizer.step(); sparse.step()
+    >>> _ = sparse.bake()   # exact zeros outside A, ordinary parameters again
+    >>> int((model[0].weight != 0).sum()), model[0].weight.numel()  # 10% of the weights
+    (100, 1000)
 
     ``sparse_backward``: compute Linear weight gradients on B only: True, False, or "auto" (where
     it was measured to pay, :func:`prunekit.sparse.linear.pays_off`).
