@@ -238,15 +238,15 @@ def _check_limits(config: Config) -> None:
             raise ConfigError(f"config key 'limits.layers.{name}' must be a fraction in [0, 1], got {value!r}.")
 
 
-def load_config(source) -> Config:
+def load_config(source, *, folder: str | None = None) -> Config:
     """A validated :class:`Config` from a Config, a dict, or a YAML file path.
 
     A Config built in code is checked exactly as YAML is (``Limits(default=2.0)``
     is refused the same way), so each rule and each default lives in one place.
     A YAML file's relative data paths start at the file's folder (``data.root``, itself relative
-    to that folder when set); those of a dict or Config at the current directory.
+    to that folder when set); those of a dict or Config at ``folder`` (a dict read from a YAML
+    file and edited keeps the file's), by default the current directory.
     """
-    folder = None
     if isinstance(source, Config):
         raw = _as_raw(source)
     elif isinstance(source, (str, Path)):

@@ -16,6 +16,7 @@ import dataclasses
 import inspect
 import io
 import json
+import os
 import tokenize
 import typing
 from typing import Any
@@ -39,6 +40,7 @@ def with_overrides(source, overrides: dict[str, Any], flags: dict[str, str] | No
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not overrides:
         return load_config(source if source is not None else {})
+    folder = None  # where the config's relative data paths start: a YAML file's own folder
     if source is None:
         raw: dict = {}
     elif isinstance(source, dict):
@@ -48,6 +50,7 @@ def with_overrides(source, overrides: dict[str, Any], flags: dict[str, str] | No
         raw = {} if raw is None else raw
         if not isinstance(raw, dict):
             raise ConfigError("config must be a mapping at the top level.")
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(source)))
     for key, value in overrides.items():
         node = raw
         parts = key.split(".")
@@ -57,7 +60,7 @@ def with_overrides(source, overrides: dict[str, Any], flags: dict[str, str] | No
             node = node[part]
         node[parts[-1]] = value
     try:
-        return load_config(raw)
+        return load_config(raw, folder=folder)
     except ConfigError as exc:
         flag = (flags or {}).get(exc.key or "")
         if flag is None:

@@ -18,6 +18,7 @@ import copy
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -150,10 +151,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first
         planner = Planner(graph, costs, cfg.limits, run.producer_widths0,
                           predicted if cfg.targets.latency else None, run.round_to)
-        plan, aim = planner.plan(scores, run.targets.goal(step)), step
-        while plan.reached and plan.units.size == 0 and aim < cfg.schedule.steps:
-            aim += 1  # already there (a latency measured ahead of the schedule): aim at the next step's goal
-            plan = planner.plan(scores, run.targets.goal(aim))
+        plan = _first_plan_that_cuts(planner, scores, run.targets.goal, step, cfg.schedule.steps)
         run.world.check_same(f"the plan of step {step}", [plan.units.tolist(), plan.flops, plan.params])
         if plan.units.size == 0:
             step -= 1
@@ -239,6 +237,29 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
         write_outputs(result, run.original, run.graph0, final_graph, run.inputs, directory=writer.work)
         writer.complete()
     return result
+
+
+def _first_plan_that_cuts(planner: Planner, scores: np.ndarray, goal: Callable, step: int, steps: int):
+    """The plan for ``goal(step)``, or, when the model already meets it (a latency measured ahead of the
+    schedule, a goal finer than one unit), for the first later step's goal that it does not meet.
+
+    Goals only tighten with the step, so that step is found by bisection: a schedule of a million steps
+    costs twenty plans, not a million.
+    """
+    plan = planner.plan(scores, goal(step))
+    if not (plan.reached and plan.units.size == 0) or step >= steps:
+        return plan
+    met, unmet, unmet_plan = step, steps, planner.plan(scores, goal(steps))
+    if unmet_plan.reached and unmet_plan.units.size == 0:
+        return unmet_plan
+    while unmet - met > 1:
+        middle = (met + unmet) // 2
+        candidate = planner.plan(scores, goal(middle))
+        if candidate.reached and candidate.units.size == 0:
+            met = middle
+        else:
+            unmet, unmet_plan = middle, candidate
+    return unmet_plan
 
 
 # timed seconds (both models together) that the report's latency row may take when there is no latency target

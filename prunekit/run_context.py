@@ -45,6 +45,8 @@ class Run:
         self.world = world = distributed.current()  # one process, or this rank's place among several
         self.inputs = as_inputs(example_inputs)
         self.device = world.device(resolve_device(cfg.device))
+        if run_dir is not None or cfg.targets.latency is not None or cfg.limits.round_to == "auto":
+            resolve_device(cfg.latency.device, "latency.device")  # latency will be measured there: refuse it now
         self.progress = progress and world.main
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.resume = resume

@@ -72,6 +72,17 @@ def test_with_overrides_keeps_the_dependent_defaults():
     assert source == {"targets": {"flops": 0.7}}  # the caller's dict is not changed
 
 
+def test_flags_keep_the_config_files_folder_for_its_relative_paths(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"calibration": {"images": "../images"}}}))
+    monkeypatch.chdir(tmp_path / "configs")  # not where a path relative to the command would point
+    plain, flagged = load_config(str(config)), with_overrides(str(config), {"schedule.steps": 2})
+    assert flagged.schedule.steps == 2
+    assert flagged.data.root == plain.data.root == str(tmp_path / "configs")
+    assert flagged.data.calibration.images == "../images"
+
+
 def test_data_flag_sets_the_calibration_folder(tmp_path):
     config = with_overrides(None, {"data.calibration": {"images": str(tmp_path)}})
     assert config.data.calibration.images == str(tmp_path)

@@ -653,6 +653,15 @@ def test_e_optimiser_and_target_values_are_checked_before_work(ws, key, value, f
     refused(ws, prune_args("c.yaml", "run"), fragment)
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_e_latency_device_is_checked_before_work(ws, device):
+    """The report's latency row is measured at the end: a device that is not there must stop the run first."""
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has the device")
+    write_config(ws / "c.yaml", **{"latency.device": device})
+    refused(ws, prune_args("c.yaml", "run"), f"latency.device '{device}'")
+
+
 def test_e_nan_model_is_refused_before_anything_is_written(ws):
     state = torch.load(ws / "unet.pt", weights_only=True)
     next(iter(state.values()))[0] = float("nan")

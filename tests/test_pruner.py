@@ -61,6 +61,39 @@ def test_unet_reaches_both_targets(method):
     assert result.model(x).shape == (1, 2, 32, 32)
 
 
+class _ThresholdPlanner:
+    """A stand-in planner whose goals are step numbers: the model meets every goal below ``threshold``."""
+
+    def __init__(self, threshold: int):
+        self.threshold, self.calls = threshold, 0
+
+    def plan(self, scores, goal: int):
+        from prunekit.planner import Plan
+
+        self.calls += 1
+        return Plan(np.array([] if goal < self.threshold else [goal], dtype=np.int64), 0, 0, True)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 100, 10**9])
+def test_steps_whose_goals_are_met_already_are_skipped_by_bisection(steps):
+    from prunekit.loop import _first_plan_that_cuts
+
+    for step in sorted({1, 2, steps // 2, steps} - {0} - set(range(steps + 1, 3))):
+        for threshold in sorted({1, step, step + 1, step + 2, steps // 3, steps - 1, steps, steps + 1} - {0}):
+            planner = _ThresholdPlanner(threshold)
+            plan = _first_plan_that_cuts(planner, None, lambda k: k, step, steps)
+            first = max(step, threshold)  # the first step, from ``step`` on, whose goal is not met yet
+            assert plan.units.tolist() == ([first] if first <= steps else []), (step, threshold)
+            assert planner.calls <= 2 + max(steps - step, 1).bit_length()
+
+
+def test_a_huge_step_count_finishes():
+    result = prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32),
+                            unet_config(importance={"method": "l1"}, schedule={"steps": 10**9},
+                                        targets={"flops": 0.8, "params": 1.0}), progress=False)
+    assert result.targets_met and 1 <= len(result.history) <= 40
+
+
 def test_limits_are_respected():
     model = make_unet()
     x = torch.rand(1, 1, 32, 32)

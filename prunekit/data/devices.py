@@ -21,23 +21,24 @@ from torch import nn
 from ..errors import UsageError
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device ``name`` means here; ``auto`` is CUDA when available. Refused in one sentence when absent."""
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """The device ``name`` means here; ``auto`` is CUDA when available. Refused in one sentence, naming
+    the config ``key`` that asked for it, when absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise UsageError(f"device '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
+        raise UsageError(f"{key} '{name}' is not a device; use auto, cpu, cuda or cuda:N.") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device '{name}' was asked for, but this machine has no CUDA device "
-                             "(use device: auto to fall back to the CPU).")
+            raise UsageError(f"{key} '{name}' was asked for, but this machine has no CUDA device "
+                             f"(use {key}: auto to fall back to the CPU).")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device '{name}' was asked for, but this machine has "
+            raise UsageError(f"{key} '{name}' was asked for, but this machine has "
                              f"{torch.cuda.device_count()} CUDA device(s).")
     elif device.type != "cpu":
-        raise UsageError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N.")
+        raise UsageError(f"{key} '{name}' is not supported; use auto, cpu, cuda or cuda:N.")
     return device
 
 
