@@ -112,12 +112,14 @@ def load_cli_model(spec: ModelSpec, compare: str | None = None):
 
     Without --input-shape, a run directory (MODEL, else ``compare``) gives the one its manifest stores.
     """
-    from .loading import load_model, parse_kwargs
+    from .loading import check_file, load_model, parse_kwargs
 
     parse_kwargs(spec.kwargs)  # a bad JSON fails before any file is read
-    example = _example(spec, compare)
     _check_unfinished(spec.path)
     run_dir = run_dir_of(spec.path)
+    if run_dir is None:
+        check_file(Path(spec.path))  # a missing file or a plain folder is said before an input shape is asked for
+    example = _example(spec, compare)
     if run_dir is not None:  # a pruned model, rebuilt from its manifest: data, not code
         from .artifacts import load_pruned
         from .errors import UsageError

@@ -45,7 +45,8 @@ def _first_line(exc: BaseException) -> str:
     return first_line(exc) or type(exc).__name__
 
 
-def _check_file(path: Path, what: str = "Model file") -> None:
+def check_file(path: Path, what: str = "Model file") -> None:
+    """A file that can be read, or one sentence saying what ``path`` is instead."""
     if not path.exists():
         if path.is_symlink():
             raise PrunekitError(f"{what} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does "
@@ -91,12 +92,23 @@ def _looks_like_zip(path: Path) -> bool:
         return False
 
 
+def _is_torchscript(path: Path) -> bool:
+    """torch.jit.save's archive: compiled code and constants beside the data (torch.save writes neither)."""
+    if not _looks_like_zip(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 def _read_file(path: Path, trusted: bool) -> Any:
     """Read a weights file (torch or safetensors); unpickle objects only when trusted."""
-    _check_file(path)
+    check_file(path)
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -112,6 +124,9 @@ def _read_file(path: Path, trusted: bool) -> Any:
             ) from None
     if path.stat().st_size == 0:
         raise PrunekitError(f"Model file {str(path)!r} is empty.")
+    if _is_torchscript(path):
+        raise PrunekitError(f"{str(path)!r} is a TorchScript archive, which cannot be pruned: save the module's "
+                            "state_dict (torch.save(model.state_dict(), path)) and pass its builder.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -662,6 +662,19 @@ def test_e_latency_device_is_checked_before_work(ws, device):
     refused(ws, prune_args("c.yaml", "run"), f"latency.device '{device}'")
 
 
+@pytest.mark.parametrize("what, fragment", [
+    ("folder", "is a directory"),
+    ("missing.pt", "does not exist"),
+    ("started", "has not finished"),
+])
+def test_e_what_model_is_comes_before_asking_for_an_input_shape(ws, what, fragment):
+    (ws / "folder").mkdir()
+    (ws / "started").mkdir()
+    (ws / "started" / ".prunekit-run").write_text(json.dumps({"format": "prunekit-run/1", "status": "running"}))
+    for command in ("report", "graph"):
+        refused(ws, [command, what], fragment)
+
+
 def test_e_nan_model_is_refused_before_anything_is_written(ws):
     state = torch.load(ws / "unet.pt", weights_only=True)
     next(iter(state.values()))[0] = float("nan")

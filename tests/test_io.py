@@ -1,4 +1,5 @@
 import json
+import warnings
 import os
 import stat
 import sys
@@ -139,6 +140,20 @@ def test_safetensors(tmp_path, trained_unet):
     with pytest.raises(PrunekitError) as ei:
         load_model(path, "prunekit.zoo:unet", UNET_KW)
     assert "safetensors" in _one_sentence(ei)
+
+
+@pytest.mark.parametrize("make", [lambda m: torch.jit.trace(m, torch.randn(1, 3, 16, 16)),
+                                  lambda m: torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)))])
+def test_torchscript_is_named_not_called_corrupt(tmp_path, trained_unet, make):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(make(trained_unet.eval()), str(path))
+    before = path.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing from torch.load's own TorchScript warning either
+        with pytest.raises(PrunekitError) as ei:
+            load_model(path, "prunekit.zoo:unet", UNET_KW, trusted=True)
+    assert "is a TorchScript archive" in _one_sentence(ei) and "state_dict" in str(ei.value)
+    assert path.read_bytes() == before
 
 
 def test_torchvision_builder(tmp_path):
