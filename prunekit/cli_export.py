@@ -37,9 +37,10 @@ def export(run_dir: str, onnx_path: str, input_shape: str | None, builder: str |
     from .artifacts import load_pruned
     from .cli import check_writable, echo_json, make_console
     from .cli_models import export_inputs
-    from .export import export_onnx
+    from .export import check_opset, export_onnx
     from .safety import quiet_stdout
 
+    check_opset(opset, "--opset")
     found, inputs, example = export_inputs(run_dir, input_shape)
     check_writable(onnx_path, inputs)
     with quiet_stdout():  # what the user's builder or forward prints goes to stderr, not into --json

@@ -26,6 +26,7 @@ import contextlib
 import importlib.util
 import inspect
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -115,6 +116,7 @@ def export_onnx(model: nn.Module, example_inputs, path, *, check: bool = True, o
     """
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise PrunekitError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}.")
+    check_opset(opset)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
         raise PrunekitError(f"repeats must be a whole number of at least 0, got {repeats!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -241,6 +243,18 @@ def _export(model, inputs, path: Path, opset, dynamic_batch, input_names, output
     raise ExportError(f"the model could not be exported to ONNX ({tried}).", reasons)
 
 
+def check_opset(opset: int | None, name: str = "opset") -> None:
+    """An opset torch.onnx writes (or None: the exporter's own), else one sentence naming ``name``."""
+    try:
+        from torch.onnx import _constants
+        lowest, highest = _constants.ONNX_MIN_OPSET, _constants.ONNX_MAX_OPSET
+    except (ImportError, AttributeError):  # a torch that moved them: the range of torch 2.3 to 2.14
+        lowest, highest = 7, 23
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not lowest <= opset <= highest):
+        raise PrunekitError(f"{name} must be a whole number from {lowest} to {highest} (what this torch.onnx "
+                            f"writes), got {opset!r}.")
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return (lines[0] if lines else type(exc).__name__).rstrip(".")
@@ -248,10 +262,16 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters' progress lines and warnings (deprecations, tracer notes) stay out of the output."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """The exporters' progress lines, warnings and log records (deprecations, tracer notes, the opset
+    converter's tracebacks) stay out of the output: what matters is raised, or read from the file."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def _dynamo(model, inputs, target: Path, opset, dynamic_batch, input_names, output_names) -> None:
@@ -261,6 +281,9 @@ def _dynamo(model, inputs, target: Path, opset, dynamic_batch, input_names, outp
                                     dynamic_shapes=shapes, input_names=input_names, output_names=output_names,
                                     external_data=False)
         program.save(str(target), external_data=_weight_bytes(model) > _EXTERNAL_DATA_BYTES)
+    written = _opset(target)
+    if opset is not None and written != opset:  # below its own opset it converts, and keeps its own on failure
+        raise RuntimeError(f"it wrote opset {written}, not the {opset} asked for")
 
 
 def _torchscript(model, inputs, target: Path, opset, dynamic_batch, input_names, output_names) -> None:

@@ -186,6 +186,8 @@ def test_bad_input_exits_2_before_any_work(run_dir, tmp_path):
         ([run_dir, "--onnx", tmp_path / "a.onnx", "-i", "1,x,3"], "shape"),
         ([run_dir, "--onnx", tmp_path / "a.onnx", "-i", "1,3,32,32"], "fails on the example input"),
         ([run_dir, "--onnx", tmp_path / "a.onnx", "--repeats", "-1"], "--repeats"),
+        ([run_dir, "--onnx", tmp_path / "a.onnx", "--opset", "99"], "--opset must be a whole number from 7 to"),
+        ([run_dir, "--onnx", tmp_path / "a.onnx", "--opset", "6"], "--opset"),
     ]
     for args, fragment in cases:
         result = run("export", *args)
@@ -193,6 +195,20 @@ def test_bad_input_exits_2_before_any_work(run_dir, tmp_path):
         assert fragment in result.stderr and "Traceback" not in result.output, (args, result.stderr)
     assert not (tmp_path / "a.onnx").exists()
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_an_opset_below_the_dynamo_exporters_own_is_written_as_asked_and_quietly(tmp_path, capfd):
+    """Below its own opset the dynamo exporter converts, logs a traceback when it cannot, and keeps its
+    own opset: the file must hold the opset asked for (from the TorchScript exporter if need be)."""
+    pytest.importorskip("onnx")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    result = export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "a.onnx", opset=9, repeats=0)
+    assert result.opset == 9
+    assert result.exporter == "torchscript" or result.fallback_reason is None
+    assert capfd.readouterr().err == ""
+    with pytest.raises(prunekit.PrunekitError, match="opset must be a whole number"):
+        export_onnx(model, torch.randn(1, 3, 16, 16), tmp_path / "b.onnx", opset=99)
+    assert not (tmp_path / "b.onnx").exists()
 
 
 def test_a_run_without_a_recorded_shape_needs_input_shape(run_dir, tmp_path):
