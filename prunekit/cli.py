@@ -21,6 +21,7 @@ shows its traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -50,6 +51,9 @@ class CliError(click.ClickException):
         super().__init__(" ".join(str(message).split()))  # always one line
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+HELP_FLAGS = {"-h", "--help"}
 
 
 class PrunekitGroup(click.Group):
@@ -85,6 +89,15 @@ class PrunekitGroup(click.Group):
             ctx.exit(130)
 
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if not HELP_FLAGS.intersection(rest):  # a command that will run, inside invoke's Ctrl-C handling
+            # numpy before torch: torch imports it from C code that clears any exception, so a Ctrl-C
+            # landing in that import would be lost, or leave a half-imported numpy behind
+            importlib.import_module("numpy")
+        return name, command, rest
+
+
 def _show_traceback(exc: BaseException, debug: bool) -> None:
     """With --debug, the traceback behind a one-sentence error (the user's own code's first)."""
     if not debug:
@@ -112,7 +125,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         click.echo(f"Warning: {category.__name__}: {first}", err=True)
 
 
-@click.group(cls=PrunekitGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog="""\b
+@click.group(cls=PrunekitGroup, context_settings={"help_option_names": sorted(HELP_FLAGS)}, epilog="""\b
 Examples:
   prunekit demo              # train, prune and compare a U-Net on real data
   prunekit report model.pt -b torchvision.models:resnet18 -i 1,3,224,224

@@ -399,3 +399,29 @@ def test_python_dash_m_runs_the_command_line(tmp_path):
         done = subprocess.run([sys.executable, "-m", module, "prune", "--help"], capture_output=True, text=True,
                               cwd=tmp_path, timeout=120)
         assert done.returncode == 0 and "Prune MODEL" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("module", ["numpy", "numpy.matrixlib"])
+def test_ctrl_c_while_numpy_is_imported_stops_the_command(tmp_path, module):
+    """torch imports numpy from C code that clears any exception: a Ctrl-C landing in that import was lost
+    (the run went on) or left a half-imported numpy behind (a traceback later)."""
+    weights = tmp_path / "unet.pt"
+    torch.save(unet(in_channels=1, num_classes=2, width=4, depth=2).state_dict(), weights)
+    script = textwrap.dedent(f"""
+        import sys
+        class CtrlC:  # Ctrl-C, pressed the moment {module} starts to import
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    sys.meta_path.remove(self)
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, CtrlC())
+        from prunekit.cli import main
+        main()
+    """)
+    args = ["prune", str(weights), "-b", "prunekit.zoo:unet", "-k", '{"in_channels": 1, "num_classes": 2, '
+            '"width": 4, "depth": 2}', "-i", "1,1,32,32", "--method", "l1", "-o", str(tmp_path / "run"), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines() == ["Interrupted."]
+    assert not (tmp_path / "run").exists()
