@@ -129,6 +129,15 @@ MONAI_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "VNet": lambda d: monai_nets.VNet(spatial_dims=d, in_channels=1, out_channels=2),
     "HighResNet": lambda d: monai_nets.HighResNet(spatial_dims=d, in_channels=1, out_channels=2,
                                                   layer_params=HIGHRESNET_LAYERS),
+    # a type-A shortcut builds its pooling layer in the forward
+    "ResNetA": lambda d: monai_nets.ResNet(block="bottleneck", layers=[1, 1, 1, 1], block_inplanes=[8, 16, 32, 64],
+                                           spatial_dims=d, n_input_channels=1, num_classes=3, shortcut_type="A"),
+    # deep supervision heads run in both modes, returned in training only
+    "SegResNetDS": lambda d: monai_nets.SegResNetDS(spatial_dims=d, init_filters=8, in_channels=1, out_channels=2,
+                                                    blocks_down=(1, 2, 2), dsdepth=2),
+    "MedNeXt": lambda d: monai_nets.MedNeXt(spatial_dims=d, init_filters=8, in_channels=1, out_channels=2,
+                                            blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1),
+                                            kernel_size=3, deep_supervision=True),
     "DenseNet121": lambda d: monai_nets.DenseNet121(spatial_dims=d, in_channels=1, out_channels=2, init_features=16,
                                                     growth_rate=8),
 }

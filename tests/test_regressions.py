@@ -573,3 +573,52 @@ def test_prune_runs_on_grouped_transposed_convs_and_dict_inputs(name, tmp_path):
         want, got = model(*example), result.model(*example)
     shapes = lambda out: [t.shape for t in torch.utils._pytree.tree_leaves(out)]  # noqa: E731
     assert shapes(got) == shapes(want)
+
+
+class _ModuleMadeInForward(nn.Module):
+    """A pooling layer built inside the forward (MONAI ResNet's type-A shortcut), a slice of a registered
+    Sequential called as a module (smp's DPN encoder), and a conv kept outside the module tree (a list):
+    the first two are traced through, the third's input channels stay (its weights are not the model's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.features = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.hidden = [nn.Conv2d(8, 8, 1)]  # not registered: not in state_dict, never cut
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.features[0:3](x) + nn.AvgPool2d(1, 1)(x)
+        return self.head(h + self.hidden[0](torch.relu(h)))
+
+
+def test_modules_made_in_the_forward_are_traced_through():
+    torch.manual_seed(0)
+    model = _ModuleMadeInForward()
+    graph = _exact(model, torch.randn(1, 3, 16, 16))
+    assert not graph.fallbacks
+    assert (~graph.pinned[graph.producers["features.0"]]).all()  # read by features.2 only: free
+    assert graph.pinned[graph.producers["stem"]].all()  # the sum reaches the unregistered conv: kept
+
+
+class _TrainOnlyOutput(nn.Module):
+    """Deep supervision as MONAI's SegResNetDS and MedNeXt write it: the heads run in both modes, the
+    auxiliary one is returned only in training (the two traces run the same ops in the same order)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        outs = [self.head(h), self.aux(h)]
+        return outs if self.training else outs[0]
+
+
+def test_an_output_returned_only_in_training_keeps_its_channels():
+    torch.manual_seed(0)
+    graph = _exact(_TrainOnlyOutput(), torch.randn(1, 3, 16, 16))
+    assert len(graph.fx_graphs) == 2
+    assert graph.pinned[graph.producers["aux"]].all() and graph.pinned[graph.producers["head"]].all()
+    assert (~graph.pinned[graph.producers["body"]]).all()

@@ -19,8 +19,10 @@ smp = pytest.importorskip("segmentation_models_pytorch")
 ARCHITECTURES = ["Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "PAN",
                  "UPerNet"]
 ENCODERS = ["resnet18", "mobilenet_v2", "efficientnet-b0"]
-# other encoder families: the transformer of SegFormer, timm's universal encoders, a dense encoder
-OTHERS = [("Segformer", "mit_b0"), ("Unet", "tu-resnet10t"), ("Unet", "timm-regnetx_002"), ("FPN", "densenet121")]
+# other encoder families: the transformer of SegFormer, timm's universal encoders, a dense encoder, a dual-path
+# encoder that calls slices of its Sequential as modules
+OTHERS = [("Segformer", "mit_b0"), ("Unet", "tu-resnet10t"), ("Unet", "timm-regnetx_002"), ("FPN", "densenet121"),
+          ("Unet", "dpn68")]
 CASES = [f"{arch}:{encoder}" for arch in ARCHITECTURES for encoder in ENCODERS] + [f"{a}:{e}" for a, e in OTHERS]
 SIDE = {"PAN": 128}
 

@@ -73,8 +73,10 @@ class Traced:
     meta: bool = True
     modules: dict[str, nn.Module] = field(default_factory=dict)  # the root's submodules by name
 
-    def signature(self) -> list[tuple[str, Any]]:
-        return [(n.op, n.target) for n in self.graph.nodes]
+    def signature(self) -> list[tuple[str, Any, tuple[str, ...]]]:
+        """Each node's op, target and the nodes it reads: two traces with the same signature carry
+        channels alike (an output returned only in training differs in what the output node reads)."""
+        return [(n.op, n.target, tuple(a.name for a in n.all_input_nodes)) for n in self.graph.nodes]
 
 
 # ---------------------------------------------------------------------------

@@ -69,7 +69,10 @@ class ConcreteTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         if self.executing:
             return forward(*args, **kwargs)
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # made in the forward (a pooling layer, a slice of a Sequential): traced through
+            return forward(*args, **kwargs)
         if self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
         self.scopes.append(name)
@@ -116,6 +119,10 @@ class ConcreteTracer(fx.Tracer):
     def create_arg(self, a: Any):
         if isinstance(a, fx.Proxy):  # before torch.fx's tensor checks, which a tensor's proxy passes
             return a.node
+        if isinstance(a, nn.Parameter) and id(a) not in self.tensor_names:
+            # a module kept outside the model's tree (in a list): a constant like any foreign tensor,
+            # where torch.fx would refuse the parameter it cannot name
+            return super().create_arg(a.detach())
         return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
