@@ -307,10 +307,18 @@ def fvcore_analysis(model: nn.Module, example_inputs):
     from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(model, as_inputs(example_inputs))
+    analysis.set_op_handle("aten::_convolution_mode", _conv_with_padding_mode)  # padding="same" / "valid"
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
     return analysis
+
+
+def _conv_with_padding_mode(inputs: list, outputs: list) -> Counter:
+    """fvcore's count of a convolution whose padding is a string (never transposed), which it skips."""
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
+
+    return Counter({"conv": conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]))})
 
 
 def count_flops_params(model: nn.Module, example_inputs, graph: ChannelGraph | None = None) -> dict[str, int]:
