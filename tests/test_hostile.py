@@ -531,6 +531,19 @@ def test_d_data_factories(ws, factory, kwargs, fragment):
     refused(ws, prune_args("c.yaml"), fragment)
 
 
+def batches_with_a_late_label(label: int):
+    """Two batches of masks: the first fine, the second with ``label`` (255: a common 'ignore' id)."""
+    good, = batches_with_labels([0, 1])
+    late = torch.tensor([0, label]).view(-1, 1, 1).expand(-1, 32, 32).contiguous()
+    return [good, (good[0], late)]
+
+
+def test_d_a_label_past_the_classes_in_a_later_batch(ws):
+    source = {"factory": f"{HERE}:batches_with_a_late_label", "kwargs": {"label": 255}}
+    write_config(ws / "c.yaml", **{"data.train": source, "schedule.finetune": {"iterations": 3}})
+    refused(ws, prune_args("c.yaml"), "data.train has the label 255 in a later batch")
+
+
 def test_d_finetune_function_that_raises(ws):
     source = {"factory": f"{HERE}:batches_with_labels", "kwargs": {"labels": [0, 1]}}
     write_config(ws / "c.yaml", **{"data.train": source,

@@ -139,7 +139,9 @@ def _train(model, batches, iterations, lr, weight_decay, task, use_augment, seed
             if use_augment:
                 x, y = augment(x, y, generator, task)
             with torch.autocast("cuda", dtype=torch.float16) if mixed else contextlib.nullcontext():
-                loss = loss_fn(main_output(model(x)), y)
+                output = main_output(model(x))
+                _check_classes(output, y)
+                loss = loss_fn(output, y)
                 if sparse is not None:
                     loss = loss + sparse.penalty()
             optimizer.zero_grad(set_to_none=True)
@@ -159,6 +161,18 @@ def _train(model, batches, iterations, lr, weight_decay, task, use_augment, seed
 
 
 @torch.no_grad()
+def _check_classes(output: torch.Tensor, y: torch.Tensor) -> None:
+    """Integer targets must be classes the model predicts, in every batch: a run checks its first batch
+    before any work (``checks.check_labels``), and one mask with an id past the classes can come later."""
+    if y.is_floating_point() or not isinstance(output, torch.Tensor) or output.dim() < 2 or not y.numel():
+        return
+    classes = max(output.shape[1], 2)
+    highest = int(y.max())
+    if highest >= classes:
+        raise PrunekitError(f"data.train has the label {highest} in a later batch, but the model predicts "
+                        f"{output.shape[1]} classes (labels 0 to {classes - 1}).")
+
+
 def evaluate(model: nn.Module, batches: Iterable, task: str = "auto", combine=None) -> float:
     """Accuracy (classification) or mean foreground IoU (segmentation), over all batches.
 
