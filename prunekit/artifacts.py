@@ -24,6 +24,7 @@ from .errors import PrunekitError
 from .ops import width_attributes
 
 MANIFEST_FORMAT = "prunekit-manifest/1"
+PICKLED_MODULE = "module.pt"  # a run from a trusted whole pickled module: the pruned module itself
 WIDTH_ATTRS = width_attributes()  # every size attribute the op table's resizes rewrite
 
 
@@ -209,10 +210,32 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
         spec = check_builder(named or builder, str(manifest_path), allowed=(builder,) if builder else (),
                              trusted=trusted)
         base = build_model(spec, manifest.get("kwargs") or {})
+    elif (run / PICKLED_MODULE).is_file():
+        return _pickled_module(run, read_weights(weights_path), trusted)
     else:
         raise PrunekitError("this run was started from a Python model with no builder; pass model= to load_pruned.")
     state = read_weights(weights_path)
     return resize_to(base, manifest.get("modules") or {}, state, str(manifest_path)).eval()
+
+
+def _pickled_module(run: Path, state: dict, trusted: bool) -> nn.Module:
+    """The pruned module a run from a trusted whole pickled module keeps, holding model.pt's weights."""
+    from .errors import UnsafeInputError
+    from .loading import load_model
+    from .safety import first_line
+
+    path = run / PICKLED_MODULE
+    if not trusted:
+        raise UnsafeInputError(f"'{run}' was pruned from a whole pickled module, kept pruned in '{path.name}'; "
+                               "reading it runs code from the file: pass --trusted (trusted=True) if you trust it.",
+                               str(path))
+    module = load_model(path, trusted=True)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ManifestError(f"'{path}' does not hold the weights of 'model.pt' beside it ({first_line(exc)}).",
+                            str(path), "model.pt") from None
+    return module.eval()
 
 
 def recorded_input_shape(run_dir) -> list[int] | None:

@@ -349,8 +349,10 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
         sys.exit(0 if result.targets_met else 2)
     for line in summary_lines(result):
         click.echo(line)
+    pickled = config.model.builder is None  # from a trusted whole pickled module: it is kept as module.pt
+    report = command_line("prunekit", "report", run_dir, *(["--trusted"] if pickled else []))
     click.echo(f"Best model: step {result.best_step}; written to {run_dir} (model.pt, manifest.json, report.md, "
-               f"trajectory.png, widths.png); see it with: {command_line('prunekit', 'report', run_dir)}")
+               f"trajectory.png, widths.png{', module.pt' if pickled else ''}); see it with: {report}")
     if not result.targets_met:
         raise CliError(result.message)
 

@@ -52,6 +52,30 @@ def test_prune_without_a_config_file(weights, tmp_path):
     assert graph.exit_code == 0, graph.output
 
 
+def test_a_run_from_a_trusted_whole_module_is_reported_and_loaded_with_trust_only(tmp_path):
+    torch.manual_seed(0)
+    original = unet(**KWARGS).eval()
+    torch.save(original, tmp_path / "whole.pt")
+    out = tmp_path / "run"
+    result = run("prune", tmp_path / "whole.pt", "-i", "1,1,32,32", "--trusted", "--flops", "0.6", "--method", "l1",
+                 "--steps", "2", "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert f"prunekit report {out} --trusted" in result.stdout and (out / "module.pt").is_file()
+    refused = run("report", out)
+    assert refused.exit_code == 2 and "--trusted" in refused.stderr
+    with pytest.raises(prunekit.PrunekitError, match="--trusted"):
+        prunekit.load_pruned(out)
+    again = run("report", out, "--trusted", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["totals"]["flops"] == json.loads((out / "report.json").read_text())["final"]["flops"]
+    pruned = prunekit.load_pruned(out, trusted=True)
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in pruned.state_dict().items())
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert pruned(x).shape == original(x).shape
+
+
 def test_flags_override_the_config(weights, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": {"builder": "prunekit.zoo:unet", "kwargs": KWARGS},

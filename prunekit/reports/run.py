@@ -1,7 +1,8 @@
 """What a pruning run leaves in its directory, each file written atomically.
 
 model.pt (state_dict, loads with weights_only=True), manifest.json (builder,
-kwargs, widths), report.json and report.md (the original and the delivered
+kwargs, widths), module.pt (only for a model read from a trusted whole pickled module, which no
+builder can make again: the pruned module itself), report.json and report.md (the original and the delivered
 model side by side: FLOPs, parameters, latency, metric; the trajectory from
 the original through every step to the final fine-tune; the limits that
 applied, what was pinned and why, per-layer before/after), trajectory.png and
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..artifacts import PICKLED_MODULE
 from ..config import to_dict
 from ..costs import CONVENTION, CostModel
 from ..graphs import ChannelGraph
@@ -272,6 +274,9 @@ def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph
     rows = layer_rows(original, graph0, result.model, final_graph, result.config.limits)
     report = build_report(result, rows, graph0)
     atomic_save_torch(result.model.state_dict(), run_dir / "model.pt")
+    if result.manifest.get("builder") is None and result.config.model.trusted_pickle:
+        # no builder can make the model again: keep the pruned module itself, read back only when trusted
+        atomic_save_torch(result.model, run_dir / PICKLED_MODULE)
     save_json(run_dir / "manifest.json", result.manifest)
     save_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", render_markdown(report))
