@@ -88,7 +88,6 @@ class PrunekitGroup(click.Group):
             click.echo(f"\n{text[0].upper()}{text[1:]}", err=True)
             ctx.exit(130)
 
-
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name, command, rest = super().resolve_command(ctx, args)
         if not HELP_FLAGS.intersection(rest):  # a command that will run, inside invoke's Ctrl-C handling

@@ -170,7 +170,7 @@ def _check_classes(output: torch.Tensor, y: torch.Tensor) -> None:
     highest = int(y.max())
     if highest >= classes:
         raise PrunekitError(f"data.train has the label {highest} in a later batch, but the model predicts "
-                        f"{output.shape[1]} classes (labels 0 to {classes - 1}).")
+                            f"{output.shape[1]} classes (labels 0 to {classes - 1}).")
 
 
 def evaluate(model: nn.Module, batches: Iterable, task: str = "auto", combine=None) -> float:

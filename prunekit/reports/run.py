@@ -1,8 +1,9 @@
 """What a pruning run leaves in its directory, each file written atomically.
 
 model.pt (state_dict, loads with weights_only=True), manifest.json (builder,
-kwargs, widths), module.pt (only for a model read from a trusted whole pickled module, which no
-builder can make again: the pruned module itself), report.json and report.md (the original and the delivered
+kwargs, widths), module.pt (only for a model read from a trusted whole pickled
+module, which no builder can make again: the pruned module itself),
+report.json and report.md (the original and the delivered
 model side by side: FLOPs, parameters, latency, metric; the trajectory from
 the original through every step to the final fine-tune; the limits that
 applied, what was pinned and why, per-layer before/after), trajectory.png and
