@@ -67,6 +67,8 @@ def test_unet_bad_args():
         unet(upsampling="nearest")
     with pytest.raises(ValueError):
         unet(depth=0)
+    with pytest.raises(ValueError, match="at most 8192, not 4503599627370496"):
+        unet(width=4, depth=50)  # refused before any weight is allocated (it would be petabytes)
 
 
 def test_resnet_small():

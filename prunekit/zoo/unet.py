@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+MAX_BOTTOM_CHANNELS = 8192  # far above any real U-Net's (512-1024); a 3x3 conv at 8192 holds 0.6 G weights
+
 __all__ = ["DoubleConv", "Up", "UNet", "unet"]
 
 
@@ -70,6 +72,9 @@ class UNet(nn.Module):
             raise ValueError(f"depth must be at least 1, not {depth}")
         if width < 1:
             raise ValueError(f"width must be at least 1, not {width}")
+        if width * 2**depth > MAX_BOTTOM_CHANNELS:  # checked before gigabytes of weights are allocated
+            raise ValueError(f"width * 2**depth (the bottom block's channels) must be at most {MAX_BOTTOM_CHANNELS}, "
+                             f"not {width * 2**depth} (width {width}, depth {depth})")
         self.depth = depth
         widths = [width * 2**i for i in range(depth + 1)]
         c = in_channels
