@@ -622,3 +622,24 @@ def test_an_output_returned_only_in_training_keeps_its_channels():
     assert len(graph.fx_graphs) == 2
     assert graph.pinned[graph.producers["aux"]].all() and graph.pinned[graph.producers["head"]].all()
     assert (~graph.pinned[graph.producers["body"]]).all()
+
+
+def _hooked_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+def test_forward_hooks_are_traced_not_skipped():
+    """A hook on a layer changes what the model computes; a recorded layer call skipped it, and a hook that
+    reorders channels gave a pruned model off by 1.27 with no warning."""
+    x = torch.randn(1, 3, 16, 16)
+    flipped = _hooked_net()
+    flipped[0].register_forward_hook(lambda module, args, out: out.flip(1))
+    with pytest.raises(prunekit.PrunekitError, match="cannot be removed"):
+        prunekit.remove_channels(flipped, x, {"0": [0]})
+    scaled, captured = _hooked_net(), {}
+    scaled[0].register_forward_hook(lambda module, args, out: out * 2.0)
+    scaled[3].register_forward_pre_hook(lambda module, args: (args[0] * 3.0,))
+    scaled[1].register_forward_hook(lambda module, args, out: captured.__setitem__("bn", out))  # returns None
+    graph = _exact(scaled, x)
+    assert len(graph.prunable_channels()["0"]) == 8

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 from torch.fx._symbolic_trace import _orig_module_call
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..ops import is_leaf_type, spec_for_target
 from .proxy import ConcreteProxy, _concrete_isinstance, _python_isinstance, _unwrap
@@ -35,6 +37,16 @@ class _RealDataNeeded(Exception):
 
 
 _SIZE_METHODS = {"size", "dim", "numel", "nelement"}
+
+
+_WEIGHT_HOOKS = (WeightNorm, SpectralNorm)
+
+
+def _user_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks that may change what the module returns; a weight recomputed before each
+    call (old-style weight_norm, spectral_norm) is not one: the module's weight already holds it."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return any(not isinstance(h, _WEIGHT_HOOKS) for h in hooks)
 
 
 class ConcreteTracer(fx.Tracer):
@@ -74,6 +86,8 @@ class ConcreteTracer(fx.Tracer):
         except NameError:  # made in the forward (a pooling layer, a slice of a Sequential): traced through
             return forward(*args, **kwargs)
         if self.is_leaf_module(m, name):
+            if _user_hooks(m):  # a recorded layer call would leave them out: trace them around it
+                return self._leaf_with_hooks(m, forward, args, kwargs)
             return super().call_module(m, forward, args, kwargs)
         self.scopes.append(name)
         try:
@@ -84,6 +98,26 @@ class ConcreteTracer(fx.Tracer):
             raise
         finally:
             self.scopes.pop()
+
+    def _leaf_with_hooks(self, m: nn.Module, forward, args: tuple, kwargs: dict):
+        """A layer's call with its forward hooks traced around it, in the order nn.Module runs them."""
+        for key, hook in m._forward_pre_hooks.items():
+            if isinstance(hook, _WEIGHT_HOOKS):
+                continue  # run with the layer itself (see _evaluate)
+            if key in m._forward_pre_hooks_with_kwargs:
+                result = hook(m, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+            else:
+                result = hook(m, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        out = super().call_module(m, forward, args, kwargs)
+        for key, hook in m._forward_hooks.items():
+            result = hook(m, args, kwargs, out) if key in m._forward_hooks_with_kwargs else hook(m, args, out)
+            if result is not None:
+                out = result
+        return out
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict):
         """A parameter or buffer read in traced code becomes a get_attr node (torch.fx's own
@@ -163,6 +197,11 @@ class ConcreteTracer(fx.Tracer):
             if kind == "call_method":
                 return getattr(args[0], target)(*args[1:], **kwargs)
             if kind == "call_module":
+                if _user_hooks(module):  # its hooks are traced around this call: the layer alone here
+                    for hook in module._forward_pre_hooks.values():
+                        if isinstance(hook, _WEIGHT_HOOKS):
+                            hook(module, args)
+                    return module.forward(*args, **kwargs)
                 return _orig_module_call(module, *args, **kwargs)
         finally:
             self.executing -= 1
