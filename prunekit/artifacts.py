@@ -191,9 +191,13 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
     """
     import copy
 
-    from .loading import build_model, read_weights
     from .builders import check_builder
+    from .graphs.graph import check_model, check_path
+    from .loading import build_model, read_weights
 
+    check_path(run_dir, "run_dir")
+    if model is not None:
+        check_model(model)
     run = Path(run_dir)
     manifest_path, weights_path = run / "manifest.json", run / "model.pt"
     for path in (manifest_path, weights_path):

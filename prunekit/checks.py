@@ -1,7 +1,7 @@
 """Checks a pruning run makes before any work and before anything is written.
 
-Each raises one :class:`~prunekit.errors.PrunekitError` sentence: leaf modules the
-model does not have, per-layer limits that match no layer, labels the model cannot
+Each raises one :class:`~prunekit.errors.PrunekitError` sentence: per-layer limits
+that match no layer, labels the model cannot
 predict, a model that cannot run its data, a data-driven criterion without data
 (:func:`calibration_source`); :func:`weights_hash` identifies the model a checkpoint
 was started from, and
@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from .data import DataError
-from .errors import PrunekitError, UserFunctionError
+from .errors import UserFunctionError
 from .safety import call_user, first_line
 from .data.trainer import main_output
 from .importance import SCORERS
 
-__all__ = ["DATA_DRIVEN", "calibration_source", "check_leaf_modules", "check_labels", "check_limits_match",
+__all__ = ["DATA_DRIVEN", "calibration_source", "check_labels", "check_limits_match",
            "weights_hash", "guard_scorer"]
 
 # criteria that score filters by running data through the model: they never calibrate on noise unasked
@@ -60,15 +60,6 @@ def calibration_source(config) -> str | None:
     if isinstance(method, str) and method in SCORERS:
         return None
     return source or "example input"
-
-
-def check_leaf_modules(model: nn.Module, leaves, key: str = "model.leaf_modules") -> None:
-    names = sorted(n for n, _ in model.named_modules() if n)
-    for name in leaves:
-        if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise PrunekitError(f"{key} names {name!r}, which is not a submodule of the model{hint}")
 
 
 def check_limits_match(model: nn.Module, layers, key: str = "limits.layers") -> None:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .graphs.graph import as_inputs
+from .graphs.graph import as_inputs, check_model
 from .latency import Latency, time_calls
 
 __all__ = ["ExportResult", "ExportError", "OnnxMismatchError", "export_onnx", "INSTALL_HINT"]
@@ -117,6 +117,10 @@ def export_onnx(model: nn.Module, example_inputs, path, *, check: bool = True, o
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise PrunekitError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}.")
     check_opset(opset)
+    check_model(model)
+    for name, tolerance in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < float("inf"):
+            raise PrunekitError(f"{name} must be a number of at least 0, got {tolerance!r}.")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
         raise PrunekitError(f"repeats must be a whole number of at least 0, got {repeats!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):

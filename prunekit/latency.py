@@ -29,7 +29,7 @@ from torch import nn
 
 from .data.devices import resolve_device
 from .errors import PrunekitError
-from .graphs.graph import as_inputs
+from .graphs.graph import as_inputs, check_model
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,20 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs, device: str
     """:func:`measure_latency` for several models, their runs interleaved."""
     target = resolve_device(device)
     _check_counts(repeats, warmup, threads, budget)
+    for model in models.values():
+        check_model(model)
     inputs = tuple(x.to(target) if isinstance(x, torch.Tensor) else x for x in as_inputs(example_inputs))
     placed = {name: _placed(m, target) for name, m in models.items()}
-    return time_calls({name: functools.partial(m, *inputs) for name, m in placed.items()}, device, threads,
-                      repeats, warmup, budget)
+    try:
+        return time_calls({name: functools.partial(m, *inputs) for name, m in placed.items()}, device, threads,
+                          repeats, warmup, budget)
+    except PrunekitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the models' own error on this input, in one sentence
+        from .graphs.trace import ExampleInputError
+        from .safety import first_line
+
+        raise ExampleInputError(f"the model fails on the example input: {first_line(exc)}.") from None
 
 
 # a measurement cut short by its time budget still has this many runs of each call: a median of 3

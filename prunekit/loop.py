@@ -31,6 +31,7 @@ from .costs import CostModel
 from .data.devices import on_device, placed
 from .errors import PrunekitError
 from .graphs import build_graph, updated_graph
+from .graphs.graph import check_path
 from .importance import score_units
 from .latency_model import LatencyGauge
 from .planner import Planner
@@ -81,6 +82,7 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
     directory may not be or hold one. The caller's model is never modified,
     and nothing is written before everything that can be checked is.
     """
+    check_path(run_dir, "run_dir", optional=True)
     with distributed.joined(load_config(config).device) as world:  # torchrun's ranks join here
         result = _prune(model, example_inputs, config, run_dir, resume, force, progress, builder, builder_kwargs,
                         input_files)

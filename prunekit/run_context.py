@@ -17,7 +17,7 @@ from torch import nn
 from . import distributed, rundir
 from .artifacts import module_widths
 from .builders import resolve_callable
-from .checks import calibration_source, check_labels, check_leaf_modules, check_limits_match, guard_scorer, \
+from .checks import calibration_source, check_labels, check_limits_match, guard_scorer, \
     weights_hash
 from .config import load_config, to_dict
 from .costs import CostModel
@@ -26,7 +26,7 @@ from .data.devices import on_device, placed, resolve_device, to_device
 from .data.trainer import evaluate, finetune, loss_for, main_output, task_of
 from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
-from .graphs.graph import as_inputs
+from .graphs.graph import as_inputs, check_leaf_modules
 from .importance import SCORERS, resolve_scorer
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .planner import Targets
@@ -59,7 +59,7 @@ class Run:
             raise RunDirError("resuming needs the run directory of the interrupted run.")
         if not isinstance(model, nn.Module):
             raise PrunekitError(f"prune needs a torch.nn.Module, got {type(model).__name__}.")
-        check_leaf_modules(model, cfg.model.leaf_modules)
+        check_leaf_modules(model, cfg.model.leaf_modules, "model.leaf_modules")
         check_limits_match(model, cfg.limits.layers)
         check_finite_weights(model)
         self.input_tensors = [t for t in torch.utils._pytree.tree_leaves(self.inputs) if isinstance(t, torch.Tensor)]

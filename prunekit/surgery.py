@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .graphs import ChannelGraph, build_graph
-from .graphs.graph import as_inputs
+from .graphs.graph import as_inputs, check_graph_matches, check_model
 from .ops import layer_spec
 
 
@@ -56,8 +56,16 @@ def _cut(original: torch.Tensor, dims: list[tuple[int, np.ndarray]]) -> torch.Te
     value = original.detach()
     for dim, keep in dims:
         value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
-    value = value.contiguous()
+    value = value.contiguous(memory_format=_layout(original))
     return nn.Parameter(value, requires_grad=original.requires_grad) if isinstance(original, nn.Parameter) else value
+
+
+def _layout(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format a cut tensor keeps: channels-last weights stay channels-last (their kernels)."""
+    for layout, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if tensor.dim() == ndim and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=layout):
+            return layout
+    return torch.contiguous_format
 
 
 def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray, *, in_place: bool = False) -> nn.Module:
@@ -121,6 +129,10 @@ def remove_channels(model: nn.Module, example_inputs, channels: Mapping[str, lis
     original output indices to remove; duplicates are fine. The caller's
     model is not modified.
     """
-    graph = graph or build_graph(model, as_inputs(example_inputs))
+    if graph is None:
+        graph = build_graph(model, as_inputs(example_inputs))
+    else:
+        check_model(model)
+        check_graph_matches(graph, model, as_inputs(example_inputs))
     units = graph.units_for(channels)
     return apply_removal(model, graph, graph.removal_mask(units))

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import difflib
 import itertools
+import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import PrunekitError
+from ..errors import PrunekitError, UsageError
 from ..ops import layer_spec
 from .state import ChannelState
 from .trace import UNTRACEABLE, Fallback, Traced, trace_both_modes
@@ -57,12 +59,71 @@ class Group:
         return bool(self.prunable_units)
 
 
+class ArgumentError(UsageError, TypeError):
+    """A public function's argument of the wrong kind (a TypeError too, as Python's own would be)."""
+
+
 def as_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
-    raise TypeError("example_inputs must be a tensor or a tuple of tensors")
+    raise ArgumentError(f"example_inputs must be a tensor or a tuple of the forward's positional inputs, got "
+                        f"{type(example_inputs).__name__}" + ("; pass a dict input as (inputs,)."
+                                                              if isinstance(example_inputs, dict) else "."))
+
+
+def check_model(model) -> None:
+    """An nn.Module that prunekit can trace, or one sentence saying what ``model`` is instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ArgumentError("the model is a TorchScript module, whose code cannot be traced or resized; pass the "
+                            "nn.Module it was scripted or traced from.")
+    if isinstance(model, type):
+        raise ArgumentError(f"the model must be a torch.nn.Module instance, got the class {model.__name__}; "
+                            "build it first.")
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"the model must be a torch.nn.Module, got {type(model).__name__}.")
+
+
+def check_path(value, name: str, optional: bool = False) -> None:
+    """A file system path (a string or os.PathLike), or None when ``optional``."""
+    if value is None and optional:
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentError(f"{name} must be a path (a string or pathlib.Path), got {type(value).__name__}.")
+
+
+def check_leaf_modules(model: nn.Module, leaves, key: str = "leaf_modules") -> None:
+    """Every name in ``leaves`` must be a submodule of ``model``: one that names nothing would make
+    nothing a leaf, silently."""
+    if isinstance(leaves, str):
+        raise ArgumentError(f"{key} must be a list of submodule names, got the string {leaves!r}; write [{leaves!r}].")
+    names = sorted(n for n, _ in model.named_modules() if n)
+    for name in leaves:
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise UsageError(f"{key} names {name!r}, which is not a submodule of the model{hint}")
+
+
+def check_graph_matches(graph, model: nn.Module, inputs: tuple) -> None:
+    """``graph`` must be a ChannelGraph built from ``model`` as it is now (same tensors, same shapes) and
+    for inputs of these shapes (the FLOPs depend on them)."""
+    if not isinstance(graph, ChannelGraph):
+        raise ArgumentError(f"graph must be a ChannelGraph (from prunekit.build_graph), got {type(graph).__name__}.")
+    shapes = tensor_shapes(model)
+    differing = next((n for n in sorted(graph.tensor_shapes.keys() | shapes.keys())
+                      if graph.tensor_shapes.get(n) != shapes.get(n)), None)
+    if differing is not None:
+        raise UsageError(f"graph was built from another model: its '{differing}' has shape "
+                         f"{graph.tensor_shapes.get(differing)}, the model's {shapes.get(differing)}; build it from "
+                         "this model.")
+    traced = [n.meta.get("prunekit_shape") for n in graph.fx_graph.nodes if n.op == "placeholder"]
+    given = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in inputs]
+    for was, now in zip(traced, given):
+        if isinstance(was, tuple) and now is not None and was != now:
+            raise UsageError(f"graph was built for an input of shape {list(was)}, not {list(now)}; build it from "
+                             "this input.")
 
 
 class ChannelGraph:
@@ -123,6 +184,10 @@ class ChannelGraph:
                 if (~self.pinned[u]).any()}
 
     def unit_of(self, name: str, index: int) -> int:
+        if not isinstance(name, str):
+            raise ArgumentError(f"a producer is named by a string (a module name), got {name!r}.")
+        if not _is_index(index):
+            raise ArgumentError(f"channel indices are whole numbers, got {index!r} for '{name}'.")
         if name not in self.producers:
             close = sorted(self.producers, key=lambda p: _distance(p, name))[:1]
             hint = f"; did you mean '{close[0]}'" if close else ""
@@ -145,9 +210,18 @@ class ChannelGraph:
 
     def units_for(self, selection: Mapping[str, Iterable[int]]) -> np.ndarray:
         """The units holding the given producer channels; pinned ones raise."""
+        if not isinstance(selection, Mapping):
+            raise ArgumentError(f"channels must map producer names to lists of channel indices, like "
+                                f"{{'conv1': [0, 3]}}, got {type(selection).__name__}.")
         chosen = []
         for name, indices in selection.items():
-            indices = np.asarray(list(indices), dtype=np.int64)
+            if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+                raise ArgumentError(f"the channels of '{name}' must be a list of indices, got {indices!r}.")
+            indices = list(indices)
+            for index in indices:
+                if not _is_index(index):
+                    raise ArgumentError(f"channel indices are whole numbers, got {index!r} for '{name}'.")
+            indices = np.asarray(indices, dtype=np.int64)
             if name not in self.producers or indices.size == 0:
                 self.unit_of(name, 0) if indices.size else None  # raises the helpful error
                 continue
@@ -245,9 +319,12 @@ def _granularity(name: str, kind: str, groups: int) -> str:
     return f"whole groups of '{name}' ({groups} groups)"
 
 
-def _distance(a: str, b: str) -> int:
-    import difflib
+def _is_index(value) -> bool:
+    """A whole number (Python's or numpy's), not a bool, a float or a string."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
+
+def _distance(a: str, b: str) -> int:
     return -int(1000 * difflib.SequenceMatcher(None, a, b).ratio())
 
 
@@ -259,6 +336,8 @@ def build_graph(model: nn.Module, example_inputs, leaf_modules: Iterable[str] = 
     and outputs are pinned); use it for modules torch.fx cannot trace.
     The model is not modified.
     """
+    check_model(model)
+    check_leaf_modules(model, leaf_modules)
     inputs = as_inputs(example_inputs)
     traces = trace_both_modes(model, inputs, leaf_modules)
     state = ChannelState()
