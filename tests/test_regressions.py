@@ -643,3 +643,14 @@ def test_forward_hooks_are_traced_not_skipped():
     scaled[1].register_forward_hook(lambda module, args, out: captured.__setitem__("bn", out))  # returns None
     graph = _exact(scaled, x)
     assert len(graph.prunable_channels()["0"]) == 8
+
+
+def test_a_torch_fx_graph_module_is_pruned_like_the_module_it_came_from():
+    """GraphModule's __new__ makes each instance a class of its own, holding the generated forward; a copy
+    made through it had no forward, and the model was refused as failing on its input."""
+    model = torch.fx.symbolic_trace(_hooked_net())
+    x = torch.randn(1, 3, 16, 16)
+    graph = _exact(model, x)
+    assert len(graph.prunable_channels()["0"]) == 8
+    small = prunekit.remove_channels(model, x, {"0": [0, 1]})
+    assert small(x).shape == (1, 4, 16, 16) and small.get_submodule("0").out_channels == 6

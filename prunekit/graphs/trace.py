@@ -104,7 +104,8 @@ def structural_copy(module: nn.Module, convert: Callable[[torch.Tensor], torch.T
     def copy(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
-        copied = m.__class__.__new__(m.__class__)
+        # a GraphModule's __new__ makes a class without the instance's generated forward: skip it
+        copied = object.__new__(m.__class__) if isinstance(m, fx.GraphModule) else m.__class__.__new__(m.__class__)
         memo[id(m)] = copied
         state = {k: tensor(v) if isinstance(v, torch.Tensor) else v for k, v in m.__dict__.items()}
         for k, v in state.items():  # self.forward = self.forward_fast: the copy's own method
