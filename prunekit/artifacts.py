@@ -37,8 +37,14 @@ class ManifestError(PrunekitError):
 
 
 def _width(m: nn.Module, attr: str):
-    value = getattr(m, attr, None)
+    """The module's own integer attribute ``attr``; a property (timm's ConvNormAct.in_channels reads its
+    conv's) is no width of its own: it follows the layers it reads, and has no setter."""
+    value = vars(m).get(attr)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _derived(m: nn.Module, attr: str) -> bool:
+    return isinstance(getattr(type(m), attr, None), property)
 
 
 def module_widths(model: nn.Module) -> dict[str, dict[str, int]]:
@@ -128,11 +134,15 @@ def resize_to(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, t
             raise ManifestError(f"the manifest names module '{name}', which the built model does not have.",
                                 source, str(name))
         for attr, value in (change.get("original") or {}).items():
+            if _derived(module, attr):  # recorded by an earlier prunekit: it follows the layers it reads
+                continue
             if _width(module, attr) != value:
                 raise ManifestError(f"the manifest says module '{name}' had {attr} {value} before pruning, but "
                                     f"the builder makes it {getattr(module, attr, None)!r}; the builder or its "
                                     "kwargs are not the ones the run used.", source, str(name))
         for attr, value in pruned.items():
+            if _derived(module, attr):
+                continue
             if _width(module, attr) is None:
                 raise ManifestError(f"the manifest sets {attr} of module '{name}' ({type(module).__name__}), "
                                     "which has no such width.", source, str(name))

@@ -252,3 +252,25 @@ def test_real_model_lists():
     assert not set(TIMM) - set(timm.list_models()), "a listed timm model no longer exists"
     assert set(SMOKE) <= set(TIMM + MONAI)
     assert set(TIMM_SIDE) | set(TIMM_KWARGS) | set(NOTHING_PRUNABLE) | set(NOT_ZERO_PRESERVING) <= set(TIMM)
+
+
+# the whole loop, end to end, on models whose layers hide their widths behind properties (timm's
+# ConvNormAct), re-parameterisable blocks, concatenation and MONAI's residual units
+END_TO_END = ["regnetx_002", "repvgg_a0", "rexnet_100", "ese_vovnet19b_dw", "UNet_2d", "SegResNet_2d"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", END_TO_END)
+def test_prune_end_to_end(name, tmp_path):
+    with time_limit(TIMEOUT, name):
+        model, x1, x2 = build(name)
+        before = copy.deepcopy(model.state_dict())
+        config = {"targets": {"flops": 0.6}, "importance": {"method": "l1"}}
+        result = prunekit.prune(model, x1, config, run_dir=tmp_path / "run", progress=False)
+        assert result.targets_met, result.message
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model
+        assert prunekit.count_flops_params(result.model, x1)["flops"] <= 0.6 * result.original["flops"] + 1
+        with torch.no_grad():
+            assert_same_structure(result.model(x2), model(x2))
+            again = prunekit.load_pruned(tmp_path / "run", model=build(name)[0])
+            torch.testing.assert_close(again(x2), result.model(x2), rtol=0, atol=0)

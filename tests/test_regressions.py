@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -654,3 +656,47 @@ def test_a_torch_fx_graph_module_is_pruned_like_the_module_it_came_from():
     assert len(graph.prunable_channels()["0"]) == 8
     small = prunekit.remove_channels(model, x, {"0": [0, 1]})
     assert small(x).shape == (1, 4, 16, 16) and small.get_submodule("0").out_channels == 6
+
+
+class _ConvNormAct(nn.Module):
+    """timm's ConvNormAct: in_channels and out_channels are read-only properties reading its conv's."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.conv.out_channels
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+def _blocks() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_ConvNormAct(3, 16), _ConvNormAct(16, 16), nn.Conv2d(16, 2, 1)).eval()
+
+
+def test_width_properties_follow_their_layers_through_a_whole_prune(tmp_path):
+    """The run recorded such properties as widths and set them on the delivered model: AttributeError at the
+    end of every prune of a timm model built from ConvNormAct (RegNet, RepVGG, ReXNet, CSPDarkNet...)."""
+    x = torch.randn(1, 3, 16, 16)
+    config = {"targets": {"flops": 0.6}, "importance": {"method": "l1"}, "limits": {"round_to": 1}}
+    result = prunekit.prune(_blocks(), x, config, run_dir=tmp_path / "run", progress=False)
+    assert result.targets_met
+    block = result.model[1]
+    assert block.in_channels == block.conv.in_channels < 16 and block.out_channels == block.conv.out_channels
+    again = prunekit.load_pruned(tmp_path / "run", model=_blocks())
+    torch.testing.assert_close(again(x), result.model(x), rtol=0, atol=0)
+    # a manifest that recorded the property (as earlier prunekit did) still loads
+    manifest_path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["modules"]["1"] = {"type": "_ConvNormAct", "original": {"in_channels": 16},
+                                "pruned": {"in_channels": block.in_channels}}
+    manifest_path.write_text(json.dumps(manifest))
+    torch.testing.assert_close(prunekit.load_pruned(tmp_path / "run", model=_blocks())(x), result.model(x))
