@@ -160,8 +160,10 @@ def resize_to(model: nn.Module, widths: dict[str, dict], state_dict: dict[str, t
             setattr(owner, attr, nn.Parameter(fresh, requires_grad=old.requires_grad))
         else:
             owner._buffers[attr] = fresh
+    from .loading import with_versions
+
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict(with_versions(state_dict, model))
     except RuntimeError as exc:
         raise ManifestError(f"the pruned weights do not fit the rebuilt model: {str(exc).splitlines()[0]}",
                             source) from None
@@ -235,7 +237,7 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
 def _pickled_module(run: Path, state: dict, trusted: bool) -> nn.Module:
     """The pruned module a run from a trusted whole pickled module keeps, holding model.pt's weights."""
     from .errors import UnsafeInputError
-    from .loading import load_model
+    from .loading import load_model, with_versions
     from .safety import first_line
 
     path = run / PICKLED_MODULE
@@ -245,7 +247,7 @@ def _pickled_module(run: Path, state: dict, trusted: bool) -> nn.Module:
                                str(path))
     module = load_model(path, trusted=True)
     try:
-        module.load_state_dict(state)
+        module.load_state_dict(with_versions(state, module))
     except RuntimeError as exc:
         raise ManifestError(f"'{path}' does not hold the weights of 'model.pt' beside it ({first_line(exc)}).",
                             str(path), "model.pt") from None

@@ -12,6 +12,7 @@ import pickle
 import pickletools
 import re
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,17 @@ def _fmt_names(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f", and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def with_versions(state: Mapping[str, Any], model: nn.Module) -> Mapping[str, Any]:
+    """``state`` carrying module versions (``_metadata``): its own, else those of ``model`` as built.
+    A module that converts older layouts on load (torchvision's MNASNet) refuses a state_dict
+    without them, and a plain dict of tensors (a copy, a safetensors file) has none."""
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    versioned = OrderedDict(state)
+    versioned._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    return versioned
+
+
 def load_state(model: nn.Module, state: Mapping[str, Any], source: str = "the file", target: str = "the model") -> None:
     """Load ``state`` into ``model`` strictly, explaining any mismatch in one sentence.
 
@@ -239,7 +251,7 @@ def load_state(model: nn.Module, state: Mapping[str, Any], source: str = "the fi
     if problems:
         raise PrunekitError(f"The weights in {source} do not fit {target}: {'; '.join(problems)}.")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_versions(state, model), strict=True)
     except Exception as exc:  # noqa: BLE001
         raise PrunekitError(f"The weights in {source} do not fit {target}: {_first_line(exc)}.") from None
 

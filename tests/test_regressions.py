@@ -700,3 +700,41 @@ def test_width_properties_follow_their_layers_through_a_whole_prune(tmp_path):
                                 "pruned": {"in_channels": block.in_channels}}
     manifest_path.write_text(json.dumps(manifest))
     torch.testing.assert_close(prunekit.load_pruned(tmp_path / "run", model=_blocks())(x), result.model(x))
+
+
+class _Versioned(nn.Module):
+    """As torchvision's MNASNet: loading a state_dict needs the module versions it was saved with."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 2, 1))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def versioned_net() -> nn.Module:
+    torch.manual_seed(0)
+    return _Versioned().eval()
+
+
+def test_modules_that_check_their_version_on_load_are_pruned_and_loaded(tmp_path):
+    """Copies of a state_dict lost its module versions: every prune of torchvision's MNASNet failed at the
+    end, and its weights file could not be read for the command line."""
+    from prunekit.loading import load_model
+
+    x = torch.randn(1, 3, 16, 16)
+    result = prunekit.prune(versioned_net(), x, {"targets": {"flops": 0.6}, "importance": {"method": "l1"}},
+                            run_dir=tmp_path / "run", progress=False)
+    assert result.targets_met
+    torch.testing.assert_close(prunekit.load_pruned(tmp_path / "run", model=versioned_net())(x), result.model(x))
+    torch.save(dict(versioned_net().state_dict()), tmp_path / "plain.pt")  # a plain dict: no versions at all
+    loaded = load_model(tmp_path / "plain.pt", builder="tests.test_regressions:versioned_net")
+    torch.testing.assert_close(loaded(x), versioned_net()(x))
