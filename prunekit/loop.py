@@ -272,12 +272,18 @@ EXTRA_STEPS = 4
 
 
 def _unreachable(run: Run, flops: int, params: int) -> str:
+    """Why pruning stopped short: the channels prunekit must keep, when even no limits would not reach a
+    target; otherwise the per-layer limits."""
     cfg = run.config
     latency = f", {cfg.targets.latency:.0%} latency" if cfg.targets.latency is not None else ""
-    return (f"the per-layer limits stop pruning at {flops / run.flops0:.1%} of the FLOPs and "
-            f"{params / run.params0:.1%} of the parameters, short of the targets "
-            f"({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters{latency}); "
-            f"raise limits.default or the per-layer limits to go further.")
+    where = (f"at {flops / run.flops0:.1%} of the FLOPs and {params / run.params0:.1%} of the parameters, short "
+             f"of the targets ({cfg.targets.flops:.0%} FLOPs, {cfg.targets.params:.0%} parameters{latency})")
+    floor_flops, floor_params = (n / total for n, total in zip(run.pinned_floor, (run.flops0, run.params0)))
+    if floor_flops > cfg.targets.flops or floor_params > cfg.targets.params:
+        return (f"pruning stops {where}: the channels that must stay (pinned by the model's ops; 'prunekit "
+                f"graph' lists them and why) hold {floor_flops:.1%} of the FLOPs and {floor_params:.1%} of the "
+                "parameters even without any limit.")
+    return f"the per-layer limits stop pruning {where}; raise limits.default or the per-layer limits to go further."
 
 
 def _sparse_finetune(run: Run, model: nn.Module, best_step: int) -> dict:

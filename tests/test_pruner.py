@@ -146,6 +146,26 @@ def rgb_batches():
     return [torch.rand(4, 3, 32, 32, generator=g) for _ in range(2)]
 
 
+class _MostlyPinned(torch.nn.Module):
+    """Most FLOPs in a conv whose channels are reordered (so pinned); a small free layer after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 8, 1), torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(self.a(x).flip(1))))
+
+
+def test_a_target_the_pinned_channels_put_out_of_reach_is_blamed_on_them_not_the_limits():
+    torch.manual_seed(0)
+    cfg = {"targets": {"flops": 0.5}, "importance": {"method": "l1"}, "limits": {"default": 1.0}}
+    result = prunekit.prune(_MostlyPinned().eval(), torch.rand(1, 3, 16, 16), cfg, progress=False)
+    assert not result.targets_met
+    assert "channels that must stay" in result.message and "raise limits" not in result.message
+    assert "hold 76.6% of the FLOPs" in result.message  # a's 3*64*9 of 3*64*9 + 64*8 + 8*2 per output pixel
+
+
 def test_unreachable_target_stops_with_best_reached():
     model = make_unet()
     x = torch.rand(1, 1, 32, 32)
