@@ -622,6 +622,7 @@ def test_an_output_returned_only_in_training_keeps_its_channels():
     torch.manual_seed(0)
     graph = _exact(_TrainOnlyOutput(), torch.randn(1, 3, 16, 16))
     assert len(graph.fx_graphs) == 2
+    assert [p.channels for p in graph.pins if p.reason == "model input"] == [3]  # once, not once per trace
     assert graph.pinned[graph.producers["aux"]].all() and graph.pinned[graph.producers["head"]].all()
     assert (~graph.pinned[graph.producers["body"]]).all()
 
@@ -738,3 +739,14 @@ def test_modules_that_check_their_version_on_load_are_pruned_and_loaded(tmp_path
     torch.save(dict(versioned_net().state_dict()), tmp_path / "plain.pt")  # a plain dict: no versions at all
     loaded = load_model(tmp_path / "plain.pt", builder="tests.test_regressions:versioned_net")
     torch.testing.assert_close(loaded(x), versioned_net()(x))
+
+
+def test_pins_list_what_is_left_alone_once_and_not_a_functional_norms_own_weights():
+    """timm's BatchNormAct2d calls F.batch_norm with its weights: each of them was listed as a pinned
+    'constant tensor' with twice the layer's width (once per trace), though the layer is pruned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _BatchNormFunctional(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    graph = _exact(model.eval(), torch.randn(1, 3, 16, 16))
+    assert {(p.reason, p.channels) for p in graph.pins} == {("model input", 3), ("model output (output() at "
+                                                                                  "'output')", 2)}
+    assert len(graph.prunable_channels()["0"]) == 8

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import os
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import PrunekitError, UsageError
 from ..ops import layer_spec
+from ..ops.op import CONSTANT_PIN
 from .state import ChannelState
 from .trace import UNTRACEABLE, Fallback, Traced, trace_both_modes
 from .walk import walk
@@ -281,8 +282,18 @@ class ChannelGraph:
 
     @property
     def pins(self) -> list[Pin]:
-        counts = Counter(self.pinned_atoms.values())
-        return [Pin(src, n, reason) for (src, reason), n in sorted(counts.items())]
+        """Channels left alone: per (source, reason), the pinned units. A unit the eval and train traces
+        both pin counts once; a weight's own channels (a functional op's constant, cut with its layer's
+        channels elsewhere, or never) are not listed unless they pin a layer's output."""
+        produced = np.zeros(self.num_units, dtype=bool)
+        for units in self.producers.values():
+            produced[units] = True
+        pinned: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for atom, (source, reason) in self.pinned_atoms.items():
+            unit = int(self.unit_of_atom[atom])
+            if produced[unit] or not reason.startswith(CONSTANT_PIN):
+                pinned[(source, reason)].add(unit)
+        return [Pin(src, len(units), reason) for (src, reason), units in sorted(pinned.items())]
 
     def fallback_cost(self, fallback: Fallback) -> int:
         """How many channels a fallback leaf pinned (those not pinned for another reason first)."""

@@ -219,8 +219,11 @@ def model_input(op: Op):
     return opaque(op.state, op.out, "model input", f"input '{op.node.name}'")
 
 
+CONSTANT_PIN = "constant tensor"  # the reason a get_attr's own channels are pinned with
+
+
 def constant(op: Op):
-    return opaque(op.state, op.out, f"constant tensor '{op.node.target}'", str(op.node.target))
+    return opaque(op.state, op.out, f"{CONSTANT_PIN} '{op.node.target}'", str(op.node.target))
 
 
 def no_channels(op: Op):
