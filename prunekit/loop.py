@@ -272,7 +272,7 @@ EXTRA_STEPS = 4
 
 
 def _unreachable(run: Run, flops: int, params: int) -> str:
-    """Why pruning stopped short: the channels prunekit must keep, when even no limits would not reach a
+    """Why pruning stopped short of the targets: the channels that must stay, when they alone exceed a
     target; otherwise the per-layer limits."""
     cfg = run.config
     latency = f", {cfg.targets.latency:.0%} latency" if cfg.targets.latency is not None else ""
