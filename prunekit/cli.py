@@ -313,7 +313,7 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
     from .loading import load_model
     from .loop import prune as run_prune
     from .reports.run import summary_lines
-    from .rundir import Interrupted, plan
+    from .rundir import Interrupted, inspect, plan
     from .safety import check_input_memory
 
     inputs = [model] + ([config_path] if config_path else [])
@@ -336,13 +336,19 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
     try:
         result = run_prune(net, example, config, run_dir=run_dir, resume=resume, force=force, progress=not quiet,
                            input_files=inputs)
-    except Interrupted as stop:
-        if stop.resumable:
+    except KeyboardInterrupt as stop:
+        # also a stop that landed outside the run's own handling (torchrun's SIGTERM to rank 0 just after a
+        # collective failed on the rank that was stopped): the run directory says whether it can go on
+        resumable = stop.resumable if isinstance(stop, Interrupted) else \
+            launched_rank() == 0 and inspect(run_dir) == "interrupted"
+        if resumable:
             again = command_line("prunekit", "prune", model, *(["--config", config_path] if config_path else []),
                                  *overrides.argv(), "-o", run_dir, "--resume")
             click.echo(f"\nInterrupted; continue with: {again}", err=True)
-        else:
+        elif isinstance(stop, Interrupted):
             click.echo(f"\nInterrupted; {str(stop).split('; ', 1)[-1]}", err=True)
+        else:
+            raise
         sys.exit(130)
     if launched_rank() != 0:  # under torchrun the summary is rank 0's to print; every rank exits alike
         sys.exit(0 if result.targets_met else 2)
