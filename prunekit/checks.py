@@ -23,7 +23,7 @@ from torch import nn
 from .data import DataError
 from .errors import UserFunctionError
 from .safety import call_user, first_line
-from .data.trainer import main_output
+from .data.trainer import check_classes, main_output
 from .importance import SCORERS
 
 __all__ = ["DATA_DRIVEN", "calibration_source", "check_labels", "check_limits_match",
@@ -97,12 +97,7 @@ def check_labels(model: nn.Module, batches, what: str) -> None:
                         f"{type(exc).__name__}: {first_line(exc)}.") from None
     finally:
         model.train(training)  # the caller's model is left as it was
-    if y.is_floating_point() or not isinstance(output, torch.Tensor) or output.dim() < 2:
-        return
-    classes = output.shape[1]
-    if y.numel() and int(y.max()) >= max(classes, 2):
-        raise DataError(f"data.{what} has the label {int(y.max())}, but the model predicts {classes} classes "
-                        f"(labels 0 to {max(classes, 2) - 1}).")
+    check_classes(output, y, what)
 
 
 def weights_hash(model: nn.Module) -> str:

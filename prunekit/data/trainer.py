@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import PrunekitError
 from ..progress import progress_bar
+from .images import DataError
 
 
 def task_of(output: torch.Tensor, target: torch.Tensor) -> str:
@@ -140,7 +141,7 @@ def _train(model, batches, iterations, lr, weight_decay, task, use_augment, seed
                 x, y = augment(x, y, generator, task)
             with torch.autocast("cuda", dtype=torch.float16) if mixed else contextlib.nullcontext():
                 output = main_output(model(x))
-                _check_classes(output, y)
+                check_classes(output, y, "train", " in a later batch")
                 loss = loss_fn(output, y)
                 if sparse is not None:
                     loss = loss + sparse.penalty()
@@ -161,16 +162,17 @@ def _train(model, batches, iterations, lr, weight_decay, task, use_augment, seed
 
 
 @torch.no_grad()
-def _check_classes(output: torch.Tensor, y: torch.Tensor) -> None:
-    """Integer targets must be classes the model predicts, in every batch: a run checks its first batch
-    before any work (``checks.check_labels``), and one mask with an id past the classes can come later."""
+def check_classes(output, y: torch.Tensor, what: str, where: str = "") -> None:
+    """Integer targets must be classes the model predicts (two at least: a one-logit binary output).
+    A run checks its first batch before any work (``checks.check_labels``) and fine-tuning every batch
+    (``where``: " in a later batch"), since one mask with an id past the classes can come late."""
     if y.is_floating_point() or not isinstance(output, torch.Tensor) or output.dim() < 2 or not y.numel():
         return
     classes = max(output.shape[1], 2)
     highest = int(y.max())
     if highest >= classes:
-        raise PrunekitError(f"data.train has the label {highest} in a later batch, but the model predicts "
-                            f"{output.shape[1]} classes (labels 0 to {classes - 1}).")
+        raise DataError(f"data.{what} has the label {highest}{where}, but the model predicts {output.shape[1]} "
+                        f"classes (labels 0 to {classes - 1}).")
 
 
 def evaluate(model: nn.Module, batches: Iterable, task: str = "auto", combine=None) -> float:
