@@ -26,7 +26,7 @@ from .data.devices import on_device, placed, resolve_device, to_device
 from .data.trainer import evaluate, finetune, loss_for, main_output, task_of
 from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
-from .graphs.graph import as_inputs, check_leaf_modules
+from .graphs.graph import as_inputs, check_leaf_modules, check_model
 from .importance import SCORERS, resolve_scorer
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .planner import Targets
@@ -57,8 +57,7 @@ class Run:
             self.mode = world.from_main(rundir.plan, self.run_dir, resume, force, self.input_files)  # rank 0 writes
         elif resume:
             raise RunDirError("resuming needs the run directory of the interrupted run.")
-        if not isinstance(model, nn.Module):
-            raise PrunekitError(f"prune needs a torch.nn.Module, got {type(model).__name__}.")
+        check_model(model)
         check_leaf_modules(model, cfg.model.leaf_modules, "model.leaf_modules")
         check_limits_match(model, cfg.limits.layers)
         check_finite_weights(model)
