@@ -238,6 +238,16 @@ def _check_limits(config: Config) -> None:
             raise ConfigError(f"config key 'limits.layers.{name}' must be a fraction in [0, 1], got {value!r}.")
 
 
+def read_config_file(path) -> tuple[dict, str]:
+    """A YAML config file's top-level mapping (empty for an empty file) and the folder its relative data
+    paths start at."""
+    raw = read_yaml(path)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a mapping at the top level.")
+    return raw, os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+
+
 def load_config(source, *, folder: str | None = None) -> Config:
     """A validated :class:`Config` from a Config, a dict, or a YAML file path.
 
@@ -250,9 +260,7 @@ def load_config(source, *, folder: str | None = None) -> Config:
     if isinstance(source, Config):
         raw = _as_raw(source)
     elif isinstance(source, (str, Path)):
-        raw = read_yaml(source)
-        raw = {} if raw is None else raw
-        folder = os.path.dirname(os.path.abspath(os.path.expanduser(source)))
+        raw, folder = read_config_file(source)
     elif isinstance(source, dict):
         raw = source
     else:

@@ -16,7 +16,6 @@ import dataclasses
 import inspect
 import io
 import json
-import os
 import tokenize
 import typing
 from typing import Any
@@ -24,8 +23,8 @@ from typing import Any
 import yaml
 
 from . import config as config_module
-from .config import Config, load_config
-from .yamlfile import ConfigError, read_yaml
+from .config import Config, load_config, read_config_file
+from .yamlfile import ConfigError
 
 __all__ = ["with_overrides", "config_template", "config_keys", "NOTES", "OPTIONAL_SECTIONS"]
 
@@ -46,11 +45,7 @@ def with_overrides(source, overrides: dict[str, Any], flags: dict[str, str] | No
     elif isinstance(source, dict):
         raw = json.loads(json.dumps(source))  # a copy; the caller's dict stays as it was
     else:
-        raw = read_yaml(source)
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError("config must be a mapping at the top level.")
-        folder = os.path.dirname(os.path.abspath(os.path.expanduser(source)))
+        raw, folder = read_config_file(source)
     for key, value in overrides.items():
         node = raw
         parts = key.split(".")
