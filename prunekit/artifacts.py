@@ -204,7 +204,7 @@ def load_pruned(run_dir, model: nn.Module | None = None, *, builder: str | None 
     import copy
 
     from .builders import check_builder
-    from .graphs.graph import check_model, check_path
+    from .arguments import check_model, check_path
     from .loading import build_model, read_weights
 
     check_path(run_dir, "run_dir")

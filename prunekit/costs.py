@@ -25,7 +25,8 @@ import torch
 from torch import fx, nn
 
 from .graphs import ChannelGraph, build_graph
-from .graphs.graph import as_inputs, check_graph_matches, check_model
+from .arguments import check_model
+from .graphs.graph import as_inputs, check_graph_matches
 from .graphs.trace import training_mode
 from .graphs.walk import materialize, reaching_output
 from .ops import spec_for

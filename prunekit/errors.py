@@ -9,7 +9,7 @@ Errors that name something carry it as a field (``path``, ``function``,
 
 from __future__ import annotations
 
-__all__ = ["PrunekitError", "PrunekitWarning", "UsageError", "ResourceError", "UserFunctionError",
+__all__ = ["PrunekitError", "PrunekitWarning", "UsageError", "ArgumentError", "ResourceError", "UserFunctionError",
            "UnsafeInputError", "OutputPathError"]
 
 
@@ -21,6 +21,10 @@ class PrunekitError(Exception):
 
 class UsageError(PrunekitError):
     """A bad argument or option value (shape string, builder spec, kwargs)."""
+
+
+class ArgumentError(UsageError, TypeError):
+    """A public function's argument of the wrong kind (a TypeError too, as Python's own would be)."""
 
 
 class ResourceError(PrunekitError):

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .errors import PrunekitError
-from .graphs.graph import as_inputs, check_model
+from .arguments import check_model
+from .graphs.graph import as_inputs
 from .latency import Latency, time_calls
 
 __all__ = ["ExportResult", "ExportError", "OnnxMismatchError", "export_onnx", "INSTALL_HINT"]

@@ -29,7 +29,8 @@ from torch import nn
 
 from .data.devices import resolve_device
 from .errors import PrunekitError
-from .graphs.graph import as_inputs, check_model
+from .arguments import check_model
+from .graphs.graph import as_inputs
 
 
 @dataclass(frozen=True)

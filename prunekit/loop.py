@@ -25,13 +25,13 @@ import torch
 from torch import nn
 
 from . import distributed, rundir
+from .arguments import check_path
 from .artifacts import MANIFEST_FORMAT, width_changes
 from .config import Config, load_config
 from .costs import CostModel
 from .data.devices import on_device, placed
 from .errors import PrunekitError
 from .graphs import build_graph, updated_graph
-from .graphs.graph import check_path
 from .importance import score_units
 from .latency_model import LatencyGauge
 from .planner import Planner

@@ -15,6 +15,7 @@ import torch.utils._pytree
 from torch import nn
 
 from . import distributed, rundir
+from .arguments import check_leaf_modules, check_model
 from .artifacts import module_widths
 from .builders import resolve_callable
 from .checks import calibration_source, check_labels, check_limits_match, guard_scorer, \
@@ -26,7 +27,7 @@ from .data.devices import on_device, placed, resolve_device, to_device
 from .data.trainer import evaluate, finetune, loss_for, main_output, task_of
 from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
-from .graphs.graph import as_inputs, check_leaf_modules, check_model
+from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .planner import Targets

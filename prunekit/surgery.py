@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .graphs import ChannelGraph, build_graph
-from .graphs.graph import as_inputs, check_graph_matches, check_model
+from .arguments import check_model
+from .graphs.graph import as_inputs, check_graph_matches
 from .ops import layer_spec
 
 

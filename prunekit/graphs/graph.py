@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import PrunekitError, UsageError
+from ..arguments import check_leaf_modules, check_model
+from ..errors import ArgumentError, PrunekitError, UsageError
 from ..ops import layer_spec
 from ..ops.op import CONSTANT_PIN
 from .state import ChannelState
@@ -60,10 +60,6 @@ class Group:
         return bool(self.prunable_units)
 
 
-class ArgumentError(UsageError, TypeError):
-    """A public function's argument of the wrong kind (a TypeError too, as Python's own would be)."""
-
-
 def as_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -72,39 +68,6 @@ def as_inputs(example_inputs) -> tuple:
     raise ArgumentError(f"example_inputs must be a tensor or a tuple of the forward's positional inputs, got "
                         f"{type(example_inputs).__name__}" + ("; pass a dict input as (inputs,)."
                                                               if isinstance(example_inputs, dict) else "."))
-
-
-def check_model(model) -> None:
-    """An nn.Module that prunekit can trace, or one sentence saying what ``model`` is instead."""
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ArgumentError("the model is a TorchScript module, whose code cannot be traced or resized; pass the "
-                            "nn.Module it was scripted or traced from.")
-    if isinstance(model, type):
-        raise ArgumentError(f"the model must be a torch.nn.Module instance, got the class {model.__name__}; "
-                            "build it first.")
-    if not isinstance(model, nn.Module):
-        raise ArgumentError(f"the model must be a torch.nn.Module, got {type(model).__name__}.")
-
-
-def check_path(value, name: str, optional: bool = False) -> None:
-    """A file system path (a string or os.PathLike), or None when ``optional``."""
-    if value is None and optional:
-        return
-    if not isinstance(value, (str, os.PathLike)):
-        raise ArgumentError(f"{name} must be a path (a string or pathlib.Path), got {type(value).__name__}.")
-
-
-def check_leaf_modules(model: nn.Module, leaves, key: str = "leaf_modules") -> None:
-    """Every name in ``leaves`` must be a submodule of ``model``: one that names nothing would make
-    nothing a leaf, silently."""
-    if isinstance(leaves, str):
-        raise ArgumentError(f"{key} must be a list of submodule names, got the string {leaves!r}; write [{leaves!r}].")
-    names = sorted(n for n, _ in model.named_modules() if n)
-    for name in leaves:
-        if name not in names:
-            close = difflib.get_close_matches(str(name), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise UsageError(f"{key} names {name!r}, which is not a submodule of the model{hint}")
 
 
 def check_graph_matches(graph, model: nn.Module, inputs: tuple) -> None:
@@ -187,8 +150,7 @@ class ChannelGraph:
     def unit_of(self, name: str, index: int) -> int:
         if not isinstance(name, str):
             raise ArgumentError(f"a producer is named by a string (a module name), got {name!r}.")
-        if not _is_index(index):
-            raise ArgumentError(f"channel indices are whole numbers, got {index!r} for '{name}'.")
+        _check_index(name, index)
         if name not in self.producers:
             close = sorted(self.producers, key=lambda p: _distance(p, name))[:1]
             hint = f"; did you mean '{close[0]}'" if close else ""
@@ -220,8 +182,7 @@ class ChannelGraph:
                 raise ArgumentError(f"the channels of '{name}' must be a list of indices, got {indices!r}.")
             indices = list(indices)
             for index in indices:
-                if not _is_index(index):
-                    raise ArgumentError(f"channel indices are whole numbers, got {index!r} for '{name}'.")
+                _check_index(name, index)
             indices = np.asarray(indices, dtype=np.int64)
             if name not in self.producers or indices.size == 0:
                 self.unit_of(name, 0) if indices.size else None  # raises the helpful error
@@ -330,9 +291,10 @@ def _granularity(name: str, kind: str, groups: int) -> str:
     return f"whole groups of '{name}' ({groups} groups)"
 
 
-def _is_index(value) -> bool:
-    """A whole number (Python's or numpy's), not a bool, a float or a string."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+def _check_index(name: str, index) -> None:
+    """A channel index is a whole number (Python's or numpy's), not a bool, a float or a string."""
+    if not isinstance(index, (int, np.integer)) or isinstance(index, (bool, np.bool_)):
+        raise ArgumentError(f"channel indices are whole numbers, got {index!r} for '{name}'.")
 
 
 def _distance(a: str, b: str) -> int:
