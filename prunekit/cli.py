@@ -308,6 +308,7 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
     """
     import torch
 
+    from .artifacts import PICKLED_MODULE
     from .configtools import with_overrides
     from .distributed import launched_rank
     from .loading import load_model
@@ -354,7 +355,7 @@ def prune(model: str, config_path: str | None, run_dir: str, overrides: Override
         sys.exit(0 if result.targets_met else 2)
     for line in summary_lines(result):
         click.echo(line)
-    pickled = config.model.builder is None  # from a trusted whole pickled module: it is kept as module.pt
+    pickled = (Path(run_dir) / PICKLED_MODULE).is_file()  # a run from a trusted whole pickled module
     report = command_line("prunekit", "report", run_dir, *(["--trusted"] if pickled else []))
     click.echo(f"Best model: step {result.best_step}; written to {run_dir} (model.pt, manifest.json, report.md, "
                f"trajectory.png, widths.png{', module.pt' if pickled else ''}); see it with: {report}")
