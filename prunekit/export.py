@@ -139,7 +139,7 @@ def export_onnx(model: nn.Module, example_inputs, path, *, check: bool = True, o
         except Exception as exc:  # the model's own error, reported in one sentence
             from .graphs.trace import ExampleInputError
 
-            raise ExampleInputError(f"the model fails on the example input: {_first_line(exc)}.") from None
+            raise ExampleInputError.raised(exc) from None
     if not expected:
         raise PrunekitError("the model returns no tensors, so there is nothing to export.")
     input_names = _input_names(net, len(inputs))

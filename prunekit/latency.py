@@ -76,9 +76,8 @@ def compare_latency(models: Mapping[str, nn.Module], example_inputs, device: str
         raise
     except Exception as exc:  # noqa: BLE001 - the models' own error on this input, in one sentence
         from .graphs.trace import ExampleInputError
-        from .safety import first_line
 
-        raise ExampleInputError(f"the model fails on the example input: {first_line(exc)}.") from None
+        raise ExampleInputError.raised(exc) from None
 
 
 # a measurement cut short by its time budget still has this many runs of each call: a median of 3

@@ -43,6 +43,13 @@ class UntraceableModelError(PrunekitError):
 class ExampleInputError(PrunekitError):
     """The model does not run on the example inputs (wrong shape or dtype)."""
 
+    @classmethod
+    def raised(cls, exc: BaseException) -> ExampleInputError:
+        """The model's own exception on the example input, as one sentence."""
+        from ..safety import first_line
+
+        return cls(f"the model fails on the example input: {first_line(exc) or type(exc).__name__}.")
+
 
 @dataclass(frozen=True)
 class Fallback:
@@ -218,8 +225,7 @@ def _check_runs(model: nn.Module, inputs: tuple, training: bool) -> None:
         try:
             copy(*(_clone(x) if isinstance(x, torch.Tensor) else x for x in inputs))
         except Exception as exc:  # noqa: BLE001 - the model's own error, reported in one sentence
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExampleInputError(f"the model fails on the example input: {first}.") from None
+            raise ExampleInputError.raised(exc) from None
 
 
 def _opaque_model(model, inputs, training, reason, location, fallbacks) -> Traced:
