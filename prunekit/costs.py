@@ -11,10 +11,14 @@ sums of products of kept channel counts (each FLOPs handle run once on
 symbolic counts), so pricing a removal is one numpy pass, with no tracing and
 no forward pass, which is what lets the planner price many candidates cheaply.
 Per-layer tables (``flops_by_layer``, ``layers``) run the handles themselves.
+The pruned model's costs need no compiling either: :meth:`CostModel.derived`
+prices its graph (derived from the cut one, see ``graphs/update.py``) as the
+first graph with the cut units counted as removed.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -48,7 +52,10 @@ class CostModel:
     """Analytic FLOPs and parameters of a model and of any removal from it."""
 
     def __init__(self, model: nn.Module, graph: ChannelGraph):
-        self.graph = graph
+        self.graph = graph  # the graph compiled: removals are priced as removals from it
+        self.num_units = graph.num_units  # of the graph priced (a derived model's is smaller)
+        self._origin: np.ndarray | None = None  # a derived model's units, as units of the compiled graph
+        self._base: np.ndarray | None = None  # ... and the compiled graph's units its cuts removed
         self.tensor_shapes = graph.tensor_shapes
         self._sliced: dict[str, dict[int, np.ndarray]] = defaultdict(dict)  # tensor -> {dim: units}
         for (name, dim), units in graph.slices.items():
@@ -67,7 +74,20 @@ class CostModel:
             self._params.append((name.rpartition(".")[0], tuple(p.shape), self._sliced.get(name, {})))
         self._compile_sums()
         self.module_types = {name: type(m).__name__ for name, m in modules.items()}
-        self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array
+        self._counts: dict[int, int] = {}  # kept counts of the removal being priced, by unit array; shared
+        # with derived models
+
+    def derived(self, graph: ChannelGraph) -> CostModel:
+        """The costs of the model cut from this one, whose ``graph`` was derived from this one's
+        (``graph.parent_units``): the same compiled sums, with the cut units priced as removed."""
+        if graph.parent_units is None:
+            raise ValueError("derived costs need a derived graph (graphs.update.derive); this one was traced")
+        view = copy.copy(self)
+        view.num_units = graph.num_units
+        view._origin = graph.parent_units if self._origin is None else self._origin[graph.parent_units]
+        view._base = np.ones(self.graph.num_units, dtype=bool)
+        view._base[view._origin] = False
+        return view
 
     def kept_count(self, removed: np.ndarray, units: np.ndarray) -> int:
         """How many of ``units`` survive ``removed``; one pricing reads the same unit arrays many times
@@ -160,22 +180,30 @@ class CostModel:
         return kept
 
     def _mask(self, removed) -> np.ndarray:
-        """The removal as a boolean mask; a new pricing starts (the kept counts of the last are dropped)."""
-        self._counts = {}
-        if removed is None:
-            return np.zeros(self.graph.num_units, dtype=bool)
-        return np.asarray(removed, dtype=bool)
+        """The removal as a boolean mask over the compiled graph's units; a new pricing starts (the kept
+        counts of the last are dropped)."""
+        self._counts.clear()  # in place: the compiled handles read it through the model they were compiled on
+        if self._origin is None:
+            return np.zeros(self.num_units, dtype=bool) if removed is None else np.asarray(removed, dtype=bool)
+        mask = self._base.copy()
+        if removed is not None:
+            mask[self._origin[np.asarray(removed, dtype=bool)]] = True
+        return mask
 
     def flops_by_layer(self, removed=None) -> dict[str, int]:
-        removed = self._mask(removed)
+        return self._flops_by_layer(self._mask(removed))
+
+    def params_by_layer(self, removed=None) -> dict[str, int]:
+        return self._params_by_layer(self._mask(removed))
+
+    def _flops_by_layer(self, removed: np.ndarray) -> dict[str, int]:
         kept = self._kept_fn(removed)
         out: dict[str, int] = defaultdict(int, self._constant)
         for owner, node, fn in self._terms:
             out[owner] += int(fn(kept, node, removed))
         return dict(out)
 
-    def params_by_layer(self, removed=None) -> dict[str, int]:
-        removed = self._mask(removed)
+    def _params_by_layer(self, removed: np.ndarray) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
         for owner, shape, dims in self._params:
             out[owner] += math.prod(self.kept_count(removed, dims[d]) if d in dims else s
@@ -195,7 +223,7 @@ class CostModel:
     def layers(self, removed=None) -> list[LayerCost]:
         """One row per leaf module (and per module owning functional ops), in graph order."""
         removed = self._mask(removed)
-        flops, params = self.flops_by_layer(removed), self.params_by_layer(removed)
+        flops, params = self._flops_by_layer(removed), self._params_by_layer(removed)
         kept = self._kept_fn(removed)
         rows, seen = [], set()
         for node in self.graph.fx_graph.nodes:

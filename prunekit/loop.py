@@ -39,6 +39,7 @@ from .run_context import Run
 from .run_state import Candidate, CheckpointClock, StepRecord, own_weights, rebuild, shared_copy, \
     state_of
 from .rundir import RunWriter
+from .safety import release_free_memory
 from .surgery import apply_removal
 
 
@@ -119,18 +120,22 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
     message = ""
     # the report's baseline, on a copy: the caller's model stays untouched
     original_metric = run.metric(copy.deepcopy(run.original)) if run.validate_fn or run.val else None
-    graph = run.graph0 if step == 0 else None  # the untouched model's graph is already built
-    cut = None  # (graph, removed units) of the last step: the next graph is derived from them
+    graph, costs = (run.graph0, run.costs0) if step == 0 else (None, None)  # the untouched model's: built
+    cut = None  # (graph, removed units, costs) of the last step: the next graph and costs are derived from them
     checkpoints = CheckpointClock(current)
     while True:
         if graph is None and cut is not None:
-            graph = updated_graph(*cut, current, run.inputs, cfg.model.leaf_modules)
-            cut = None  # the old graph is not needed any more
+            graph = updated_graph(*cut[:2], current, run.inputs, cfg.model.leaf_modules)
             if graph.retraced:
                 run.log(f"traced again after step {step}: {graph.retraced}")
+            else:
+                costs = cut[2].derived(graph)
+            cut = None  # the old graph is not needed any more
+            release_free_memory()  # what the cut and the old graph held
         elif graph is None:
             graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
-        costs = CostModel(current, graph)
+        if costs is None:
+            costs = CostModel(current, graph)
         flops, params = costs.flops(), costs.params()
         latency = history[-1].latency_ratio if history and run.gauge is not None else 1.0
         if run.targets.done(flops, params, latency):
@@ -159,10 +164,10 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
             step -= 1
             message = _unreachable(run, flops, params)
             break
-        cut = (graph, graph.removal_mask(plan.units))
+        cut = (graph, graph.removal_mask(plan.units), costs)
         if run.validate_fn is None and run.val is None and candidates and not candidates[0].meets:
             candidates[0].state = None  # no metric: this step's model will outrank it, so the cut may free it
-        current = apply_removal(current, *cut, in_place=current is not shared)
+        current = apply_removal(current, *cut[:2], in_place=current is not shared)
         own_weights(current, candidates)
         graph = costs = predicted = None
         if writer is None:
@@ -203,10 +208,10 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
     run.log(f"final: step {best_step}'s model" + (" after the final fine-tune" if cfg.schedule.final_finetune else "")
             + (f", metric {final_metric:.4f}" if final_metric is not None else ""))
     if graph is not None and (best is None or best.step == step):
-        final_graph = graph  # the loop's last graph already describes this model's structure
+        final_graph, final_costs = graph, costs  # the loop's last graph already describes this model's structure
     else:
         final_graph = build_graph(model_out, run.inputs, cfg.model.leaf_modules)
-    final_costs = CostModel(model_out, final_graph)
+        final_costs = CostModel(model_out, final_graph)
     final = {"flops": final_costs.flops(), "params": final_costs.params()}
     latency = None
     if run.gauge is not None or run.run_dir is not None:  # the report's before/after row; a latency target's verdict

@@ -102,7 +102,7 @@ class Run:
         for fallback in self.graph0.fallbacks:
             warnings.warn(f"{fallback.describe()}; {self.graph0.fallback_cost(fallback)} channels pinned.",
                           PrunekitWarning, stacklevel=3)
-        costs = CostModel(model, self.graph0)
+        costs = self.costs0 = CostModel(model, self.graph0)
         self.flops0, self.params0 = costs.flops(), costs.params()
         if self.flops0 <= 0 or self.params0 <= 0:
             raise PrunekitError(f"the model has {self.flops0} FLOPs and {self.params0} parameters that prunekit can "

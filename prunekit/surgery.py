@@ -90,8 +90,10 @@ def apply_removal(model: nn.Module, graph: ChannelGraph, removed: np.ndarray, *,
                 for attr, value in table.items():
                     if value is not None:
                         holders[id(value)].append((table, attr))
+        # largest first: each cut tensor then fits where a larger one was freed, and the process does not grow
+        by_size = sorted(cuts.items(), key=lambda item: tensors[item[0]].numel(), reverse=True)
         with torch.no_grad():
-            for name, dims in cuts.items():
+            for name, dims in by_size:
                 original = tensors.pop(name)
                 if id(original) in holders:  # not cut already under another name
                     value = _cut(original, dims)

@@ -75,9 +75,22 @@ def _sample(graph, fraction: float, seed: int) -> list[int]:
     return np.random.default_rng(seed).choice(prunable, int(len(prunable) * fraction), replace=False).tolist()
 
 
+def assert_same_costs(derived, fresh, seed: int) -> None:
+    """Derived costs price the model, every layer of it and any removal from it as compiled ones do."""
+    assert derived.flops() == fresh.flops() and derived.params() == fresh.params()
+    assert derived.flops_by_layer() == fresh.flops_by_layer()
+    assert derived.params_by_layer() == fresh.params_by_layer()
+    assert derived.layers() == fresh.layers()
+    removed = np.random.default_rng(seed).random(fresh.num_units) < 0.3
+    assert derived.flops(removed) == fresh.flops(removed) and derived.params(removed) == fresh.params(removed)
+    assert derived.flops_by_layer(removed) == fresh.flops_by_layer(removed)
+
+
 def _cut_twice(model, x, leaf_modules=(), seed=0, pick=pick_units) -> list[str]:
-    """Two successive cuts, each graph derived from the last; the reasons it traced again instead."""
+    """Two successive cuts, each graph and its costs derived from the last; the reasons it traced again
+    instead."""
     graph, reasons = build_graph(model, x, leaf_modules), []
+    costs = CostModel(model, graph)
     for step, fraction in enumerate((1 / 3, 1 / 4)):
         units = pick(graph, fraction=fraction, seed=seed + step)
         if not units:
@@ -87,6 +100,12 @@ def _cut_twice(model, x, leaf_modules=(), seed=0, pick=pick_units) -> list[str]:
         graph = updated_graph(graph, removed, model, x, leaf_modules)
         fresh = build_graph(model, x, leaf_modules)
         assert_same_graph(graph, fresh, model)
+        if graph.retraced is None:
+            costs = costs.derived(graph)
+            assert_same_costs(costs, CostModel(model, fresh), seed + step)
+        else:
+            assert graph.parent_units is None
+            costs = CostModel(model, graph)
         reasons.append(graph.retraced)
     return reasons
 

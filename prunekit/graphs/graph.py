@@ -107,6 +107,7 @@ class ChannelGraph:
         self.notes: list[str] = list(dict.fromkeys(n for t in traces for n in t.notes))
         self.real_data = any(not t.meta for t in traces)  # some values were computed from the weights
         self.retraced: str | None = None  # why this graph was traced again instead of derived (see update.py)
+        self.parent_units: np.ndarray | None = None  # a derived graph's units, as units of the graph it came from
         self.grouping = dict(state.grouping)
         roots = np.asarray(state.parent, dtype=np.int64)
         while True:  # pointer jumping: every atom ends at its class's root

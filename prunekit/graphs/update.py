@@ -126,6 +126,7 @@ def derive(graph: ChannelGraph, removed: np.ndarray, pruned: nn.Module) -> Chann
 
     derived = copy.copy(graph)  # what a cut does not change is shared: kinds, weights, notes
     derived.retraced = None
+    derived.parent_units = np.flatnonzero(kept_unit)
     derived.unit_of_atom = new_unit[graph.unit_of_atom[kept_atom]]
     derived.num_units = int(kept_unit.sum())
     derived.unit_pin = {int(new_unit[u]): reason for u, reason in graph.unit_pin.items() if kept_unit[u]}
@@ -189,6 +190,8 @@ class _Shrink:
 
     def __init__(self, kept_atom: np.ndarray, new_atom: np.ndarray, tensor_shapes: dict):
         self.kept_atom, self.new_atom, self.tensor_shapes = kept_atom, new_atom, tensor_shapes
+        # one Python int per atom, shared by every channel vector that holds it (as a trace shares them)
+        self.atom_ints = np.array(list(range(int(kept_atom.sum()))), dtype=object)
         self.chans: dict[int, tuple[Chan, Chan]] = {}  # id(old) -> (old, new): one new vector per old one
 
     def graph(self, old: fx.Graph) -> fx.Graph:
@@ -233,5 +236,5 @@ class _Shrink:
             kept = self.new_atom[atoms[self.kept_atom[atoms]]]
             if 1 >= kept.size != atoms.size:  # a single channel broadcasts: the rules read it differently
                 raise _Retrace(f"'{node.name}' reached {kept.size} channel")
-            seen = self.chans[id(chan)] = (chan, Chan(chan.dim, tuple(kept.tolist())))
+            seen = self.chans[id(chan)] = (chan, Chan(chan.dim, tuple(self.atom_ints[kept])))
         return seen[1]
