@@ -39,7 +39,6 @@ from .run_context import Run
 from .run_state import Candidate, CheckpointClock, StepRecord, own_weights, rebuild, shared_copy, \
     state_of
 from .rundir import RunWriter
-from .safety import release_free_memory
 from .surgery import apply_removal
 
 
@@ -131,7 +130,6 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
             else:
                 costs = cut[2].derived(graph)
             cut = None  # the old graph is not needed any more
-            release_free_memory()  # what the cut and the old graph held
         elif graph is None:
             graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
         if costs is None:

@@ -7,14 +7,11 @@
 * :func:`check_input_memory` refuses an input shape that cannot be allocated,
   before anything is allocated.
 * :func:`check_finite_weights` refuses a model with NaN or infinite weights.
-* :func:`release_free_memory` hands what a pruning step freed back to the system.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import math
 import os
 import re
@@ -27,7 +24,7 @@ from torch import nn
 from .errors import PrunekitError, ResourceError, UserFunctionError
 
 __all__ = ["call_user", "user_number", "check_input_memory",
-           "check_finite_weights", "first_line", "quiet_stdout", "release_free_memory"]
+           "check_finite_weights", "first_line", "quiet_stdout"]
 
 # How many bytes the example input may need, as a multiple of its own size: the activations of a
 # CNN are several times its input (more channels), and tracing keeps a few of them alive.
@@ -107,27 +104,6 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library, another system)."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except (OSError, TypeError):
-        return None
-
-
-def release_free_memory() -> None:
-    """Return the pages of freed tensors to the system.
-
-    A cut replaces every tensor by a smaller one; glibc keeps the freed blocks, which the smaller tensors
-    only partly fill, so without this the process would grow at every step while its model shrinks
-    (densenet201: 2.1 instead of 1.9 times the model's size at the peak; benchmarks/memory.py).
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def _bytes(n: float) -> str:

@@ -23,7 +23,10 @@ def filter_weights(model: nn.Module, graph: ChannelGraph, name: str) -> torch.Te
 
 
 def filter_norms(model: nn.Module, graph: ChannelGraph, p: int) -> dict[str, torch.Tensor]:
-    rows = {name: filter_weights(model, graph, name) for name in graph.producer_weight}
+    """Every filter's norm, for the producers with a channel that can go (a classifier's cannot: its
+    weight, often the largest, is not read)."""
+    rows = {name: filter_weights(model, graph, name) for name in graph.producer_weight
+            if not graph.pinned[graph.producers[name]].all()}
     if p != 1:
         return {name: w.norm(p=p, dim=1) for name, w in rows.items()}
     return _l1_rows(rows)
