@@ -451,12 +451,13 @@ class ChannelsLast(nn.Module):
 
 
 class ShuffleNet(nn.Module):
-    """PixelShuffle, PixelUnshuffle, ChannelShuffle, manual channel shuffle, a hard-coded reshape: all pin."""
+    """ChannelShuffle, manual channel shuffle, a hard-coded reshape: all pin; pixel (un)shuffles keep channels
+    in groups (see SubPixel), here between pinned ones."""
 
     def __init__(self):
         super().__init__()
         self.a = cbr(3, 8)
-        self.b = nn.Conv2d(8, 8, 3, padding=1)      # pixel shuffle: pinned
+        self.b = nn.Conv2d(8, 8, 3, padding=1)      # pixel shuffle: groups of 4 channels, read by the pinned c
         self.ps = nn.PixelShuffle(2)
         self.pu = nn.PixelUnshuffle(2)
         self.c = nn.Conv2d(2, 8, 3, padding=1)      # channel shuffle module: pinned
@@ -467,7 +468,7 @@ class ShuffleNet(nn.Module):
         self.head = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
-        x = self.a(x)                                   # pinned: pixel-shuffled below
+        x = self.a(x)                                   # pinned: shuffled back and added to pinned channels below
         y = F.max_pool2d(self.ps(self.b(x)), 2)         # (N, 2, 16, 16)
         y = self.cs(self.c(y))
         n, c, h, w = y.size(0), y.size(1), y.size(2), y.size(3)
@@ -475,6 +476,28 @@ class ShuffleNet(nn.Module):
         y = self.e(y).reshape(n, 8, h * w).view_as(y)
         y = y + self.pu(self.ps(x))
         return self.head(self.f(y))
+
+
+class SubPixel(nn.Module):
+    """Sub-pixel upsampling (a conv to C r^2 channels, then PixelShuffle) and space-to-depth (PixelUnshuffle),
+    module and functional: each group of r^2 channels goes with the one channel it becomes or comes from."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 6)
+        self.down = nn.PixelUnshuffle(2)            # 6 -> 24 channels at half the size
+        self.b = cbr(24, 8)
+        self.up = nn.Conv2d(8, 5 * 4, 3, padding=1)  # 5 groups of 4 -> 5 channels at full size
+        self.shuffle = nn.PixelShuffle(2)
+        self.c = cbr(5 + 6, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        skip = self.a(x)
+        y = self.b(self.down(skip))
+        y = F.relu(self.shuffle(self.up(y)))
+        y = F.pixel_shuffle(F.pixel_unshuffle(y, 2), 2)
+        return self.head(self.c(torch.cat([y, skip], 1)))
 
 
 class SoftmaxNet(nn.Module):
@@ -881,8 +904,8 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("split_chunk", SplitChunkNet, _img(), pins=("split into fixed sizes", "fixed bounds")),
     Arch("reduce", ReduceNet, _img()),
     Arch("channels_last", ChannelsLast, _img()),
-    Arch("shuffle", ShuffleNet, _img(),
-         pins=("PixelShuffle", "channel shuffle", "reshapes channels", "hard-coded channel count")),
+    Arch("shuffle", ShuffleNet, _img(), pins=("channel shuffle", "reshapes channels", "hard-coded channel count")),
+    Arch("sub_pixel", SubPixel, _img()),
     Arch("softmax", SoftmaxNet, _img(), pins=("mixes channels",)),
     Arch("attention", AttentionNet, _img(h=8, w=8), pins=("op not understood",)),
     Arch("dict_out", DictOut, _img()),

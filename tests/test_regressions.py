@@ -750,3 +750,22 @@ def test_pins_list_what_is_left_alone_once_and_not_a_functional_norms_own_weight
     assert {(p.reason, p.channels) for p in graph.pins} == {("model input", 3), ("model output (output() at "
                                                                                   "'output')", 2)}
     assert len(graph.prunable_channels()["0"]) == 8
+
+
+def test_sub_pixel_layers_prune_whole_groups():
+    """PixelShuffle(2) makes channel c of four input channels 4c..4c+3, PixelUnshuffle(2) the reverse: the
+    conv before a shuffle loses whole groups of four, and a layer read after an unshuffle four columns per
+    channel (both were pinned)."""
+    from archs import SubPixel
+
+    torch.manual_seed(0)
+    model, x = SubPixel().eval(), torch.randn(2, 3, 16, 16)
+    graph = prunekit.build_graph(model, x)
+    assert graph.coupled_channels("up", 5) == {"up": [4, 5, 6, 7]}
+    assert not graph.pinned[graph.producers["up"]].any() and not graph.pinned[graph.producers["a.0"]].any()
+    units = sorted(set(graph.units_for({"up": [5], "a.0": [2]})))
+    pruned = assert_exact(model, graph, x, units)
+    assert (pruned.up.out_channels, pruned.c[0].in_channels) == (16, 4 + 5)
+    assert (pruned.a[0].out_channels, pruned.b[0].in_channels) == (5, 20)
+    kept_columns = [c for c in range(24) if c not in (8, 9, 10, 11)]  # a's channel 2 was b's inputs 8..11
+    assert torch.equal(pruned.b[0].weight, model.b[0].weight[:, kept_columns])

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import flops as fl
-from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, reduce, softmax2d, \
-    spatial, split, stack, _softmax_dim
+from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, pixel_shuffle, \
+    pixel_unshuffle, reduce, softmax2d, spatial, split, stack, _softmax_dim
 from .layers import batchnorm_module, group_norm_function, conv_carries, conv_function, conv_module, \
     groupnorm_module, holder_carries, holder_function, layernorm_function, layernorm_module, linear_carries, \
     linear_function, linear_module, prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, \
@@ -96,8 +96,8 @@ MODULES: dict[type, OpSpec] = {
     **{t: OpSpec(along_dim(0, implicit=_softmax_dim)) for t in (nn.Softmax, nn.LogSoftmax, nn.Softmin)},
     nn.Softmax2d: OpSpec(softmax2d),
     nn.GLU: OpSpec(glu),
-    nn.PixelShuffle: OpSpec(pin_all("PixelShuffle moves channels into space")),
-    nn.PixelUnshuffle: OpSpec(pin_all("PixelUnshuffle moves space into channels")),
+    nn.PixelShuffle: OpSpec(pixel_shuffle),
+    nn.PixelUnshuffle: OpSpec(pixel_unshuffle),
     nn.ChannelShuffle: OpSpec(pin_all("channel shuffle reorders channels")),
 }
 
@@ -173,11 +173,9 @@ FUNCTIONS: dict[Any, OpSpec] = {
     **{f: OpSpec(permute) for f in (torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.moveaxis,
                                     torch.t)},
     **{f: OpSpec(reduce) for f in _REDUCTIONS},
-    torch.pixel_shuffle: OpSpec(pin_all("pixel shuffle moves channels into space")),
-    torch.pixel_unshuffle: OpSpec(pin_all("pixel unshuffle moves space into channels")),
+    **{f: OpSpec(pixel_shuffle) for f in (torch.pixel_shuffle, F.pixel_shuffle)},
+    **{f: OpSpec(pixel_unshuffle) for f in (torch.pixel_unshuffle, F.pixel_unshuffle)},
     torch.channel_shuffle: OpSpec(pin_all("channel shuffle reorders channels")),
-    F.pixel_shuffle: OpSpec(pin_all("pixel shuffle moves channels into space")),
-    F.pixel_unshuffle: OpSpec(pin_all("pixel unshuffle moves space into channels")),
     **{f: OpSpec(unknown, fl.matmul) for f in (torch.matmul, operator.matmul, torch.mm)},
     torch.bmm: OpSpec(unknown, fl.bmm),
     torch.addmm: OpSpec(unknown, fl.addmm),
