@@ -46,7 +46,11 @@ def copy_module(module: nn.Module, memo: dict) -> nn.Module:
         if key == "_modules":
             state[key] = {n: None if m is None else copy_module(m, memo) for n, m in value.items()}
         elif type(value) in (dict, OrderedDict) and not value:
-            state[key] = type(value)()  # the many empty hook tables
+            # the many empty hook tables, memoised as deepcopy would: a hook's handle (timm's FeatureHookNet
+            # keeps them) must refer to the copy's own tables, whether it is copied before or after them
+            if id(value) not in memo:
+                memo[id(value)] = type(value)()
+            state[key] = memo[id(value)]
         else:
             state[key] = copy.deepcopy(value, memo)
     copied.__setstate__(state)

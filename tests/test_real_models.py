@@ -242,6 +242,24 @@ def test_monai(name, record_property):
     _record(record_property, name, check(name))
 
 
+# timm encoders as segmentation libraries use them (features_only: a list of feature maps), of each kind:
+# forward hooks kept with their handles (xception41), a rewritten forward (resnet18), per-stage blocks
+# (efficientnet_b0), HRNet's own feature wrapper
+FEATURES_ONLY = ["xception41", "resnet18", "efficientnet_b0", "hrnet_w18_small"]
+
+
+def build_features_only(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, features_only=True).eval()
+    return model, torch.randn(1, 3, 64, 64), torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FEATURES_ONLY)
+def test_timm_features_only(name, record_property):
+    _record(record_property, name, check(name, build=build_features_only))
+
+
 @pytest.mark.parametrize("name", SMOKE)
 def test_real_models_smoke(name, record_property):
     _record(record_property, name, check(name))

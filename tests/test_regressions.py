@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -769,3 +770,47 @@ def test_sub_pixel_layers_prune_whole_groups():
     assert (pruned.a[0].out_channels, pruned.b[0].in_channels) == (5, 20)
     kept_columns = [c for c in range(24) if c not in (8, 9, 10, 11)]  # a's channel 2 was b's inputs 8..11
     assert torch.equal(pruned.b[0].weight, model.b[0].weight[:, kept_columns])
+
+
+class _Collector:
+    """Keeps a module's output through a forward hook, and the hook's handle, as timm's FeatureHooks do."""
+
+    def __init__(self, module: nn.Module):
+        self.outputs: dict = {}
+        self.handle = module.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.outputs["features"] = output
+
+    def take(self):
+        return self.outputs.pop("features")
+
+
+class HookedFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+        self.collector = _Collector(self.act)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.b(self.act(self.a(x))), self.collector.take()
+
+
+def test_a_pruned_model_whose_hook_handles_live_in_it_can_be_copied():
+    """The pruned copy of a model that keeps its hooks' handles (timm's features_only nets of the hook
+    kind, such as xception41) could not be deep-copied: the handles referred to hook tables nothing held."""
+    torch.manual_seed(0)
+    model, x = HookedFeatures().eval(), torch.randn(1, 3, 8, 8)
+    pruned = prunekit.remove_channels(model, x, {"stem": [0]})
+    assert pruned.a.in_channels == 7
+    copied = copy.deepcopy(pruned)
+    assert copied.collector.handle.extra_dict_ref[0]() is copied.act._forward_hooks_with_kwargs
+    with torch.no_grad():
+        for ours, theirs in zip(copied(x), pruned(x)):
+            assert torch.equal(ours, theirs)
+    copied.collector.handle.remove()  # the copy's handle removes the copy's hook, not the original's
+    assert not copied.act._forward_hooks and pruned.act._forward_hooks
