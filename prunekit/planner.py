@@ -93,6 +93,18 @@ def _class_ranks(group: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return by_class, grouped, np.arange(len(grouped)) - np.searchsorted(grouped, grouped, side="left")
 
 
+class _Sequence:
+    """A removal sequence with its units' classes worked out once: a plan aligns many of its prefixes."""
+
+    def __init__(self, units, unit_class: np.ndarray, num_classes: int):
+        self.units = np.asarray(units, dtype=np.int64)
+        self.group = unit_class[self.units]
+        self.by_class, self.grouped, self.rank = _class_ranks(self.group)
+        self.in_class = self.group[self.group >= 0]
+        self.classed_before = np.concatenate(([0], np.cumsum(self.group >= 0)))  # classed units in [:k]
+        self.available = np.bincount(self.in_class, minlength=num_classes)
+
+
 # limits.round_to aligns a layer of at least this many times round_to channels (originally); a narrower
 # one is pruned freely: aligned, a 16-channel layer could only keep 8 or 16 at round_to 8, an 8-channel
 # one nothing but all of them
@@ -231,15 +243,16 @@ class Planner:
                     accepted[i] = True
         return order[accepted].tolist()
 
-    def _class_counts(self, sequence: list[int], k: int,
-                      down_only: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def _ordered(self, sequence) -> _Sequence:
+        return sequence if isinstance(sequence, _Sequence) else _Sequence(sequence, self._class, len(self._keep_first))
+
+    def _class_counts(self, sequence, k: int, down_only: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """How many units each class has in the first ``k`` of ``sequence``, and how many it keeps aligned:
         the nearest aligned count within one step (half way: the larger; none within a step below: 0),
         only the one below for the classes in ``down_only``; every class at once."""
-        group = self._class[np.asarray(sequence, dtype=np.int64)]
-        in_class = group[group >= 0]
-        taken = np.bincount(in_class[:int(np.count_nonzero(group[:k] >= 0))], minlength=len(self._keep_first))
-        available = np.bincount(in_class, minlength=len(self._keep_first))
+        seq = self._ordered(sequence)
+        taken = np.bincount(seq.in_class[:seq.classed_before[k]], minlength=len(self._keep_first))
+        available = seq.available
         count = taken.copy()
         c = np.flatnonzero(taken)
         n, start, step = taken[c], self._offset[c], self.round_to
@@ -252,7 +265,7 @@ class Planner:
         count[c] = np.where(up, above, below)
         return taken, count
 
-    def _rounded(self, sequence: list[int], k: int, down_only: Collection[int] = ()) -> list[int]:
+    def _rounded(self, sequence, k: int, down_only: Collection[int] = ()) -> np.ndarray:
         """The first ``k`` units of ``sequence``, each touched layer brought to a multiple of its alignment.
 
         A class of units (see :meth:`_compile_touches`) goes to its nearest aligned count: it gives
@@ -261,17 +274,15 @@ class Planner:
         reaching a whole group. Every class at once; the other units go through
         :meth:`_rounded_checked`, which only gives back.
         """
+        seq = self._ordered(sequence)
         if max(self._steps, default=1) <= 1 or not k:
-            return sequence[:k]
-        ordered = np.asarray(sequence, dtype=np.int64)
-        group = self._class[ordered]
-        by_class, grouped, rank = _class_ranks(group)
-        _, count = self._class_counts(sequence, k, down_only)
-        keep = np.zeros(len(ordered), dtype=bool)
-        keep[by_class] = rank < count[grouped]
-        others = np.flatnonzero(group[:k] < 0)
-        keep[others] = np.isin(ordered[others], self._rounded_checked(ordered[others].tolist()))
-        return ordered[keep].tolist()
+            return seq.units[:k]
+        _, count = self._class_counts(seq, k, down_only)
+        keep = np.zeros(len(seq.units), dtype=bool)
+        keep[seq.by_class] = seq.rank < count[seq.grouped]
+        others = np.flatnonzero(seq.group[:k] < 0)
+        keep[others] = np.isin(seq.units[others], self._rounded_checked(seq.units[others].tolist()))
+        return seq.units[keep]
 
     def _rounded_checked(self, units: list[int]) -> list[int]:
         """:meth:`_rounded` for units that share producers: passes from the end of the sequence,
@@ -307,7 +318,7 @@ class Planner:
     def plan(self, scores: np.ndarray, goal: Callable[..., bool]) -> Plan:
         """The shortest prefix of the removal sequence whose costs satisfy ``goal(flops, params[, latency])``
         (latency when the planner has a latency model)."""
-        sequence = self.sequence(scores)
+        sequence = self._ordered(self.sequence(scores))
 
         def price(units: np.ndarray) -> Plan:
             mask = self.graph.removal_mask(units)
@@ -315,13 +326,13 @@ class Planner:
             return Plan(units, self.costs.flops(mask), self.costs.params(mask), False, latency)
 
         def first(k: int) -> Plan:
-            return price(np.array(self._rounded(sequence, k), dtype=np.int64))
+            return price(self._rounded(sequence, k))
 
         def meets(plan: Plan) -> bool:
             values = (plan.flops, plan.params) if plan.latency is None else (plan.flops, plan.params, plan.latency)
             return goal(*values)
 
-        low, high = 0, len(sequence)
+        low, high = 0, len(sequence.units)
         best = first(high)
         if not meets(best):
             return best
@@ -337,7 +348,7 @@ class Planner:
         best.reached = True
         return best
 
-    def _give_back(self, sequence: list[int], k: int, best: Plan, price, meets) -> Plan:
+    def _give_back(self, sequence: _Sequence, k: int, best: Plan, price, meets) -> Plan:
         """A class rounded up at the shortest prefix that reaches the goal may take a whole group more than
         the goal needs: give back each such group the goal can spare, the latest in the sequence first."""
         taken, up = self._class_counts(sequence, k)
@@ -345,9 +356,9 @@ class Planner:
         if not rounded_up.size:
             return best
         _, down = self._class_counts(sequence, k, down_only=rounded_up.tolist())
-        by_class, grouped, rank = _class_ranks(self._class[np.asarray(sequence, dtype=np.int64)])
+        by_class, grouped, rank = sequence.by_class, sequence.grouped, sequence.rank
         extra = (rank >= down[grouped]) & (rank < up[grouped])  # the units each class took by rounding up
-        extra_units = np.asarray(sequence, dtype=np.int64)[by_class[extra]]
+        extra_units = sequence.units[by_class[extra]]
         extra_class = grouped[extra]
         last = np.full(len(self._keep_first), -1, dtype=np.int64)  # each class's last position in the sequence
         np.maximum.at(last, grouped, by_class)

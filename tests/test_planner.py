@@ -124,7 +124,8 @@ def test_the_removal_sequence_and_its_alignment_are_the_one_by_one_choices():
                 for step in (2, 3, 8):  # alignment by classes, with numpy, is the alignment by its definition
                     planner.round_to = step
                     for k in (1, len(sequence) // 3, len(sequence) // 2, len(sequence)):
-                        assert planner._rounded(sequence, k) == _aligned_reference(planner, sequence, k), (name, step)
+                        assert planner._rounded(sequence, k).tolist() == _aligned_reference(planner, sequence, k), \
+                            (name, step)
                 planner.round_to = 1
     assert checked > 100
 
