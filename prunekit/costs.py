@@ -211,14 +211,19 @@ class CostModel:
         return dict(out)
 
     def flops(self, removed=None) -> int:
-        removed = self._mask(removed)
-        kept = self._kept_fn(removed)
-        called = sum(int(fn(kept, node, removed)) for _, node, fn in self._flop_calls)
-        return self._flop_sum(self._counts_table.counts(removed)) + called
+        return self.totals(removed)[0]
 
     def params(self, removed=None) -> int:
         removed = self._mask(removed)
         return self._param_sum(self._counts_table.counts(removed))
+
+    def totals(self, removed=None) -> tuple[int, int]:
+        """``(flops(removed), params(removed))``, counting the kept channels once for both."""
+        removed = self._mask(removed)
+        counts = self._counts_table.counts(removed)
+        kept = self._kept_fn(removed)
+        called = sum(int(fn(kept, node, removed)) for _, node, fn in self._flop_calls)
+        return self._flop_sum(counts) + called, self._param_sum(counts)
 
     def layers(self, removed=None) -> list[LayerCost]:
         """One row per leaf module (and per module owning functional ops), in graph order."""
@@ -356,7 +361,8 @@ def count_flops_params(model: nn.Module, example_inputs, graph: ChannelGraph | N
         check_model(model)
         check_graph_matches(graph, model, as_inputs(example_inputs))
     costs = CostModel(model, graph or build_graph(model, example_inputs))
-    return {"flops": costs.flops(), "params": costs.params()}
+    flops, params = costs.totals()
+    return {"flops": flops, "params": params}
 
 
 def fvcore_counts(model: nn.Module, example_inputs) -> tuple[int, Counter]:

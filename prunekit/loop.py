@@ -39,6 +39,7 @@ from .run_context import Run
 from .run_state import Candidate, CheckpointClock, StepRecord, own_weights, rebuild, shared_copy, \
     state_of
 from .rundir import RunWriter
+from .safety import existing_objects_frozen
 from .surgery import apply_removal
 
 
@@ -83,7 +84,7 @@ def prune(model: nn.Module, example_inputs, config, run_dir=None, resume: bool =
     and nothing is written before everything that can be checked is.
     """
     check_path(run_dir, "run_dir", optional=True)
-    with distributed.joined(load_config(config).device) as world:  # torchrun's ranks join here
+    with distributed.joined(load_config(config).device) as world, existing_objects_frozen():  # ranks join here
         result = _prune(model, example_inputs, config, run_dir, resume, force, progress, builder, builder_kwargs,
                         input_files)
         world.barrier()  # every rank returns once rank 0 has written the run directory
@@ -134,7 +135,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
             graph = build_graph(current, run.inputs, cfg.model.leaf_modules)
         if costs is None:
             costs = CostModel(current, graph)
-        flops, params = costs.flops(), costs.params()
+        flops, params = costs.totals()
         latency = history[-1].latency_ratio if history and run.gauge is not None else 1.0
         if run.targets.done(flops, params, latency):
             message = "targets met"

@@ -323,7 +323,7 @@ class Planner:
         def price(units: np.ndarray) -> Plan:
             mask = self.graph.removal_mask(units)
             latency = self.latency.ratio(mask) if self.latency is not None else None
-            return Plan(units, self.costs.flops(mask), self.costs.params(mask), False, latency)
+            return Plan(units, *self.costs.totals(mask), False, latency)
 
         def first(k: int) -> Plan:
             return price(self._rounded(sequence, k))

@@ -103,13 +103,13 @@ class Run:
             warnings.warn(f"{fallback.describe()}; {self.graph0.fallback_cost(fallback)} channels pinned.",
                           PrunekitWarning, stacklevel=3)
         costs = self.costs0 = CostModel(model, self.graph0)
-        self.flops0, self.params0 = costs.flops(), costs.params()
+        self.flops0, self.params0 = costs.totals()
         if self.flops0 <= 0 or self.params0 <= 0:
             raise PrunekitError(f"the model has {self.flops0} FLOPs and {self.params0} parameters that prunekit can "
                                 "count; there is nothing to prune.")
         self.producer_widths0 = {n: len(u) for n, u in self.graph0.producers.items()}
         every_free_unit = ~self.graph0.pinned  # what is left without any limit: the pinned channels' cost
-        self.pinned_floor = (costs.flops(every_free_unit), costs.params(every_free_unit))
+        self.pinned_floor = costs.totals(every_free_unit)
         t = cfg.targets
         self.targets = Targets(self.flops0, self.params0, t.flops, t.params, t.stop_when, t.priority,
                                cfg.schedule.steps, t.latency)

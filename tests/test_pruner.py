@@ -298,3 +298,43 @@ def test_taylor_uses_the_training_loss():
     assert any(s.max() > 0 for s in scores.values())
     with pytest.raises(prunekit.PrunekitError, match="needs a loss"):
         prunekit.prune(model, x, unet_config(importance={"method": "taylor"}), progress=False)
+
+
+class _Cycle:
+    def __init__(self):
+        self.me = self
+
+
+def test_prune_leaves_the_garbage_collector_as_it_found_it():
+    """A prune keeps the objects that existed before it out of garbage collections (gc.freeze), collects
+    its own garbage as it ends and unfreezes; a caller's own frozen objects and a disabled collector stay."""
+    import gc
+    import weakref
+
+    cfg = unet_config(importance={"method": "l1"}, targets={"flops": 0.8, "params": 1.0})
+    assert gc.get_freeze_count() == 0
+    seen = []
+
+    def scorer(model, graph, batches=None):  # garbage made inside the prune: a reference cycle
+        cycle = _Cycle()
+        seen.append(weakref.ref(cycle))
+        assert gc.get_freeze_count() > 0  # the objects from before the prune are frozen meanwhile
+        return prunekit.importance.SCORERS["l1"](model, graph)
+
+    prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), unet_config(importance={"method": scorer},
+                   targets={"flops": 0.8, "params": 1.0}), progress=False)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    assert seen and all(ref() is None for ref in seen)  # collected before the prune returned
+
+    gc.freeze()  # the caller's own freeze is theirs
+    try:
+        prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), cfg, progress=False)
+        assert gc.get_freeze_count() > 0  # not unfrozen (frozen objects that die leave the count)
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        prunekit.prune(make_unet(), torch.rand(1, 1, 32, 32), cfg, progress=False)
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
