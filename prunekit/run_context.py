@@ -29,6 +29,7 @@ from .errors import PrunekitError, PrunekitWarning
 from .graphs import build_graph
 from .graphs.graph import as_inputs
 from .importance import SCORERS, resolve_scorer
+from .latency import measure_latency
 from .latency_model import LatencyGauge, LatencyTables, Settings, choose_alignment, latency_calls
 from .planner import Targets
 from .progress import progress_bar
@@ -116,6 +117,12 @@ class Run:
         self.gauge, self.round_to = None, cfg.limits.round_to
         if t.latency is not None or cfg.limits.round_to == "auto":
             self.gauge = self._latency_gauge(model)
+        if self.gauge is not None or self.run_dir is not None:
+            # the model will be timed on the example input (a latency target, or the report's latency row
+            # after the last step): one run now, so that an input it cannot take (a dtype the trace, which
+            # reads shapes only, did not see) stops the run before the work, not after it
+            lat = cfg.latency
+            self.world.from_main(lambda: measure_latency(model, self.inputs, lat.device, lat.threads, 1, 0))
         self.task = None
 
     def _latency_gauge(self, model: nn.Module) -> LatencyGauge:

@@ -814,3 +814,22 @@ def test_a_pruned_model_whose_hook_handles_live_in_it_can_be_copied():
             assert torch.equal(ours, theirs)
     copied.collector.handle.remove()  # the copy's handle removes the copy's hook, not the original's
     assert not copied.act._forward_hooks and pruned.act._forward_hooks
+
+
+def test_an_example_input_the_model_cannot_take_stops_a_run_before_its_first_step(tmp_path, monkeypatch):
+    """The trace reads shapes only, so an integer input to a float model went through every step and
+    failed at the report's latency row at the very end; a run that will time the model runs it once first."""
+    from prunekit.graphs.trace import ExampleInputError
+    from prunekit.zoo import unet
+
+    torch.manual_seed(0)
+    model, x = unet(in_channels=1, num_classes=2, width=8, depth=2).eval(), torch.randint(0, 9, (1, 1, 32, 32))
+    steps = []
+    import prunekit.loop
+
+    monkeypatch.setattr(prunekit.loop, "apply_removal", lambda *a, **k: steps.append(a) or None)
+    config = {"targets": {"flops": 0.7}, "importance": {"method": "l1"}, "schedule": {"steps": 2}}
+    with pytest.raises(ExampleInputError, match="fails on the example input"):
+        prunekit.prune(model, x, config, run_dir=tmp_path / "run", progress=False)
+    assert not steps and not (tmp_path / "run").exists()
+    assert prunekit.count_flops_params(model, x)["flops"] > 0  # without a run directory nothing runs it
