@@ -31,7 +31,7 @@ _ARGS = {
     "LPPool2d": (2, 2), "lp_pool2d": (2, 2), "clamp": (-1.0, 1.0), "clip": (-1.0, 1.0), "clamp_": (-1.0, 1.0),
     "clamp_min": (0.0,), "clamp_max": (0.0,), "pow": (2,), "pow_": (2,), "fmod": (1.5,), "to": (torch.float32,),
     "type": (torch.float32,), "requires_grad_": (False,), "cuda": (), "dropout": (0.5, False), "alpha_dropout": (0.5, False),
-    "dropout1d": (0.5, False), "dropout2d": (0.5, False), "dropout3d": (0.5, False), "feature_alpha_dropout": (),
+    "full_like": (0.5,), "dropout1d": (0.5, False), "dropout2d": (0.5, False), "dropout3d": (0.5, False), "feature_alpha_dropout": (),
 }
 _POOL_ARGS = {"MaxPool": (2,), "AvgPool": (2,), "AdaptiveAvgPool": (2,), "AdaptiveMaxPool": (2,), "max_pool": (2,),
               "avg_pool": (2,), "adaptive_avg_pool": (2,), "adaptive_max_pool": (2,)}
@@ -135,6 +135,10 @@ def _function_call(key, name, fn, spec, extra):
     if spec.rule is passthrough:
         return (lambda a: fn(a, *extra)), False, C, rank
     if rule == "elementwise" or name in ("where",):
+        ternary = {"lerp": lambda a, b: fn(a, b, 0.3), "addcmul": lambda a, b: fn(a, a, b),
+                   "addcdiv": lambda a, b: fn(a, a, b.abs() + 1), "masked_fill": lambda a, b: fn(a + b, b > 0, 0.0)}
+        if name.rstrip("_") in ternary:
+            return ternary[name.rstrip("_")], True, C, rank
         if name == "where":
             return (lambda a, b: fn(a > 0, a, b) if not isinstance(key, str) else a.where(a > 0, b)), True, C, rank
         return (lambda a, b: fn(a, b)), True, C, rank
@@ -154,6 +158,8 @@ def _function_call(key, name, fn, spec, extra):
         "upsample_nearest": lambda a: fn(a, scale_factor=2), "upsample_bilinear": lambda a: fn(a, scale_factor=2),
         "grid_sample": lambda a: fn(a, torch.zeros(a.shape[0], 4, 4, 2), align_corners=False),
         "pad": lambda a: fn(a, (1, 1)),
+        "roll": lambda a: fn(a, (1, -1), (2, 3)), "rot90": lambda a: fn(a, 1, (2, 3)),
+        "flip": lambda a: fn(a, (3,)) if isinstance(key, str) else fn(a, (2, 3)),
         "softmax": lambda a: fn(a, 1), "log_softmax": lambda a: fn(a, 1), "softmin": lambda a: fn(a, 1),
         "cumsum": lambda a: fn(a, 3), "cumprod": lambda a: fn(a, 3), "normalize": lambda a: fn(a),
         "glu": lambda a: fn(a, 3),
@@ -325,3 +331,29 @@ def test_pool_shape_leaves_the_odd_cases_to_torch():
     assert pool_shape(2)((x,), nn.MaxPool2d(2, return_indices=True)) is None
     assert pool_shape(2)((x,), nn.MaxPool2d(2, padding=2)) is None  # padding over half the kernel: torch's error
     assert pool_shape(2)((torch.empty(1, 3, 1, 1, device="meta"),), nn.MaxPool2d(3)) is None  # an empty output
+
+
+class Moves(nn.Module):
+    """roll / flip / rot90 over space keep channels; over the channel dim they move values across them."""
+
+    def __init__(self, over_channels: bool):
+        super().__init__()
+        self.over_channels = over_channels
+        self.a, self.b, self.c = nn.Conv2d(3, C, 1), nn.Conv2d(C, C, 1), nn.Conv2d(C, 2, 1)
+
+    def forward(self, x):
+        y = torch.roll(self.a(x), 1, 1 if self.over_channels else 3).flip(2, 3)
+        y = torch.zeros_like(y) + torch.rot90(y, 1, (2, 3))
+        return self.c(torch.flip(self.b(y), (1,) if self.over_channels else (2,)))
+
+
+def test_moves_over_space_keep_channels_and_over_channels_pin_them():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    model = Moves(over_channels=False).eval()
+    graph = prunekit.build_graph(model, x)
+    assert set(graph.prunable_channels()) == {"a", "b"}
+    assert_exact(model, graph, x, graph.units_for({"a": [1, 4], "b": [0]}))
+    pinned = prunekit.build_graph(Moves(over_channels=True).eval(), x)
+    assert not pinned.prunable_channels()
+    assert any("moves values across channels" in p.reason for p in pinned.pins)

@@ -103,6 +103,27 @@ def along_dim(index: int, keyword: str = "dim", default=None, implicit=None):
     return rule
 
 
+def along_dims(index: int, keyword: str = "dims", default=None, varargs: bool = False):
+    """roll / flip / rot90: moving values along some dims keeps the channels unless the channel dim is one
+    of them (no dims: the tensor flattened). ``varargs``: the method form's dims may come one per argument."""
+
+    def rule(op: Op):
+        chan, x = op.chan(0, "input"), op.value(0, "input")
+        if chan is None:
+            return op.opaque("created by an op")
+        dims = op.value(index, keyword, default)
+        if varargs and isinstance(dims, int):
+            dims = tuple(op.args[index:])
+        dims = (dims,) if isinstance(dims, int) else dims
+        if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims) \
+                or chan.dim in {_norm_dim(d, _ndim(x)) for d in dims}:
+            op.pin_inputs("moves values across channels")
+            return op.opaque("moves values across channels")
+        return chan
+
+    return rule
+
+
 def softmax2d(op: Op):
     op.pin_inputs("mixes channels")
     return op.opaque("mixes channels")

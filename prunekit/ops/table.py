@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import flops as fl
-from .channels import along_dim, cat, elementwise, glu, interpolate, narrow, pad, passthrough, pixel_shuffle, \
+from .channels import along_dim, along_dims, cat, elementwise, glu, interpolate, narrow, pad, passthrough, pixel_shuffle, \
     pixel_unshuffle, reduce, softmax2d, spatial, split, stack, _softmax_dim
 from .layers import batchnorm_module, group_norm_function, conv_carries, conv_function, conv_module, \
     groupnorm_module, holder_carries, holder_function, layernorm_function, layernorm_module, linear_carries, \
@@ -117,11 +117,16 @@ _UNARY_FUNCTIONS = [
     torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.dropout, torch.log, torch.sign,
     torch.nan_to_num, torch.erf, operator.neg, operator.pos, torch.clone, torch.detach, torch.as_tensor,
     torch.isnan, torch.isfinite, torch.isinf, operator.invert, torch.logical_not,
+    torch.reciprocal, torch.floor, torch.ceil, torch.round, torch.trunc, torch.sin, torch.cos, torch.expm1,
+    torch.log1p, torch.clamp_min, torch.clamp_max, F.rrelu, F.hardshrink, F.softshrink, F.tanhshrink,
+    # values of their own, in the shape (and so the channels) of their input
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like, torch.randn_like,
 ]
 _BINARY_FUNCTIONS = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.floordiv, torch.add, torch.sub, torch.mul,
     torch.div, torch.true_divide, torch.maximum, torch.minimum, torch.pow, torch.fmod,
-    torch.rsub, torch.multiply, torch.subtract, torch.divide,
+    torch.rsub, torch.multiply, torch.subtract, torch.divide, torch.atan2, torch.remainder, torch.lerp,
+    torch.addcmul, torch.addcdiv, torch.masked_fill,
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
 ]
@@ -160,6 +165,9 @@ FUNCTIONS: dict[Any, OpSpec] = {
     F.interpolate: OpSpec(interpolate, fl.upsample()),  # F.upsample* call it: it is what is recorded
     F.grid_sample: OpSpec(unknown, fl.grid_sample),
     F.pad: OpSpec(pad),
+    torch.roll: _same(along_dims(2)),
+    torch.flip: _same(along_dims(1)),
+    torch.rot90: OpSpec(along_dims(2, default=(0, 1))),
     **{f: OpSpec(along_dim(1, implicit=_softmax_dim)) for f in (F.softmax, F.log_softmax, F.softmin)},
     **{f: OpSpec(along_dim(1)) for f in (torch.softmax, torch.log_softmax, torch.cumsum, torch.cumprod)},
     F.normalize: OpSpec(along_dim(2, default=1)),
@@ -188,10 +196,12 @@ _UNARY_METHODS = [
     "clamp", "clamp_", "clamp_min", "clamp_max", "clip", "contiguous", "float", "half", "double",
     "bfloat16", "to", "type", "type_as", "clone", "detach", "requires_grad_", "square", "log", "sign",
     "exp_", "nan_to_num", "erf", "cpu", "cuda", "isnan", "isfinite", "isinf", "logical_not",
+    "int", "long", "bool", "reciprocal", "floor", "ceil", "round", "sin", "cos", "expm1", "log1p", "abs_", "neg_",
 ]
 _BINARY_METHODS = [
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "true_divide", "maximum", "minimum",
-    "pow", "pow_", "fmod", "where", "eq", "ne", "lt", "le", "gt", "ge",
+    "pow", "pow_", "fmod", "where", "eq", "ne", "lt", "le", "gt", "ge", "atan2", "remainder", "lerp", "lerp_",
+    "addcmul", "addcmul_", "addcdiv", "addcdiv_", "masked_fill", "masked_fill_",
 ]
 
 METHODS: dict[str, OpSpec] = {
@@ -200,6 +210,9 @@ METHODS: dict[str, OpSpec] = {
     **{m: OpSpec(along_dim(1)) for m in ("softmax", "log_softmax", "cumsum")},
     **{m: OpSpec(split) for m in ("split", "chunk", "tensor_split", "unbind")},
     "narrow": OpSpec(narrow),
+    "roll": OpSpec(along_dims(2)),
+    "flip": OpSpec(along_dims(1, varargs=True)),
+    "rot90": OpSpec(along_dims(2, default=(0, 1))),
     **{m: OpSpec(reshape) for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "view_as", "reshape_as")},
     **{m: OpSpec(permute) for m in ("permute", "transpose", "t", "swapaxes", "movedim")},
     **{m: OpSpec(expand) for m in ("expand", "expand_as", "repeat")},
