@@ -211,7 +211,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
     else:
         final_graph = build_graph(model_out, run.inputs, cfg.model.leaf_modules)
         final_costs = CostModel(model_out, final_graph)
-    final = {"flops": final_costs.flops(), "params": final_costs.params()}
+    final = dict(zip(("flops", "params"), final_costs.totals()))
     latency = None
     if run.gauge is not None or run.run_dir is not None:  # the report's before/after row; a latency target's verdict
         # without a latency target the row is informative only: a short measurement will do
