@@ -500,6 +500,32 @@ class SubPixel(nn.Module):
         return self.head(self.c(torch.cat([y, skip], 1)))
 
 
+class PerChannelTensors(nn.Module):
+    """Per-channel parameters read element-wise are cut with the channels they meet: layer scale (a (C,)
+    vector indexed to (1, C, 1, 1)) on a residual branch, a FilterResponseNorm-like normalisation (scale,
+    shift, learned threshold); a buffer over W meets no channel and changes nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = cbr(3, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.weight = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5)
+        self.bias = nn.Parameter(torch.randn(1, 8, 1, 1) * 0.1)
+        self.tau = nn.Parameter(torch.randn(1, 8, 1, 1) * 0.1)
+        self.register_buffer("over_width", torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        x = self.a(x)
+        y = self.b(x)
+        y = y * torch.rsqrt(y.pow(2).mean(dim=(2, 3), keepdim=True) + 1e-6)
+        y = torch.maximum(self.weight * y + self.bias, self.tau)
+        x = x + self.c(y) * self.gamma[None, :, None, None]
+        return self.head(x * self.over_width)
+
+
 class SoftmaxNet(nn.Module):
     """softmax/log_softmax over channels pin; over space they keep channels (then a coupled product)."""
 
@@ -906,6 +932,7 @@ ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("channels_last", ChannelsLast, _img()),
     Arch("shuffle", ShuffleNet, _img(), pins=("channel shuffle", "reshapes channels", "hard-coded channel count")),
     Arch("sub_pixel", SubPixel, _img()),
+    Arch("per_channel_tensors", PerChannelTensors, _img()),
     Arch("softmax", SoftmaxNet, _img(), pins=("mixes channels",)),
     Arch("attention", AttentionNet, _img(h=8, w=8), pins=("op not understood",)),
     Arch("dict_out", DictOut, _img()),

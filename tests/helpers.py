@@ -118,13 +118,17 @@ def zero_roles(model: nn.Module, graph) -> dict[tuple[str, int], bool]:
                 name = _attr_name(_arg(node, index, keyword))
                 if name:
                     functional[name] = (spec, keyword)
+    # per-channel tensors read element-wise (layer scale, FilterResponseNorm): they hold the channel's value
+    per_channel = {str(n.target) for g in graph.fx_graphs for n in g.nodes if n.meta.get("prunekit_per_channel")}
     modules = dict(model.named_modules())
     roles: dict[tuple[str, int], bool] = {}
     for (tensor, dim) in graph.slices:
         owner, _, attr = tensor.rpartition(".")
         module = modules.get(owner)
         zero = None
-        if tensor in functional:
+        if tensor in per_channel:
+            zero = True
+        elif tensor in functional:
             spec, role = functional[tensor]
             zero = spec.carries(role, dim, None, sliced[tensor])
         elif module is not None and (spec := layer_spec(module)) is not None:

@@ -90,6 +90,15 @@ def check_graph_matches(graph, model: nn.Module, inputs: tuple) -> None:
                              "this input.")
 
 
+def _pin_unproduced(state: ChannelState, unit_of_atom: np.ndarray) -> None:
+    """Channels that no layer produces (those of a per-channel tensor that met none) cannot be removed."""
+    produced = np.zeros(int(unit_of_atom.max()) + 1 if len(unit_of_atom) else 0, dtype=bool)
+    for atoms in state.producers.values():
+        produced[unit_of_atom[list(atoms)]] = True
+    for atom in np.flatnonzero(~produced[unit_of_atom]).tolist():
+        state.pin_reason.setdefault(atom, f"{CONSTANT_PIN} '{state.source[atom][0]}' meets no layer's channels")
+
+
 class ChannelGraph:
     """Which channels must leave together, and which must stay.
 
@@ -117,6 +126,7 @@ class ChannelGraph:
             roots = jumped
         _, self.unit_of_atom = np.unique(roots, return_inverse=True)
         self.num_units = int(self.unit_of_atom.max()) + 1 if len(roots) else 0
+        _pin_unproduced(state, self.unit_of_atom)
         self.unit_pin: dict[int, str] = {}
         for atom, reason in state.pin_reason.items():
             self.unit_pin.setdefault(int(self.unit_of_atom[atom]), reason)

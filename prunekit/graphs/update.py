@@ -108,9 +108,9 @@ def derive(graph: ChannelGraph, removed: np.ndarray, pruned: nn.Module) -> Chann
     # pinned channels follow its new shape: those past it go (they are units of their own)
     kept_atom = np.ones(len(graph.unit_of_atom), dtype=bool)
     for fx_graph in graph.fx_graphs:
-        for node in fx_graph.nodes:
-            if node.op == "get_attr" and shapes.get(node.target, node.meta.get("prunekit_shape")) \
-                    != node.meta.get("prunekit_shape"):
+        for node in fx_graph.nodes:  # (a per-channel tensor is cut with the channels it meets: nothing to do)
+            if node.op == "get_attr" and not node.meta.get("prunekit_per_channel") and shapes.get(
+                    node.target, node.meta.get("prunekit_shape")) != node.meta.get("prunekit_shape"):
                 kept_atom[_cut_constant(node, node.meta["prunekit_shape"], shapes[node.target])] = False
     gone = graph.unit_of_atom[~kept_atom]
     if (np.bincount(graph.unit_of_atom, minlength=graph.num_units)[gone] != 1).any():

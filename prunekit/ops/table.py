@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..graphs.state import Chan
 from . import flops as fl
-from .channels import along_dim, along_dims, cat, elementwise, glu, interpolate, narrow, pad, passthrough, pixel_shuffle, \
-    pixel_unshuffle, reduce, softmax2d, spatial, split, stack, _softmax_dim
+from .channels import along_dim, along_dims, cat, elementwise, glu, interpolate, narrow, pad, passthrough, \
+    pixel_shuffle, pixel_unshuffle, reduce, softmax2d, spatial, split, stack, _softmax_dim
 from .layers import batchnorm_module, group_norm_function, conv_carries, conv_function, conv_module, \
     groupnorm_module, holder_carries, holder_function, layernorm_function, layernorm_module, linear_carries, \
     linear_function, linear_module, prelu_module, resize_conv, resize_groupnorm, resize_linear, resize_norm, \
@@ -223,8 +224,39 @@ METHODS: dict[str, OpSpec] = {
     **{m: OpSpec(no_channels) for m in ("size", "dim", "numel")},
 }
 
+def per_channel_tensor(op: Op):
+    """A parameter or buffer of the model with one dim longer than 1, read only element-wise (through
+    reshapes and element-wise functions): a per-channel scale, shift or threshold (layer scale,
+    FilterResponseNorm's weight, bias and tau). Its positions are channels of whatever it meets, and it
+    is sliced with them; channels it meets that no layer produces stay (see ChannelGraph). Any other
+    tensor is a constant whose channels stay."""
+    value, target = op.out, str(op.node.target)
+    long_dims = [d for d, n in enumerate(value.shape) if n > 1] if isinstance(value, torch.Tensor) else []
+    owner, _, attr = target.rpartition(".")
+    module = (op.modules or {}).get(owner)
+    held = module is not None and (attr in module._parameters or attr in module._buffers)
+    if len(long_dims) != 1 or not held or not _read_element_wise(op.node):
+        return constant(op)
+    atoms = op.state.new_atoms(target, value.shape[long_dims[0]])
+    op.state.add_slice(target, long_dims[0], atoms)
+    op.node.meta["prunekit_per_channel"] = True  # a derived graph cuts it with its channels
+    return Chan(long_dims[0], atoms)
+
+
+def _read_element_wise(node: fx.Node) -> bool:
+    """Every use of ``node``'s value is element-wise, directly or after ops that keep its positions."""
+    for user in node.users:
+        rule = spec_for_target(user.op, user.target, None).rule if user.op in ("call_function", "call_method") \
+            else None
+        if rule is elementwise or (rule in (reshape, expand, getitem, passthrough) and _read_element_wise(user)):
+            continue
+        return False
+    return bool(node.users)
+
+
 _UNKNOWN = OpSpec(unknown)
-_GRAPH_NODES = {"placeholder": OpSpec(model_input), "get_attr": OpSpec(constant), "output": OpSpec(model_output)}
+_GRAPH_NODES = {"placeholder": OpSpec(model_input), "get_attr": OpSpec(per_channel_tensor),
+                "output": OpSpec(model_output)}
 
 
 def register(key: type | Callable | str, spec: OpSpec) -> None:
