@@ -52,6 +52,8 @@ TIMM = [
     "res2net50_14w_8s", "res2next50", "eca_resnet33ts", "gcresnet33ts", "tresnet_m",
     # RegNets, NF nets
     "regnetx_002", "regnety_002", "regnetz_b16", "nf_resnet26", "nf_regnet_b0", "nfnet_l0",
+    # FilterResponseNorm: per-channel scale, shift and threshold read element-wise
+    "resnetv2_50d_frn",
     # depthwise / inverted residual / NAS families
     "efficientnet_b0", "efficientnet_es", "efficientnet_b0_gn", "tf_efficientnet_lite0", "tf_efficientnetv2_b0",
     "mobilenetv2_035", "mobilenetv3_small_050", "mobilenetv3_large_075", "mobilenetv4_conv_small_035",
