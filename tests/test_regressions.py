@@ -833,3 +833,24 @@ def test_an_example_input_the_model_cannot_take_stops_a_run_before_its_first_ste
         prunekit.prune(model, x, config, run_dir=tmp_path / "run", progress=False)
     assert not steps and not (tmp_path / "run").exists()
     assert prunekit.count_flops_params(model, x)["flops"] > 0  # without a run directory nothing runs it
+
+
+def test_per_channel_tensors_are_cut_with_their_channels_through_a_whole_prune():
+    """Layer scale and FilterResponseNorm-style parameters (read only element-wise) used to pin the
+    channels they touched; now they are sliced with them, in a cut and in the model a prune delivers."""
+    from archs import PerChannelTensors
+
+    torch.manual_seed(0)
+    model, x = PerChannelTensors().eval(), torch.randn(1, 3, 16, 16)
+    graph = prunekit.build_graph(model, x)
+    assert set(graph.prunable_channels()) == {"a.0", "b", "c"}
+    pruned = prunekit.remove_channels(model, x, {"b": [1, 3], "a.0": [0]}, graph=graph)
+    kept_b, kept_a = [0, 2, 4, 5, 6, 7], [1, 2, 3, 4, 5, 6, 7]  # a and c share the residual stream
+    assert torch.equal(pruned.tau, model.tau[:, kept_b]) and torch.equal(pruned.bias, model.bias[:, kept_b])
+    assert torch.equal(pruned.gamma, model.gamma[kept_a]) and torch.equal(pruned.over_width, model.over_width)
+    result = prunekit.prune(model, x, {"targets": {"flops": 0.6}, "importance": {"method": "l1"},
+                                       "schedule": {"steps": 2}, "limits": {"round_to": 1}}, progress=False)
+    delivered = result.model
+    assert delivered.gamma.shape[0] == delivered.c.out_channels < 8
+    assert delivered.weight.shape[1] == delivered.b.out_channels
+    assert delivered(x).shape == (1, 2, 16, 16)
