@@ -164,10 +164,14 @@ class CostModel:
         def kept(arg) -> tuple:
             if not isinstance(arg, fx.Node):
                 return ()
-            shape = arg.meta.get("prunekit_shape")
-            chan = arg.meta.get("prunekit_chan")
-            if shape is None or not shape or not isinstance(shape[0], int):
+            return kept_value(arg.meta.get("prunekit_shape"), arg.meta.get("prunekit_chan"))
+
+        def kept_value(shape, chan) -> tuple:
+            if shape is None or not shape:
                 return tuple(shape or ())
+            if not isinstance(shape[0], int):  # a tuple of values (a split's pieces): each its own
+                chans = chan if isinstance(chan, (tuple, list)) and len(chan) == len(shape) else (None,) * len(shape)
+                return tuple(kept_value(s, c) for s, c in zip(shape, chans))
             if chan is None or not hasattr(chan, "dim"):
                 return shape
             units = self._unit_cache.get(id(chan))
