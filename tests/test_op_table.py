@@ -31,7 +31,8 @@ _ARGS = {
     "LPPool2d": (2, 2), "lp_pool2d": (2, 2), "clamp": (-1.0, 1.0), "clip": (-1.0, 1.0), "clamp_": (-1.0, 1.0),
     "clamp_min": (0.0,), "clamp_max": (0.0,), "pow": (2,), "pow_": (2,), "fmod": (1.5,), "to": (torch.float32,),
     "type": (torch.float32,), "requires_grad_": (False,), "cuda": (), "dropout": (0.5, False), "alpha_dropout": (0.5, False),
-    "full_like": (0.5,), "dropout1d": (0.5, False), "dropout2d": (0.5, False), "dropout3d": (0.5, False), "feature_alpha_dropout": (),
+    "dropout1d": (0.5, False), "dropout2d": (0.5, False), "dropout3d": (0.5, False), "feature_alpha_dropout": (),
+    "full_like": (0.5,),
 }
 _POOL_ARGS = {"MaxPool": (2,), "AvgPool": (2,), "AdaptiveAvgPool": (2,), "AdaptiveMaxPool": (2,), "max_pool": (2,),
               "avg_pool": (2,), "adaptive_avg_pool": (2,), "adaptive_max_pool": (2,)}

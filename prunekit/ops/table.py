@@ -224,6 +224,7 @@ METHODS: dict[str, OpSpec] = {
     **{m: OpSpec(no_channels) for m in ("size", "dim", "numel")},
 }
 
+
 def per_channel_tensor(op: Op):
     """A parameter or buffer of the model with one dim longer than 1, read only element-wise (through
     reshapes and element-wise functions): a per-channel scale, shift or threshold (layer scale,
