@@ -11,7 +11,7 @@ from torch import nn
 from prunekit.errors import PrunekitError, UsageError
 from prunekit.files import atomic_dir, atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
 from prunekit.loading import load_model, parse_input_shape, parse_kwargs, resolve_callable
-from prunekit.zoo import small_cnn, unet
+from prunekit.zoo import unet
 
 UNET_KW = {"width": 2, "depth": 2, "num_classes": 3}
 
