@@ -854,3 +854,53 @@ def test_per_channel_tensors_are_cut_with_their_channels_through_a_whole_prune()
     assert delivered.gamma.shape[0] == delivered.c.out_channels < 8
     assert delivered.weight.shape[1] == delivered.b.out_channels
     assert delivered(x).shape == (1, 2, 16, 16)
+
+
+class _HandWrittenBatchNorm(nn.Module):
+    """A BatchNorm written out in user code: its statistics and affine parameters are plain tensors
+    read element-wise, and in training it updates its running statistics in place."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels) * 0.1)
+        self.register_buffer("running_mean", torch.randn(channels) * 0.1)
+        self.register_buffer("running_var", torch.rand(channels) + 0.5)
+
+    def forward(self, x):
+        if self.training:
+            mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * mean)
+                self.running_var.mul_(0.9).add_(0.1 * var)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight[None, :, None, None] / torch.sqrt(var[None, :, None, None] + 1e-5)
+        return (x - mean[None, :, None, None]) * scale + self.bias[None, :, None, None]
+
+
+class _WithHandWrittenNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm_a = nn.Conv2d(3, 8, 3, padding=1), _HandWrittenBatchNorm(8)
+        self.b, self.norm_b = nn.Conv2d(8, 8, 3, padding=1), _HandWrittenBatchNorm(8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.norm_a(self.a(x)))
+        return self.head(torch.relu(self.norm_b(self.b(y))) + y)
+
+
+def test_a_hand_written_norm_is_cut_with_its_channels_in_both_modes():
+    """Its tensors pinned every channel they met, so a model with its own norm layer had nothing
+    prunable; now they are per-channel tensors, cut exactly, and its training-mode update still runs."""
+    torch.manual_seed(0)
+    model, x = _WithHandWrittenNorms().eval(), torch.randn(2, 3, 8, 8)
+    graph = prunekit.build_graph(model, x)
+    assert set(graph.prunable_channels()) == {"a", "b"}
+    units = graph.units_for({"a": [0, 5]})  # the residual add couples a and b: 2 channels of both
+    pruned = assert_exact(model, graph, x, units)
+    assert pruned.norm_a.running_var.shape == pruned.norm_a.weight.shape == (6,) and pruned.b.out_channels == 6
+    kept = [i for i, unit in enumerate(graph.producers["b"]) if unit not in set(units)]
+    assert torch.equal(pruned.norm_b.running_mean, model.norm_b.running_mean[kept])
+    assert_train_mode_runs(model, pruned, x)
