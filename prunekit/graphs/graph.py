@@ -90,13 +90,12 @@ def check_graph_matches(graph, model: nn.Module, inputs: tuple) -> None:
                              "this input.")
 
 
-def _pin_unproduced(state: ChannelState, unit_of_atom: np.ndarray) -> None:
-    """Channels that no layer produces (those of a per-channel tensor that met none) cannot be removed."""
-    produced = np.zeros(int(unit_of_atom.max()) + 1 if len(unit_of_atom) else 0, dtype=bool)
-    for atoms in state.producers.values():
-        produced[unit_of_atom[list(atoms)]] = True
-    for atom in np.flatnonzero(~produced[unit_of_atom]).tolist():
-        state.pin_reason.setdefault(atom, f"{CONSTANT_PIN} '{state.source[atom][0]}' meets no layer's channels")
+def _produced(num_units: int, producers: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Which units hold some layer's output channels."""
+    produced = np.zeros(num_units, dtype=bool)
+    for units in producers.values():
+        produced[units] = True
+    return produced
 
 
 class ChannelGraph:
@@ -126,7 +125,10 @@ class ChannelGraph:
             roots = jumped
         _, self.unit_of_atom = np.unique(roots, return_inverse=True)
         self.num_units = int(self.unit_of_atom.max()) + 1 if len(roots) else 0
-        _pin_unproduced(state, self.unit_of_atom)
+        self.producers: dict[str, np.ndarray] = self._units(state.producers)
+        # channels no layer produces (a per-channel tensor's that met none) cannot be removed
+        for atom in np.flatnonzero(~_produced(self.num_units, self.producers)[self.unit_of_atom]).tolist():
+            state.pin_reason.setdefault(atom, f"{CONSTANT_PIN} '{state.source[atom][0]}' meets no layer's channels")
         self.unit_pin: dict[int, str] = {}
         for atom, reason in state.pin_reason.items():
             self.unit_pin.setdefault(int(self.unit_of_atom[atom]), reason)
@@ -135,7 +137,6 @@ class ChannelGraph:
         # pinned atom -> (where it comes from, why): what `pins` reports
         self.pinned_atoms = {atom: (state.source[atom][0], reason) for atom, reason in state.pin_reason.items()}
 
-        self.producers: dict[str, np.ndarray] = self._units(state.producers)
         self.producer_kind = dict(state.producer_kind)
         self.producer_weight = dict(state.producer_weight)
         self.slices: dict[tuple[str, int], np.ndarray] = self._units(state.slices)
@@ -257,9 +258,7 @@ class ChannelGraph:
         """Channels left alone: per (source, reason), the pinned units. A unit the eval and train traces
         both pin counts once; a weight's own channels (a functional op's constant, cut with its layer's
         channels elsewhere, or never) are not listed unless they pin a layer's output."""
-        produced = np.zeros(self.num_units, dtype=bool)
-        for units in self.producers.values():
-            produced[units] = True
+        produced = _produced(self.num_units, self.producers)
         pinned: dict[tuple[str, str], set[int]] = defaultdict(set)
         for atom, (source, reason) in self.pinned_atoms.items():
             unit = int(self.unit_of_atom[atom])
