@@ -256,32 +256,38 @@ def glu(op: Op):
     return Chan(chan.dim, chan.atoms[:half])
 
 
-def pixel_shuffle(op: Op):
+def _sub_pixel(factor: str, regroup: Callable[[Op, Chan, int], Any]) -> Callable[[Op], Any]:
+    """Pixel (un)shuffle by the op's ``factor`` r, on channels at dim -3: ``regroup(op, chan, r * r)``."""
+
+    def rule(op: Op):
+        chan, x = op.chan(0, "input"), op.value(0, "input")
+        if chan is None:
+            return op.opaque("created by an op")
+        if chan.dim != _ndim(x) - 3:
+            return unknown(op)
+        r = getattr(op.module, factor) if op.module is not None else op.value(1, factor)
+        return regroup(op, chan, r * r)
+
+    return rule
+
+
+def _shuffled(op: Op, chan: Chan, block: int) -> Chan:
     """(*, C r^2, H, W) -> (*, C, H r, W r): output channel c is input channels c r^2 .. c r^2 + r^2 - 1,
     which therefore go together, as one unit, with it."""
-    chan, x = op.chan(0, "input"), op.value(0, "input")
-    if chan is None:
-        return op.opaque("created by an op")
-    r = op.module.upscale_factor if op.module is not None else op.value(1, "upscale_factor")
-    if chan.dim != _ndim(x) - 3:
-        return unknown(op)
-    block = r * r
     for start in range(0, len(chan.atoms), block):
         group = chan.atoms[start:start + block]
         op.state.unite_vectors(group[:1] * (block - 1), group[1:])
     return Chan(chan.dim, chan.atoms[::block])
 
 
-def pixel_unshuffle(op: Op):
+def _unshuffled(op: Op, chan: Chan, block: int) -> Chan:
     """(*, C, H r, W r) -> (*, C r^2, H, W): input channel c becomes output channels c r^2 .. c r^2 + r^2 - 1,
     which leave with it."""
-    chan, x = op.chan(0, "input"), op.value(0, "input")
-    if chan is None:
-        return op.opaque("created by an op")
-    r = op.module.downscale_factor if op.module is not None else op.value(1, "downscale_factor")
-    if chan.dim != _ndim(x) - 3:
-        return unknown(op)
-    return Chan(chan.dim, tuple(atom for atom in chan.atoms for _ in range(r * r)))
+    return Chan(chan.dim, tuple(atom for atom in chan.atoms for _ in range(block)))
+
+
+pixel_shuffle = _sub_pixel("upscale_factor", _shuffled)
+pixel_unshuffle = _sub_pixel("downscale_factor", _unshuffled)
 
 
 def pad(op: Op):
