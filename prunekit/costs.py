@@ -29,7 +29,6 @@ import torch
 from torch import fx, nn
 
 from .graphs import ChannelGraph, build_graph
-from .arguments import check_model
 from .graphs.graph import as_inputs, check_graph_matches
 from .graphs.trace import training_mode
 from .graphs.walk import materialize, reaching_output
@@ -362,7 +361,6 @@ def _conv_with_padding_mode(inputs: list, outputs: list) -> Counter:
 def count_flops_params(model: nn.Module, example_inputs, graph: ChannelGraph | None = None) -> dict[str, int]:
     """{"flops": fused multiply-adds (fvcore's convention), "params": parameter count}."""
     if graph is not None:
-        check_model(model)
         check_graph_matches(graph, model, as_inputs(example_inputs))
     costs = CostModel(model, graph or build_graph(model, example_inputs))
     flops, params = costs.totals()

@@ -71,8 +71,9 @@ def as_inputs(example_inputs) -> tuple:
 
 
 def check_graph_matches(graph, model: nn.Module, inputs: tuple) -> None:
-    """``graph`` must be a ChannelGraph built from ``model`` as it is now (same tensors, same shapes) and
-    for inputs of these shapes (the FLOPs depend on them)."""
+    """``model`` must be one prunekit can read, and ``graph`` a ChannelGraph built from it as it is now (same
+    tensors, same shapes) and for inputs of these shapes (the FLOPs depend on them)."""
+    check_model(model)
     if not isinstance(graph, ChannelGraph):
         raise ArgumentError(f"graph must be a ChannelGraph (from prunekit.build_graph), got {type(graph).__name__}.")
     shapes = tensor_shapes(model)
