@@ -13,7 +13,7 @@ import fnmatch
 import functools
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Collection
 
 import numpy as np
@@ -109,6 +109,11 @@ class _Sequence:
 # one is pruned freely: aligned, a 16-channel layer could only keep 8 or 16 at round_to 8, an 8-channel
 # one nothing but all of them
 ALIGN_FROM = 4
+# when the last unit of the shortest aligned prefix that reaches a goal removes more than this share of
+# the model's FLOPs or parameters, the plan tries holding each layer whose group is worth more than that
+# at one group less (at most this many layers per plan: each is one more search)
+COSTLY_GROUP = 0.02
+MAX_ROUNDED_DOWN = 4
 
 
 class Planner:
@@ -325,26 +330,31 @@ class Planner:
             latency = self.latency.ratio(mask) if self.latency is not None else None
             return Plan(units, *self.costs.totals(mask), False, latency)
 
-        def first(k: int) -> Plan:
-            return price(self._rounded(sequence, k))
-
         def meets(plan: Plan) -> bool:
             values = (plan.flops, plan.params) if plan.latency is None else (plan.flops, plan.params, plan.latency)
             return goal(*values)
 
-        low, high = 0, len(sequence.units)
-        best = first(high)
-        if not meets(best):
+        def shortest(sequence: _Sequence, low: int) -> tuple[int, Plan, bool]:
+            """The smallest k >= low whose aligned prefix reaches the goal, its plan, and whether any does."""
+            high = len(sequence.units)
+            best = price(self._rounded(sequence, high))
+            if not meets(best):
+                return high, best, False
+            while low < high:
+                mid = (low + high) // 2
+                candidate = price(self._rounded(sequence, mid))
+                if meets(candidate):
+                    best, high = candidate, mid
+                else:
+                    low = mid + 1
+            return high, best, True
+
+        k, best, reached = shortest(sequence, 0)
+        if not reached:
             return best
-        while low < high:  # smallest k that reaches the goal
-            mid = (low + high) // 2
-            candidate = first(mid)
-            if meets(candidate):
-                best, high = candidate, mid
-            else:
-                low = mid + 1
         if max(self._steps, default=1) > 1:
-            best = self._give_back(sequence, high, best, price, meets)
+            best = self._give_back(sequence, k, best, price, meets)
+            best = self._round_down_instead(sequence, k, best, price, meets, shortest)
         best.reached = True
         return best
 
@@ -370,3 +380,52 @@ class Planner:
             if meets(candidate):
                 best, given = candidate, trial
         return best
+
+    def _round_down_instead(self, sequence: _Sequence, k: int, best: Plan, price, meets, shortest) -> Plan:
+        """Aligned, a layer with a large share of the model's cost can only lose whole groups, each worth
+        more than a step's share (VNet's widest full-resolution conv: a third of the FLOPs, 8 of its 32
+        channels are 16 points), and the shortest prefix that reaches the goal may take far more than the
+        goal needs. When it does, hold such a layer at one group less than the plan takes and take what the
+        goal still needs from the rest of the sequence, if that leaves more of what the goal limits."""
+        flops0, params0 = self.costs.totals()
+        whole = {"flops": max(flops0, 1), "params": max(params0, 1), "latency": 1.0}  # the unpruned model's
+
+        def more(a: Plan, b: Plan) -> float:
+            """How much more of the model ``a`` keeps than ``b``, as the larger share of FLOPs or params."""
+            return max((a.flops - b.flops) / whole["flops"], (a.params - b.params) / whole["params"])
+
+        if not k or more(price(self._rounded(sequence, k - 1)), best) <= COSTLY_GROUP:
+            return best  # the step's last unit did not complete a costly group: the goal needed about this much
+        # what the goal limits: the resources without whose removal the plan would not meet it
+        limited = [r for r in whole if getattr(best, r) is not None and not meets(replace(best, **{r: whole[r]}))]
+
+        def kept(plan: Plan) -> float:
+            return sum(getattr(plan, r) / whole[r] for r in limited)
+
+        groups = self._last_groups(best.units)
+        worth = {p: more(price(best.units[~np.isin(best.units, units)]), best) for p, units in groups.items()}
+        costly = sorted((p for p in worth if worth[p] > COSTLY_GROUP), key=worth.get, reverse=True)
+        banned = np.zeros(self.graph.num_units, dtype=bool)
+        for p in costly[:MAX_ROUNDED_DOWN]:
+            trial = banned.copy()  # the layer loses one group less than in the plan, and no other units
+            trial[self._pair_unit[self._pair_producer == p]] = True
+            trial[best.units[~np.isin(best.units, groups[p])]] = False
+            shorter = self._ordered(sequence.units[~trial[sequence.units]])
+            _, candidate, reached = shortest(shorter, 0)
+            if reached and kept(candidate) > kept(best):
+                best, banned = candidate, trial
+        return best
+
+    def _last_groups(self, units: np.ndarray) -> dict[int, np.ndarray]:
+        """For every aligned producer that ``units`` (in sequence order) cut: the last of them that
+        together remove one group of its channels."""
+        groups: dict[int, list[int]] = defaultdict(list)
+        removed: dict[int, int] = defaultdict(int)
+        first, (pair_producer, pair_count) = self._first_pair, self._pair_lists
+        for u in reversed(units.tolist()):
+            for r in range(first[u], first[u + 1]):
+                q = pair_producer[r]
+                if self._steps[q] > 1 and removed[q] < self._steps[q]:
+                    removed[q] += pair_count[r]
+                    groups[q].append(u)
+        return {q: np.asarray(g, dtype=np.int64) for q, g in groups.items()}

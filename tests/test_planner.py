@@ -177,3 +177,38 @@ def test_round_to_takes_the_nearest_group_and_gives_back_what_the_goal_can_spare
     assert costs.flops(graph.removal_mask(np.asarray(graph.producers["2"][:8], dtype=np.int64))) > goal
     plan = planner.plan(scores, lambda flops, params: flops <= goal)
     assert plan.reached and kept(plan.units) == {"0": 56, "2": 64}
+
+
+def test_round_to_holds_a_costly_layer_at_one_group_less_when_the_goal_does_not_need_it():
+    """A wide full-resolution layer whose group of 8 channels is worth about a fifth of the FLOPs: the
+    shortest aligned prefix that reaches a 10% cut takes that group (its fourth unit rounds up to 8), but
+    the goal is met with the cheap layers' groups instead, which leaves more of the model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),  # "0": the costly one
+                                torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4),
+                                torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 4, 1)).eval()
+    graph = prunekit.build_graph(model, torch.randn(1, 3, 32, 32))
+    costs = CostModel(model, graph)
+    flops0 = costs.flops()
+    widths = {n: len(u) for n, u in graph.producers.items()}
+    planner = Planner(graph, costs, Limits(default=0.5, layers={"9": 0}, round_to=8), widths)
+    scores = np.full(graph.num_units, np.inf)
+    scores[graph.producers["0"]] = np.r_[np.arange(4.0), np.full(28, 100.0)]  # four of "0" come first
+    scores[graph.producers["2"]] = 200.0
+    cheap = np.r_[graph.producers["5"], graph.producers["7"]]
+    scores[cheap] = np.random.default_rng(0).uniform(4, 50, cheap.size)
+    group_of_0 = graph.removal_mask(np.asarray(graph.producers["0"][:8], dtype=np.int64))
+    assert costs.flops(group_of_0) < 0.82 * flops0  # that group alone is worth more than 18% of the FLOPs
+
+    def goal(flops, params):
+        return flops <= 0.9 * flops0
+
+    plan = planner.plan(scores, goal)
+    mask = graph.removal_mask(plan.units)
+    removed = {name: int(mask[units].sum()) for name, units in graph.producers.items()}
+    assert plan.reached and goal(plan.flops, plan.params)
+    assert removed["0"] == 0 and removed["5"] + removed["7"] > 0
+    assert plan.flops > 0.85 * flops0  # about the 10% asked for, not the 18% of the costly group
+    assert all((widths[name] - n) % planner.alignment[name] == 0 for name, n in removed.items())
