@@ -280,6 +280,39 @@ def test_the_trace_keeps_size_provenance_and_values():
     assert traced.values[placeholder].shape == (1, 3, 16, 16)
 
 
+def clamp_window(window: list[int], size: list[int]) -> list[int]:
+    """Edits the list it is given, as torchvision's swin3d clamps its window sizes."""
+    for i in range(len(window)):
+        if size[i] <= window[i]:
+            window[i] = size[i]
+    return window
+
+
+torch.fx.wrap("clamp_window")
+
+
+def test_a_wrapped_function_may_edit_the_list_it_is_given():
+    """Registered with torch.fx.wrap, the function is one recorded op; run on the real values it gets
+    the lists the model's code built, not immutable copies (it was a fallback that pinned the block)."""
+
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body, self.head = cbr(3, 8), nn.Sequential(cbr(8, 16), cbr(16, 8)), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            x = self.stem(x)
+            window = clamp_window([7, 7], list(x.shape[2:]))
+            return self.head(x + self.body(x)[:, :, :window[0], :window[1]])
+
+    model = Windowed().eval()
+    x = torch.randn(1, 3, 5, 5)
+    graph = prunekit.build_graph(model, x)
+    assert graph.fallbacks == []
+    assert "body.0.0" in graph.prunable_channels()
+    assert_exact(model, graph, x, graph.units_for({"body.0.0": [1, 4, 9]}))
+
+
 def test_ops_without_meta_kernels_use_real_values():
     class Nonzero(nn.Module):
         def __init__(self):

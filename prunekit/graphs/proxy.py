@@ -121,7 +121,21 @@ class _DictView:
 
 
 def _unwrap(value):
-    return fx.node.map_aggregate(value, lambda a: a.prunekit_value if isinstance(a, ConcreteProxy) else a)
+    """An op's arguments with every proxy replaced by its value, each container rebuilt as the type it was:
+    a function that edits a list it is given (torchvision's swin3d clamps its window sizes in place) gets a
+    list, not the immutable one that fx's own ``map_aggregate`` makes."""
+    kind = type(value)
+    if kind is ConcreteProxy:
+        return value.prunekit_value
+    if kind is tuple or kind is list:
+        return kind(_unwrap(v) for v in value)
+    if kind is dict:
+        return {k: _unwrap(v) for k, v in value.items()}
+    if kind is slice:
+        return slice(_unwrap(value.start), _unwrap(value.stop), _unwrap(value.step))
+    if isinstance(value, (tuple, list, dict)):  # named tuples, fx's immutable containers, dict subclasses
+        return fx.node.map_aggregate(value, lambda a: a.prunekit_value if isinstance(a, ConcreteProxy) else a)
+    return value
 
 
 def _concrete_isinstance(obj, classes):
