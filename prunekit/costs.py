@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -323,14 +324,17 @@ class _Sum:
 
 
 class _Call(nn.Module):
-    """Lets fvcore trace one call with keyword arguments."""
+    """Lets fvcore trace one call with keyword arguments; of what it returns, only the tensors (a Python
+    number beside them, as torchvision's MViT returns, is not an output torch.jit.trace accepts)."""
 
     def __init__(self, fn, kwargs):
         super().__init__()
         self.fn, self.kwargs = fn, kwargs
 
     def forward(self, *args):
-        return self.fn(*args, **self.kwargs)
+        out = self.fn(*args, **self.kwargs)
+        return out if isinstance(out, torch.Tensor) else \
+            tuple(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def _fvcore_total(fn, args: tuple, kwargs: dict) -> int:
@@ -341,7 +345,9 @@ def _fvcore_total(fn, args: tuple, kwargs: dict) -> int:
 
 def fvcore_analysis(model: nn.Module, example_inputs):
     """fvcore's FlopCountAnalysis with its warnings silenced; used by reports and tests."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # its import scripts a function, which recent torch deprecates
+        warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     analysis = FlopCountAnalysis(model, as_inputs(example_inputs))
     analysis.set_op_handle("aten::_convolution_mode", _conv_with_padding_mode)  # padding="same" / "valid"

@@ -97,6 +97,35 @@ def test_convolutions_with_string_padding_are_counted_by_fvcore_too():
     _check(model, x)
 
 
+def gram_and_rank(x: torch.Tensor):
+    """A user function that returns a Python number beside its tensor, as torchvision's MViT does."""
+    y = x.flatten(2)
+    return y @ y.transpose(1, 2), x.dim()
+
+
+torch.fx.wrap("gram_and_rank")
+
+
+def test_a_wrapped_function_that_returns_a_number_is_counted():
+    """An op the table does not know is counted by fvcore, whose torch.jit.trace refused the number
+    among the outputs (count_flops_params raised on torchvision's mvit_v2_s)."""
+
+    class Gram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            gram, rank = gram_and_rank(self.conv(x))
+            return self.fc(gram) * rank
+
+    model, x = Gram().eval(), torch.randn(1, 3, 10, 10)
+    counted = prunekit.count_flops_params(model, x)
+    flops, _ = fvcore_counts(model, x)
+    assert counted == {"flops": flops, "params": _params(model)}
+    assert flops == 8 * 8 * 3 * 9 * 8 + 8 * 64 * 8 + 8 * 8 * 4  # conv, the wrapped matmul, fc
+
+
 def test_cost_model_prices_without_tracing(monkeypatch):
     """Pricing many removals reuses one graph: no trace and no forward pass, only kept counts."""
     model, arch = build("zoo_resnet_small")
