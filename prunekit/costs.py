@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from .errors import PrunekitWarning
 from .graphs import ChannelGraph, build_graph
 from .graphs.graph import as_inputs, check_graph_matches
 from .graphs.trace import training_mode
@@ -127,7 +128,8 @@ class CostModel:
         if flops is None and "prunekit_call" in node.meta:
             # an op the table does not price (an opaque leaf, a user function): fvcore counts it once
             call = module if node.op == "call_module" else node.target
-            self._constant[self._owner(node)] += _fvcore_total(call, *materialize(node.meta["prunekit_call"]))
+            name = str(node.target) if module is not None else getattr(call, "__qualname__", str(call))
+            self._constant[self._owner(node)] += _fvcore_total(call, *materialize(node.meta["prunekit_call"]), name)
         elif flops is not None:
             self._terms.append((self._owner(node), node, flops))
 
@@ -337,10 +339,17 @@ class _Call(nn.Module):
             tuple(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
-def _fvcore_total(fn, args: tuple, kwargs: dict) -> int:
-    """FLOPs fvcore counts for one opaque call (grad enabled, as a plain fvcore call runs)."""
-    with torch.enable_grad():
-        return int(fvcore_analysis(_Call(fn, kwargs), args).total())
+def _fvcore_total(fn, args: tuple, kwargs: dict, name: str) -> int:
+    """FLOPs fvcore counts for one opaque call (grad enabled, as a plain fvcore call runs); 0, with a
+    warning, for a call that torch.jit.trace cannot follow either (it checks a size with ``torch._check``)."""
+    try:
+        with torch.enable_grad():
+            return int(fvcore_analysis(_Call(fn, kwargs), args).total())
+    except Exception as exc:  # noqa: BLE001 - the model runs: count what can be counted, and say what not
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        warnings.warn(f"the FLOPs of '{name}' are not counted (an opaque call that fvcore could not trace "
+                      f"either: {type(exc).__name__}: {first}); its parameters are.", PrunekitWarning, stacklevel=2)
+        return 0
 
 
 def fvcore_analysis(model: nn.Module, example_inputs):

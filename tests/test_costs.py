@@ -15,6 +15,7 @@ from prunekit.graphs.tracer import ConcreteTracer
 from archs import ARCHS, build, example
 from helpers import pick_units
 from prunekit.costs import CONVENTION, CostModel, fvcore_counts
+from prunekit.errors import PrunekitWarning
 from prunekit.surgery import apply_removal
 from prunekit.zoo import resnet_small, small_cnn, unet
 
@@ -124,6 +125,27 @@ def test_a_wrapped_function_that_returns_a_number_is_counted():
     flops, _ = fvcore_counts(model, x)
     assert counted == {"flops": flops, "params": _params(model)}
     assert flops == 8 * 8 * 3 * 9 * 8 + 8 * 64 * 8 + 8 * 8 * 4  # conv, the wrapped matmul, fc
+
+
+def test_an_opaque_call_that_fvcore_cannot_trace_is_left_out_with_a_warning():
+    """A leaf that checks a size with torch._check runs, but torch.jit.trace (so fvcore) refuses it:
+    the model is still counted, that call's FLOPs left out with a warning that names it (it raised)."""
+
+    class Checked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            torch._check(x.shape[1] == 8)
+            return self.conv(x)
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), Checked(), torch.nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    graph = prunekit.build_graph(model, x, leaf_modules=["1"])
+    with pytest.warns(PrunekitWarning, match="FLOPs of '1' are not counted"):
+        counted = prunekit.count_flops_params(model, x, graph=graph)
+    assert counted == {"flops": 8 * 8 * 3 * 9 * 8 + 8 * 8 * 8 * 2, "params": _params(model)}
 
 
 def test_cost_model_prices_without_tracing(monkeypatch):
