@@ -394,26 +394,31 @@ class Planner:
             """How much more of the model ``a`` keeps than ``b``, as the larger share of FLOPs or params."""
             return max((a.flops - b.flops) / whole["flops"], (a.params - b.params) / whole["params"])
 
-        if not k or more(price(self._rounded(sequence, k - 1)), best) <= COSTLY_GROUP:
-            return best  # the step's last unit did not complete a costly group: the goal needed about this much
         # what the goal limits: the resources without whose removal the plan would not meet it
         limited = [r for r in whole if getattr(best, r) is not None and not meets(replace(best, **{r: whole[r]}))]
 
         def kept(plan: Plan) -> float:
             return sum(getattr(plan, r) / whole[r] for r in limited)
 
-        groups = self._last_groups(best.units)
-        worth = {p: more(price(best.units[~np.isin(best.units, units)]), best) for p, units in groups.items()}
-        costly = sorted((p for p in worth if worth[p] > COSTLY_GROUP), key=worth.get, reverse=True)
-        banned = np.zeros(self.graph.num_units, dtype=bool)
-        for p in costly[:MAX_ROUNDED_DOWN]:
+        banned, tried = np.zeros(self.graph.num_units, dtype=bool), set()
+        for _ in range(MAX_ROUNDED_DOWN):
+            if not k or more(price(self._rounded(sequence, k - 1)), best) <= COSTLY_GROUP:
+                break  # the last unit did not complete a costly group: the goal needed about this much
+            groups = self._last_groups(best.units)
+            worth = {p: more(price(best.units[~np.isin(best.units, units)]), best)
+                     for p, units in groups.items() if p not in tried}
+            costly = [p for p in sorted(worth, key=worth.get, reverse=True) if worth[p] > COSTLY_GROUP]
+            if not costly:
+                break
+            p = costly[0]
+            tried.add(p)
             trial = banned.copy()  # the layer loses one group less than in the plan, and no other units
             trial[self._pair_unit[self._pair_producer == p]] = True
             trial[best.units[~np.isin(best.units, groups[p])]] = False
             shorter = self._ordered(sequence.units[~trial[sequence.units]])
-            _, candidate, reached = shortest(shorter, 0)
-            if reached and kept(candidate) > kept(best):
-                best, banned = candidate, trial
+            k_shorter, candidate, reached = shortest(shorter, 0)
+            if reached and kept(candidate) > kept(best):  # then see whether its own last unit overshoots
+                best, banned, sequence, k = candidate, trial, shorter, k_shorter
         return best
 
     def _last_groups(self, units: np.ndarray) -> dict[int, np.ndarray]:
