@@ -42,7 +42,7 @@ FLAGS = (
     Flag(("--latency",), "targets.latency", "float", "Run in at most this fraction of the original's latency, "
          "measured on latency.device (targets.latency).", "RATIO"),
     Flag(("--method", "-m"), "importance.method", "str", "How filters are ranked (importance.method): ipad, l1, "
-         "l2, bn_scale, taylor, random or package.module:function.", "METHOD"),
+         "l2, bn_scale, group_l2, taylor, fisher, random or package.module:function.", "METHOD"),
     Flag(("--steps",), "schedule.steps", "int", "Pruning steps from the original to the targets "
          "(schedule.steps).", "N"),
     Flag(("--data",), "data.calibration", "path", "A folder of images to calibrate the importance scores on "

@@ -84,7 +84,8 @@ NOTES = {
     "input_shape": "the example input: batch, channels, then the spatial sizes",
     "targets": "fractions of the original model to keep",
     "importance": "how filters are ranked (lowest pruned first)",
-    "importance.method": "ipad (default) | l1 | l2 | bn_scale | taylor | random | package.module:function",
+    "importance.method": "ipad (default) | l1 | l2 | bn_scale | group_l2 | taylor | fisher | random | "
+                         "package.module:function",
     "importance.normalize": "rank (position within the layer, 0..1) | mean (score / the layer's mean)",
     "targets.priority": "flops | params | latency: what sizes the steps (null: latency with a latency target)",
     "limits": "how much of each layer may go",
@@ -94,7 +95,7 @@ NOTES = {
     "schedule.finetune": "fine-tune after every step (needs data.train); null: none",
     "schedule.final_finetune": "fine-tune the delivered model once more after the last step; null: none",
     "data": "where batches come from; each source: an image folder (+ masks or labels) or a factory",
-    "data.calibration": "images the importance scores are computed on (ipad, taylor)",
+    "data.calibration": "images the importance scores are computed on (ipad, taylor, fisher)",
     "data.train": "(input, target) batches for fine-tuning and the taylor loss",
     "data.val": "batches the metric is measured on after every step (when no validate function)",
     "latency": "where latency is measured (a latency target, round_to: auto, the run report)",

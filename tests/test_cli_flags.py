@@ -254,6 +254,15 @@ def test_init_config_prints_to_stdout():
     assert NOTES and _field_comments(Config)  # the comment sources are there
 
 
+def test_the_method_help_and_the_template_name_every_built_in_method():
+    from prunekit.importance import SCORERS
+
+    help_text = " ".join(run("prune", "--help").stdout.split())
+    for name in SCORERS:
+        assert re.search(rf"\b{name}\b", help_text), name
+        assert re.search(rf"\b{name}\b", NOTES["importance.method"]), name
+
+
 def test_shipped_unet_config_documents_every_key():
     from pathlib import Path
 
