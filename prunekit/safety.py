@@ -38,8 +38,8 @@ def first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     line = lines[0].strip() if lines else ""
     line = re.sub(r"\x1b\[[0-9;]*m", "", line)
-    if len(line) > 200:
-        line = line[:197] + "..."
+    if len(line) > 200:  # cut with an ellipsis that the stripped full stop leaves (callers add their own)
+        line = line[:199].rstrip(" .") + "\u2026"
     return line.rstrip(".")
 
 

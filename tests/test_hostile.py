@@ -1004,3 +1004,13 @@ def test_f_a_limit_that_matches_no_module_is_an_error_naming_the_nearest_layers(
     assert result.exit_code == 2, result.output
     assert "'dec9.*' matches no layer" in result.stderr and "nearest layer names" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (ws / "run").exists()
+
+
+def test_a_cut_message_says_it_was_cut():
+    """A long first line is cut to 200 characters with an ellipsis the caller's full stop does not
+    swallow (it read as a whole sentence: "make sure your Internet connect.")."""
+    from prunekit.safety import first_line
+
+    cut = first_line(RuntimeError("word " * 100))
+    assert len(cut) <= 200 and cut.endswith("\u2026")
+    assert first_line(RuntimeError("short message.\nmore")) == "short message"
