@@ -16,6 +16,7 @@ from .costs import count_flops_params
 from .data.datasets import nuclei_tiles
 from .files import atomic_save_torch, atomic_write_text
 from .loop import prune
+from .reports.console import threads_text
 from .data.trainer import evaluate, finetune
 from .yamlfile import read_yaml
 from .zoo import unet
@@ -62,7 +63,7 @@ def run_demo(out_dir="out/demo", train_iterations: int = 200, force: bool = True
     if result.latency:
         lat = result.latency
         echo(f"{'latency':12}{lat['original_seconds'] * 1e3:>11.2f} ms{lat['pruned_seconds'] * 1e3:>11.2f} ms"
-             f"{lat['ratio']:>9.1%}   ({lat['device']}, {lat['threads']} threads)")
+             f"{lat['ratio']:>9.1%}   ({lat['device']}, {threads_text(lat['threads'])})")
     echo(f"{'IoU (test)':12}{before['iou']:>14.3f}{after['iou']:>14.3f}")
     echo(f"\nDone in {seconds:.0f} s. Run directory: {out / 'run'} (report.md, trajectory.png, widths.png, model.pt,"
          f" manifest.json).\nSee it with: prunekit report {out / 'run'}\n"

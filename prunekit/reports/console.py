@@ -6,6 +6,11 @@ import math
 from typing import Any
 
 
+def threads_text(threads: int) -> str:
+    """'1 thread', '2 threads'."""
+    return f"{threads} thread" + ("" if threads == 1 else "s")
+
+
 def human(n: float | int | None, unit: str = "") -> str:
     """3049521152 -> '3.05 G'; small numbers stay whole: 432 -> '432'."""
     if n is None:
@@ -136,7 +141,7 @@ def render_latency(latency: dict | None, console) -> None:
     if not latency:
         return
     before, after = latency["before"], latency.get("after")
-    where = (f"median of {before['repeats']} runs on {before['device']}, {before['threads']} threads, "
+    where = (f"median of {before['repeats']} runs on {before['device']}, {threads_text(before['threads'])}, "
              f"torch {before['torch']}" + (", interleaved" if after else ""))
     if after is None:
         text = f"Latency: {before['median'] * 1e3:.2f} ms (spread {before['spread'] * 1e3:.2f} ms; {where})."
@@ -279,7 +284,7 @@ def render_export_report(data: dict, console) -> None:
                       _ratio_speedup(speedup))
     console.print(table)
     v = data["versions"]
-    console.print(_txt(f"{pt['device'].upper()}, {pt['threads']} thread{'s' if pt['threads'] != 1 else ''}, "
+    console.print(_txt(f"{pt['device'].upper()}, {threads_text(pt['threads'])}, "
                        f"{pt['repeats']} runs each; torch {v['torch']}, onnxruntime {v['onnxruntime']}.", "dim"))
 
 

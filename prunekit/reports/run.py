@@ -25,6 +25,7 @@ from ..costs import CONVENTION, CostModel
 from ..graphs import ChannelGraph
 from ..files import atomic_save_torch, atomic_write_bytes, atomic_write_text, save_json
 from ..planner import ALIGN_FROM, layer_limit
+from .console import threads_text
 from .data import graph_report, tracing_report
 from .plots import plot_trajectory, plot_widths
 
@@ -265,7 +266,7 @@ def _latency_lines(latency: dict | None) -> list[str]:
         return []
     return [f"- Latency: {latency['original_seconds'] * 1e3:.2f} ms -> {latency['pruned_seconds'] * 1e3:.2f} ms "
             f"({latency['ratio']:.1%}; median of {latency['repeats']} interleaved runs on {latency['device']}, "
-            f"{latency['threads']} threads, torch {latency['torch']})"]
+            f"{threads_text(latency['threads'])}, torch {latency['torch']})"]
 
 
 def write_outputs(result, original: nn.Module, graph0: ChannelGraph, final_graph: ChannelGraph, inputs,
@@ -301,7 +302,7 @@ def summary_lines(result) -> list[str]:
     lat = result.latency
     if lat:
         lines.append(f"Latency {lat['original_seconds'] * 1e3:.2f} ms -> {lat['pruned_seconds'] * 1e3:.2f} ms "
-                     f"({lat['ratio']:.1%}; {lat['device']}, {lat['threads']} threads).")
+                     f"({lat['ratio']:.1%}; {lat['device']}, {threads_text(lat['threads'])}).")
     if m.get("original") is not None or m.get("final") is not None:
         tuned = result.config.schedule.final_finetune is not None and result.config.schedule.final_finetune.iterations
         source = _metric_source(result.config) or "metric"
