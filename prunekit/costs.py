@@ -36,6 +36,7 @@ from .graphs.trace import training_mode
 from .graphs.walk import materialize, reaching_output
 from .ops import spec_for
 from .ops.flops import Kept
+from .safety import first_line
 
 CONVENTION = "1 fused multiply-add = 1 flop (fvcore's convention); multiply by 2 to count multiplies and adds"
 
@@ -346,9 +347,9 @@ def _fvcore_total(fn, args: tuple, kwargs: dict, name: str) -> int:
         with torch.enable_grad():
             return int(fvcore_analysis(_Call(fn, kwargs), args).total())
     except Exception as exc:  # noqa: BLE001 - the model runs: count what can be counted, and say what not
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         warnings.warn(f"the FLOPs of '{name}' are not counted (an opaque call that fvcore could not trace "
-                      f"either: {type(exc).__name__}: {first}); its parameters are.", PrunekitWarning, stacklevel=2)
+                      f"either: {type(exc).__name__}: {first_line(exc)}); its parameters are.", PrunekitWarning,
+                      stacklevel=2)
         return 0
 
 

@@ -22,6 +22,7 @@ from ..costs import CONVENTION, CostModel, LayerCost, fvcore_counts
 from ..errors import PrunekitError, UsageError
 from ..graphs import ChannelGraph, build_graph
 from ..graphs.graph import as_inputs
+from ..safety import first_line
 
 FLOPS_X2_NOTE = "multiplies and adds counted separately (2 x flops)"
 TOP_LEVEL = "(top level)"
@@ -84,9 +85,8 @@ def _fvcore(model: nn.Module, example_inputs, analytic_flops: int) -> dict:
             warnings.simplefilter("ignore")
             total, skipped = fvcore_counts(model, as_inputs(example_inputs))
     except Exception as exc:  # noqa: BLE001 - fvcore's jit trace fails where torch.fx may not
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return {"flops": None, "agrees": None, "uncounted_ops": {},
-                "error": f"fvcore could not trace the model ({type(exc).__name__}: {first[:160]})"}
+                "error": f"fvcore could not trace the model ({type(exc).__name__}: {first_line(exc)})"}
     return {"flops": int(total), "agrees": int(total) == int(analytic_flops),
             "uncounted_ops": dict(sorted(skipped.items())), "error": None}
 
