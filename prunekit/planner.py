@@ -334,9 +334,9 @@ class Planner:
             values = (plan.flops, plan.params) if plan.latency is None else (plan.flops, plan.params, plan.latency)
             return goal(*values)
 
-        def shortest(sequence: _Sequence, low: int) -> tuple[int, Plan, bool]:
-            """The smallest k >= low whose aligned prefix reaches the goal, its plan, and whether any does."""
-            high = len(sequence.units)
+        def shortest(sequence: _Sequence) -> tuple[int, Plan, bool]:
+            """The smallest k whose aligned prefix reaches the goal, its plan, and whether any does."""
+            low, high = 0, len(sequence.units)
             best = price(self._rounded(sequence, high))
             if not meets(best):
                 return high, best, False
@@ -349,7 +349,7 @@ class Planner:
                     low = mid + 1
             return high, best, True
 
-        k, best, reached = shortest(sequence, 0)
+        k, best, reached = shortest(sequence)
         if not reached:
             return best
         if max(self._steps, default=1) > 1:
@@ -416,7 +416,7 @@ class Planner:
             trial[self._pair_unit[self._pair_producer == p]] = True
             trial[best.units[~np.isin(best.units, groups[p])]] = False
             shorter = self._ordered(sequence.units[~trial[sequence.units]])
-            k_shorter, candidate, reached = shortest(shorter, 0)
+            k_shorter, candidate, reached = shortest(shorter)
             if reached and kept(candidate) > kept(best):  # then see whether its own last unit overshoots
                 best, banned, sequence, k = candidate, trial, shorter, k_shorter
         return best
