@@ -151,7 +151,7 @@ def _loop(run: Run, writer: RunWriter | None, builder, builder_kwargs) -> PruneR
             scores = run.world.scores(run.scorer, lambda sharded: score_units(
                 current, graph, run.scorer, on_device(run.calibration_inputs(sharded), run.device),
                 {**cfg.importance.scorer_options(), **run.scoring_options(step, sharded)}, cfg.importance.combine,
-                cfg.importance.normalize, cfg.importance.allocation, costs))
+                cfg.importance.normalize, cfg.importance.allocation, costs, run.producer_widths0))
         predicted = run.gauge.planning_model(current, graph, latency) if run.gauge is not None else None
         if predicted is not None and cfg.targets.latency is not None:
             scores = scores / np.maximum(predicted.unit_seconds(), 1e-12)  # least importance per second saved first

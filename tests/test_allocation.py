@@ -10,7 +10,7 @@ import prunekit.graphs
 from prunekit.costs import CostModel
 from prunekit.importance import score_units
 from prunekit.importance.allocation import RATIOS, SENSITIVITY_IMAGES, _marginal, sensitivity_curves
-from prunekit.zoo import unet
+from prunekit.zoo import resnet_small, unet
 
 UNET = {"in_channels": 1, "num_classes": 2, "width": 8, "depth": 3}
 
@@ -54,6 +54,66 @@ def test_global_is_one_ranking_of_scores_over_their_layer_mean():
     assert np.allclose(glob[graph.producers["a"]], np.arange(1, 9) / 4.5)
     assert np.allclose(glob[graph.producers["b"]], 1.0)
     assert np.array_equal(glob, score_units(model, graph, scores, normalize="mean"))  # the older spelling
+
+
+class Residual(nn.Module):
+    """A stem and two convs that add into one residual stream, each block opening with its own conv."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.inner = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(2))
+        self.outer = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(2))
+        self.head = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for inner, outer in zip(self.inner, self.outer):
+            x = x + outer(torch.relu(inner(x)))
+        return self.head(x)
+
+
+def test_uniform_ranks_a_coupled_group_like_a_single_layer():
+    model = Residual().eval()
+    graph = prunekit.build_graph(model, torch.rand(1, 1, 8, 8))
+    stream = graph.producers["stem"]
+    assert np.array_equal(graph.producers["outer.0"], stream)  # one group of units, three producers
+    rng = np.random.default_rng(0)
+    raw = {name: rng.random(len(units)) for name, units in graph.producers.items() if name != "head"}
+    scores = score_units(model, graph, lambda m, g, b: raw)
+    # the mean of three layers' ranks would crowd towards 0.5; ranked again, the stream spans 0..1
+    assert np.allclose(np.sort(scores[stream]), np.arange(8) / 7)
+    mean_rank = np.mean([np.argsort(np.argsort(raw[n])) for n in ("stem", "outer.0", "outer.1")], axis=0)
+    assert np.array_equal(np.argsort(scores[stream], kind="stable"), np.argsort(mean_rank, kind="stable"))
+    assert np.allclose(scores[graph.producers["inner.0"]], np.argsort(np.argsort(raw["inner.0"])) / 7)
+
+
+def test_uniform_carries_what_earlier_steps_removed():
+    model = Residual().eval()
+    graph = prunekit.build_graph(model, torch.rand(1, 1, 8, 8))
+    widths0 = {name: 2 * len(units) for name, units in graph.producers.items()}  # every layer was twice as wide
+    widths0["inner.0"] = 8  # ... but this one, untouched so far
+    scores = score_units(model, graph, "l1", original_widths=widths0)
+    assert np.isclose(scores[graph.producers["inner.0"]].min(), 0.0)
+    assert np.isclose(scores[graph.producers["inner.1"]].min(), 0.5)  # half its channels are gone
+    assert np.isclose(scores[graph.producers["stem"]].max(), 1.0)
+
+
+def test_uniform_prunes_residual_streams_like_the_other_layers():
+    torch.manual_seed(0)
+    model = resnet_small(in_channels=1, width=16).eval()
+    x = torch.rand(1, 1, 28, 28)
+    graph = prunekit.build_graph(model, x)
+    result = prunekit.prune(model, x, config={"targets": {"flops": 0.5}, "importance": {"method": "l1"},
+                                              "schedule": {"steps": 3}, "limits": {"default": 0.9}})
+    before, after = dict(model.named_modules()), dict(result.model.named_modules())
+    kept = {grp.producers: after[grp.producers[0]].out_channels / before[grp.producers[0]].out_channels
+            for grp in graph.groups if grp.prunable_units}
+    coupled = [k for producers, k in kept.items() if len(producers) > 1]
+    single = [k for producers, k in kept.items() if len(producers) == 1]
+    assert coupled and single
+    assert abs(np.mean(coupled) - np.mean(single)) < 0.1, kept
+    assert max(kept.values()) - min(kept.values()) < 0.25, kept
 
 
 def test_sensitivity_prefers_the_layer_the_output_barely_reads():

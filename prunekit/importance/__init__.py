@@ -14,7 +14,7 @@ The criterion says which units of a layer go first; the allocation
 within the layer (uniform), are divided by the layer's mean (global), or are
 replaced by the measured damage per FLOP of removing them (sensitivity); then
 they are combined over the producers a unit couples (mean by default) into one
-score per unit.
+score per unit, which uniform ranks again within the unit's group.
 """
 
 from __future__ import annotations
@@ -87,8 +87,15 @@ def _normalised(s: np.ndarray, how: str) -> np.ndarray:
 
 
 def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str = "mean",
-                source: str = "scorer", normalize: str = "rank") -> np.ndarray:
-    """One score per unit: per-layer normalised producer scores, combined; +inf when unscored or pinned."""
+                source: str = "scorer", normalize: str = "rank",
+                original_widths: Mapping[str, int] | None = None) -> np.ndarray:
+    """One score per unit: per-layer normalised producer scores, combined; +inf when unscored or pinned.
+
+    With ``normalize="rank"`` (uniform allocation) the combined scores are ranked again within
+    each group of units that share their producers (see :func:`_ranked_within_groups`);
+    ``original_widths`` (producer name -> output channels before pruning) carries what earlier
+    steps removed into those ranks.
+    """
     if not isinstance(scores, Mapping):
         raise PrunekitError(f"{source} must return a mapping of producer name to scores, got {type(scores).__name__}.")
     total = np.zeros(graph.num_units)
@@ -112,17 +119,63 @@ def unit_scores(graph: ChannelGraph, scores: Mapping[str, object], combine: str 
         combined = {"mean": total / count, "sum": total, "max": peak}[combine]
     combined = np.where(count > 0, combined, np.inf)
     combined[graph.pinned] = np.inf
-    return combined
+    return _ranked_within_groups(graph, combined, original_widths) if normalize == "rank" else combined
+
+
+def _ranked_within_groups(graph: ChannelGraph, scores: np.ndarray,
+                          original_widths: Mapping[str, int] | None) -> np.ndarray:
+    """Each unit's rank (0..1) among the scored units that share its producers.
+
+    The mean of a coupled unit's per-layer ranks (a residual stream read by many convs)
+    crowds towards 0.5, so ranks are taken again within each group of units with the same
+    producers: every group offers the same share of its units at each score level. Given
+    the original widths, a group that already lost a fraction f of its channels ranks its
+    units from f to 1 instead of 0 to 1, so step after step all groups shrink alike (with
+    few units per group, as GroupNorm groups, ties would otherwise favour the same layers
+    at every step).
+    """
+    scored = np.flatnonzero(np.isfinite(scores))
+    if scored.size == 0:
+        return scores
+    key, removed = _producer_sets(graph, original_widths or {})
+    order = scored[np.lexsort((scores[scored], key[scored]))]
+    keys = key[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    sizes = np.diff(np.r_[starts, order.size])
+    position = (np.arange(order.size) - np.repeat(starts, sizes)) / np.repeat(np.maximum(sizes - 1, 1), sizes)
+    out = scores.copy()
+    out[order] = removed[order] + (1 - removed[order]) * position
+    return out
+
+
+def _producer_sets(graph: ChannelGraph, original_widths: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: a key equal for units with the same set of producers (a random 64-bit tag per
+    producer, summed with wrap-around: collisions are negligible), and the mean fraction of
+    those producers' original channels already removed."""
+    rng = np.random.default_rng(0)
+    key = np.zeros(graph.num_units, dtype=np.uint64)
+    removed = np.zeros(graph.num_units)
+    count = np.zeros(graph.num_units)
+    for name, units in graph.producers.items():
+        units = np.unique(units)
+        np.add.at(key, units, rng.integers(1, 2**63, dtype=np.uint64))
+        width0 = original_widths.get(name, 0)
+        np.add.at(removed, units, max(0.0, 1 - len(graph.producers[name]) / width0) if width0 else 0.0)
+        np.add.at(count, units, 1)
+    return key, removed / np.maximum(count, 1)
 
 
 def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable = (),
                 options: dict | None = None, combine: str = "mean", normalize: str = "rank",
-                allocation: str = "uniform", costs=None) -> np.ndarray:
+                allocation: str = "uniform", costs=None,
+                original_widths: Mapping[str, int] | None = None) -> np.ndarray:
     """Run a scorer on ``model`` and return one score per unit of ``graph``.
 
     ``allocation`` uniform | global | sensitivity (see :mod:`.allocation`); ``normalize: mean``
     with the default allocation is the older spelling of global. Sensitivity needs ``costs``
     (the graph's :class:`~prunekit.costs.CostModel`) and calibration ``batches``.
+    ``original_widths``: producer name -> output channels before the first step (uniform
+    allocation evens out what earlier steps removed; see :func:`unit_scores`).
     """
     if allocation not in ALLOCATIONS:
         raise PrunekitError(f"allocation '{allocation}' is unknown; use one of {', '.join(ALLOCATIONS)}.")
@@ -143,4 +196,4 @@ def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable
     except ValueError as exc:
         raise PrunekitError(f"{source}: {exc}") from None
     how = "mean" if allocation == "global" else normalize
-    return unit_scores(graph, raw, combine, source=source, normalize=how)
+    return unit_scores(graph, raw, combine, source=source, normalize=how, original_widths=original_widths)

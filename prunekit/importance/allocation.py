@@ -4,8 +4,10 @@ The criterion decides which units of a layer go first; the allocation decides ho
 many each layer gives up. Both reach the planner as one score per unit (lower goes
 first), and the planner applies the per-layer limits in every mode.
 
-- uniform: a unit's rank within its layer (0..1), so every layer offers the same
-  fraction of its filters at each score level.
+- uniform: a unit's rank within its layer (0..1), combined over the producers it
+  couples and ranked again within its group (units with the same producers), so every
+  layer and every residual stream offers the same fraction of its filters at each
+  score level.
 - global: the score divided by its layer's mean, one ranking across layers.
 - sensitivity: measured. For every group of units that share their producers (a layer,
   or the layers a residual sum couples), remove 10/25/50/75% of its prunable units in
