@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from rich.console import Console
 
 import prunekit
@@ -136,3 +137,16 @@ def test_graph_table_never_breaks_a_name_inside_a_word():
     names = {p for g in data["groups"] for p in g["producers"]} | {c for g in data["groups"] for c in g["consumers"]}
     assert all(len(line) <= 80 for line in text.splitlines())
     assert names <= words, sorted(names - words)[:5]
+
+
+def test_graph_counts_channels_where_a_unit_is_a_block_of_them():
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 2, 1)).eval()
+    data = graph_report(prunekit.build_graph(model, torch.randn(1, 1, 8, 8)))
+    (group,) = [g for g in data["groups"] if g["producers"] == ["0"]]
+    assert (group["size"], group["channels"], group["prunable_units"], group["prunable_channels"]) == (4, 16, 4, 16)
+    assert (data["totals"]["channels"], data["totals"]["prunable_channels"]) == (16 + 2 + 1, 16)
+    buffer = io.StringIO()
+    render_graph_report(data, Console(file=buffer, width=100, color_system=None))
+    text = buffer.getvalue()
+    assert "cut in blocks of 4 channels (4 blocks)" in text
+    assert "16 of 19 channels can be pruned" in text

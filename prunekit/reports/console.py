@@ -205,6 +205,10 @@ def render_graph_report(data: dict, console) -> None:
         status = g["status"] if not g["reasons"] else f"{g['status']}: " + "; ".join(g["reasons"])
         if g["granularity"]:
             status += "\n" + "; ".join(g["granularity"])
+        if g["channels"] != g["size"]:  # units of several channels: a GroupNorm's groups, a grouped conv's
+            per_unit = g["channels"] // g["size"] if g["channels"] % g["size"] == 0 else None
+            status += (f"\ncut in blocks of {per_unit} channels ({g['size']} blocks)" if per_unit
+                       else f"\ncut in {g['size']} blocks")
         details.append(Text.assemble((status, styles[g["status"]]),
                                      ("\nread by " + (", ".join(g["consumers"]) or "-"), "dim")))
     # a column is never narrower than its longest word: names wrap between words, never inside one
@@ -216,8 +220,8 @@ def render_graph_report(data: dict, console) -> None:
     table.add_column("Status; layers that read the channels", overflow="fold",
                      min_width=_longest_word(d.plain for d in details))
     for g, detail in zip(data["groups"], details):
-        table.add_row(_txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["size"])),
-                      _txt(_count(g["prunable_units"])), detail)
+        table.add_row(_txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["channels"])),
+                      _txt(_count(g["prunable_channels"])), detail)
     console.print(table)
     if data["pins"]:
         pins = Table(title="Pinned channels (left alone)", box=box.SIMPLE_HEAD, title_justify="left")
@@ -231,7 +235,7 @@ def render_graph_report(data: dict, console) -> None:
     t = data["totals"]
     console.print(_txt(
         f"{t['groups']} groups over {t['producers']} producers ({t['pinned_groups']} pinned); "
-        f"{_count(t['prunable_units'])} of {_count(t['units'])} channels can be pruned.", "bold"))
+        f"{_count(t['prunable_channels'])} of {_count(t['channels'])} channels can be pruned.", "bold"))
 
 
 def _longest_word(texts, cap: int = 60) -> int:

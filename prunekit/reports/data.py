@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -209,6 +210,15 @@ def _status(prunable: int, size: int) -> str:
     return "pinned" if prunable == 0 else "partly pinned"
 
 
+def _unit_widths(graph: ChannelGraph) -> np.ndarray:
+    """Channels per unit in each layer that makes it: more than one where a unit is cut as a block
+    (a GroupNorm group, a grouped conv's group); 1 for a unit no layer makes (an input's channel)."""
+    width = np.ones(graph.num_units, dtype=np.int64)
+    for units in graph.producers.values():
+        width = np.maximum(width, np.bincount(units, minlength=graph.num_units))
+    return width
+
+
 def graph_report(graph: ChannelGraph) -> dict:
     """Every group (producers, consumers, size, prunable units, pinned and why), the pins, totals.
 
@@ -216,6 +226,7 @@ def graph_report(graph: ChannelGraph) -> dict:
     """
     order = {name: i for i, name in enumerate(graph.producers)}
     ordered = sorted(graph.groups, key=lambda g: min((order.get(p, len(order)) for p in g.producers), default=len(order)))
+    width = _unit_widths(graph)
     groups = []
     for i, g in enumerate(ordered):
         groups.append({
@@ -223,7 +234,9 @@ def graph_report(graph: ChannelGraph) -> dict:
             "producers": list(g.producers),
             "consumers": list(g.consumers),
             "size": g.size,
+            "channels": int(width[list(g.units)].sum()),
             "prunable_units": len(g.prunable_units),
+            "prunable_channels": int(width[list(g.prunable_units)].sum()),
             "pinned_units": g.size - len(g.prunable_units),
             "status": _status(len(g.prunable_units), g.size),
             "reasons": list(g.reasons),
@@ -243,6 +256,8 @@ def graph_report(graph: ChannelGraph) -> dict:
             "units": int(graph.num_units),
             "prunable_units": int(graph.num_units) - pinned_units,
             "pinned_units": pinned_units,
+            "channels": int(width.sum()),
+            "prunable_channels": int(width[~graph.pinned].sum()),
             "pinned_channels": sum(p["channels"] for p in pins),
         },
         "tracing": tracing_report(graph),
