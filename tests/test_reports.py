@@ -84,6 +84,15 @@ def test_markdown_has_before_and_after_the_limits_and_the_pins(run):
     assert report["latency"]["original_seconds"] > 0
 
 
+def test_a_pinned_layer_shows_pinned_and_a_zero_limit_is_never_reached(run):
+    _, _, report, md = run
+    (out,) = [row for row in report["layers"] if row["name"] == "out"]
+    assert out["pinned"] and out["limit"] is None  # a model output: no limit would let it shrink
+    assert "| out | Conv2d | 2 -> 2 | pinned |" in md
+    assert "out" not in report["limits_applied"]["at_limit"]  # limit 0 is 'never touched', not 'reached'
+    assert "A unit is a channel with everything that must go with it" in md
+
+
 def test_the_plots_are_pngs(run):
     _, out, _, _ = run
     for name in ("trajectory.png", "widths.png"):

@@ -37,7 +37,8 @@ def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, gra
                limits=None) -> list[dict]:
     """Per layer: channels, parameters and FLOPs before and after; for a producer, the limit that
     applied to it (``limit``, the fraction of its filters that could go, and ``limit_from``, the
-    ``limits.layers`` key or ``default``) and whether pruning stopped there (``at_limit``)."""
+    ``limits.layers`` key or ``default``) and whether pruning stopped there (``at_limit``), or
+    ``pinned`` when none of its channels could go whatever the limit (a model output)."""
     before = {r.name: r for r in CostModel(original, graph0).layers()}
     after = {r.name: r for r in CostModel(pruned, graph1).layers()}
     widths0 = {n: len(u) for n, u in graph0.producers.items()}
@@ -53,6 +54,8 @@ def layer_rows(original: nn.Module, graph0: ChannelGraph, pruned: nn.Module, gra
         }
         if limits is not None and row["channels_before"] is not None:
             row.update(_limit_of(name, row["channels_before"], row["channels_after"], limits))
+            if graph0.pinned[graph0.producers[name]].all():
+                row.update(limit=None, at_limit=False, pinned=True)
         rows.append(row)
     return rows
 
@@ -113,12 +116,12 @@ def _trajectory(result) -> list[dict]:
 
 
 def _limits_applied(cfg, rows: list[dict]) -> dict:
-    producers = [r for r in rows if r.get("limit") is not None]
+    producers = [r for r in rows if r.get("limit_from") is not None]
     layers = {pattern: {"limit": float(value),
                         "matches": [r["name"] for r in producers if r["limit_from"] == pattern]}
               for pattern, value in cfg.limits.layers.items()}
     return {"default": cfg.limits.default, "layers": layers, "round_to": cfg.limits.round_to,
-            "at_limit": [r["name"] for r in producers if r["at_limit"]]}
+            "at_limit": [r["name"] for r in producers if r["at_limit"] and r["limit"]]}  # 0: never touched
 
 
 def build_report(result, rows: list[dict], graph0: ChannelGraph | None = None) -> dict:
@@ -206,11 +209,14 @@ def render_markdown(report: dict) -> str:
         "| step | FLOPs | params | latency | units removed | metric | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    note = ("", "A unit is a channel with everything that must go with it: the same channel of every layer a "
+            "residual sum couples, or a block of channels cut together (a GroupNorm group).")
     for s in report.get("trajectory") or [{"label": str(s["step"]), **s} for s in report["steps"]]:
         seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
         removed = "" if s.get("removed_units") is None else str(s["removed_units"])
         lines.append(f"| {s['label']} | {_pct(s['flops_ratio'])} | {_pct(s['params_ratio'])} "
                      f"| {_pct(s.get('latency_ratio'))} | {removed} | {_num(s['metric'])} | {seconds} |")
+    lines += note
     lines += _limits_markdown(report.get("limits_applied"))
     lines += _pins_markdown(report.get("pins"), report.get("tracing", {}))
     lines += ["", "## Layers", "", "| layer | type | channels | limit | params | FLOPs |", "|---|---|---:|---:|---:|---:|"]
@@ -218,7 +224,8 @@ def render_markdown(report: dict) -> str:
         if row["channels_before"] is None and not row["params_before"] and not row["flops_before"]:
             continue
         channels = "" if row["channels_before"] is None else f"{row['channels_before']} -> {row['channels_after']}"
-        limit = "" if row.get("limit") is None else f"{row['limit']:.0%}" + (" (reached)" if row["at_limit"] else "")
+        limit = "pinned" if row.get("pinned") else "" if row.get("limit") is None else \
+            f"{row['limit']:.0%}" + (" (reached)" if row["at_limit"] and row["limit"] > 0 else "")
         lines.append(f"| {row['name']} | {row['type']} | {channels} | {limit} | {_human(row['params_before'])} -> "
                      f"{_human(row['params_after'])} | {_human(row['flops_before'])} -> {_human(row['flops_after'])} |")
     return "\n".join(lines) + "\n"
