@@ -212,3 +212,10 @@ def test_worker_processes_read_and_their_errors_stay_one_sentence(tmp_path):
     with pytest.raises(DataError) as info:
         list(data)
     assert str(info.value).startswith("cannot read image") and "\n" not in str(info.value)
+
+
+def test_a_volume_model_is_pointed_to_a_factory(tmp_path):
+    rgb(tmp_path / "imgs" / "a.png")
+    error = refused(tmp_path, "not [1, 1, 8, 8, 8]; for volumes or other inputs, set data.calibration.factory",
+                    "calibration", [1, 1, 8, 8, 8], images="imgs")
+    assert error.key == "data.calibration.images"

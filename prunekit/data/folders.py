@@ -220,7 +220,8 @@ def folder_dataset(source: DataSource, input_shape, what: str, root: str | None)
     key = f"data.{what}"
     if input_shape is None or len(input_shape) != 4:
         raise DataError(f"{key}.images: image folders feed models with an [N, C, H, W] input_shape, not "
-                        f"{input_shape}.", key=f"{key}.images")
+                        f"{input_shape}; for volumes or other inputs, set {key}.factory to a package.module:function "
+                        "that returns the batches.", key=f"{key}.images")
     channels, expected = input_shape[1], tuple(input_shape[2:])
     mean, std = _normalization(source, channels, key)
     folder = _folder(source.images, root, f"{key}.images", "image")
