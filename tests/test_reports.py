@@ -159,3 +159,22 @@ def test_graph_counts_channels_where_a_unit_is_a_block_of_them():
     text = buffer.getvalue()
     assert "cut in blocks of 4 channels (4 blocks)" in text
     assert "16 of 19 channels can be pruned" in text
+
+
+def test_graph_to_a_file_keeps_long_names_whole():
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            inner = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+            self.an_encoder_block_with_a_rather_long_name = nn.ModuleDict(
+                {"and_a_submodule_whose_name_goes_on_and_on": inner})
+
+        def forward(self, x):
+            return self.an_encoder_block_with_a_rather_long_name["and_a_submodule_whose_name_goes_on_and_on"](x)
+
+    data = graph_report(prunekit.build_graph(Deep().eval(), torch.randn(1, 1, 8, 8)))
+    buffer = io.StringIO()
+    render_graph_report(data, Console(file=buffer, width=80, color_system=None))  # not a terminal
+    words = {w.strip(",'") for line in buffer.getvalue().splitlines() for w in line.split()}
+    names = {p for g in data["groups"] for p in g["producers"]} | {c for g in data["groups"] for c in g["consumers"]}
+    assert max(len(n) for n in names) > 80 // 2 and names <= words, sorted(names - words)

@@ -212,13 +212,16 @@ def render_graph_report(data: dict, console) -> None:
         details.append(Text.assemble((status, styles[g["status"]]),
                                      ("\nread by " + (", ".join(g["consumers"]) or "-"), "dim")))
     # a column is never narrower than its longest word: names wrap between words, never inside one
+    cap = 60 if console.is_terminal else None  # a file or a pipe cuts nothing: as wide as the longest names need
+    names_width = _longest_word((p for g in data["groups"] for p in g["producers"]), cap)
+    details_width = _longest_word((d.plain for d in details), cap)
+    if cap is None:
+        console.width = max(console.width, names_width + details_width + len("#  Size  Prunable") + 5 * 3)
     table.add_column("#", justify="right", style="dim")
-    table.add_column("Producers", overflow="fold",
-                     min_width=_longest_word(p for g in data["groups"] for p in g["producers"]))
+    table.add_column("Producers", overflow="fold", min_width=names_width)
     table.add_column("Size", justify="right")
     table.add_column("Prunable", justify="right")
-    table.add_column("Status; layers that read the channels", overflow="fold",
-                     min_width=_longest_word(d.plain for d in details))
+    table.add_column("Status; layers that read the channels", overflow="fold", min_width=details_width)
     for g, detail in zip(data["groups"], details):
         table.add_row(_txt(g["id"]), _txt("\n".join(g["producers"])), _txt(_count(g["channels"])),
                       _txt(_count(g["prunable_channels"])), detail)
@@ -238,9 +241,10 @@ def render_graph_report(data: dict, console) -> None:
         f"{_count(t['prunable_channels'])} of {_count(t['channels'])} channels can be pruned.", "bold"))
 
 
-def _longest_word(texts, cap: int = 60) -> int:
-    """The length of the longest whitespace-separated word in ``texts`` (at most ``cap``)."""
-    return min(max((len(word) for text in texts for word in str(text).split()), default=1), cap)
+def _longest_word(texts, cap: int | None = 60) -> int:
+    """The length of the longest whitespace-separated word in ``texts`` (at most ``cap``, if given)."""
+    longest = max((len(word) for text in texts for word in str(text).split()), default=1)
+    return longest if cap is None else min(longest, cap)
 
 
 def render_tracing(data: dict, console) -> None:
