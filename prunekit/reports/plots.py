@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 
 MAX_LAYERS = 40  # widths.png shows at most this many layers: the ones that lost most channels
+RIGHT_EDGE = ("axes fraction", "data")  # a line's label sits in the margin, right of the markers, at its height
 
 
 def _figure(**kwargs):
@@ -67,6 +68,7 @@ def plot_trajectory(report: dict) -> bytes:
     series = [("flops_ratio", "FLOPs", "o-", "C0", targets.get("flops")),
               ("params_ratio", "parameters", "s-", "C1", targets.get("params")),
               ("latency_ratio", "latency (measured)", "d-", "C3", targets.get("latency"))]
+    labelled: list[float] = []  # targets labelled so far: a close one's label moves away from theirs
     for key, name, style, color, target in series:
         points = [(x, r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
         if not points:
@@ -76,9 +78,12 @@ def plot_trajectory(report: dict) -> bytes:
         size.plot(*zip(*points), style, c=color, label=name, ms=8 if style == "d" else None)
         if target is not None and target < 1:
             size.axhline(target, ls="--", c=color, lw=1)
-            size.annotate(f"{name.split(' ')[0]} target {target:.0%}", (xs[-1], target), xytext=(4, 2),
-                          textcoords="offset points", color=color, fontsize=8, va="bottom", ha="left",
-                          annotation_clip=False)
+            near = [other for other in labelled if abs(target - other) < 0.05]
+            shift = 0 if not near else 10 * len(near) * (1 if target >= max(near) else -1)
+            labelled.append(target)
+            size.annotate(f"{name.split(' ')[0]} target {target:.0%}", (1, target), xycoords=RIGHT_EDGE,
+                          xytext=(4, shift), textcoords="offset points", color=color, fontsize=8,
+                          va="center", ha="left", annotation_clip=False)
     size.set_ylim(0, 1.08)
     size.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
     size.set_ylabel("fraction of the original")
@@ -91,8 +96,9 @@ def plot_trajectory(report: dict) -> bytes:
         original = rows[0].get("metric")
         if original is not None:
             ax.axhline(original, ls=":", c="0.4", lw=1)
-            ax.annotate(f"original {original:.4f}", (xs[-1], original), xytext=(4, 2), textcoords="offset points",
-                        color="0.3", fontsize=8, va="bottom", ha="left", annotation_clip=False)
+            ax.annotate(f"original\n{original:.4f}", (1, original), xycoords=RIGHT_EDGE, xytext=(4, 0),
+                        textcoords="offset points", color="0.3", fontsize=8, va="center", ha="left",
+                        annotation_clip=False)
         last_x, last = metrics[-1]
         if rows[-1]["step"] == "final":
             ax.plot([last_x], [last], "*", c="C2", ms=12, label="delivered model")
