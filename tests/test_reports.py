@@ -159,6 +159,9 @@ def test_graph_counts_channels_where_a_unit_is_a_block_of_them():
     text = buffer.getvalue()
     assert "cut in blocks of 4 channels (4 blocks)" in text
     assert "16 of 19 channels can be pruned" in text
+    from prunekit.reports.dot import to_dot
+
+    assert "16 channels, all prunable" in to_dot(prunekit.build_graph(model, torch.randn(1, 1, 8, 8)))
 
 
 def test_graph_to_a_file_keeps_long_names_whole():

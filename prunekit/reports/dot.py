@@ -41,12 +41,13 @@ def to_dot(graph: ChannelGraph, name: str = "channel_groups") -> str:
         lines.append(f"  {node} [shape=ellipse, label={_dot_quote(module)}];")
     fills = {"prunable": "white", "partly pinned": "gray88", "pinned": "gray70"}
     for g in data["groups"]:
+        channels, prunable = g.get("channels", g["size"]), g.get("prunable_channels", g["prunable_units"])
         if g["status"] == "prunable":
-            state = f"{g['size']} channels, all prunable"
+            state = f"{channels} channels, all prunable"
         elif g["status"] == "pinned":
-            state = f"{g['size']} channels, pinned"
+            state = f"{channels} channels, pinned"
         else:
-            state = f"{g['size']} channels, {g['prunable_units']} prunable, {g['pinned_units']} pinned"
+            state = f"{channels} channels, {prunable} prunable, {channels - prunable} pinned"
         label = "\n".join(_short_list(g["producers"]) + [state] + [f"pinned: {r}" for r in _short_list(g["reasons"], 2)])
         lines.append(f"  g{g['id']} [shape=box, style=\"filled,rounded\", fillcolor={fills[g['status']]}, "
                      f"label={_dot_quote(label)}];")
