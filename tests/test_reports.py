@@ -12,6 +12,7 @@ from rich.console import Console
 
 import prunekit
 from prunekit.reports import graph_report, render_graph_report
+from prunekit.reports.dot import to_dot
 from prunekit.reports.plots import MAX_LAYERS, _metric_limits, plot_trajectory, plot_widths
 from prunekit.reports.run import render_markdown
 from prunekit.data.trainer import evaluate, finetune
@@ -159,8 +160,6 @@ def test_graph_counts_channels_where_a_unit_is_a_block_of_them():
     text = buffer.getvalue()
     assert "cut in blocks of 4 channels (4 blocks)" in text
     assert "16 of 19 channels can be pruned" in text
-    from prunekit.reports.dot import to_dot
-
     assert "16 channels, all prunable" in to_dot(prunekit.build_graph(model, torch.randn(1, 1, 8, 8)))
 
 
