@@ -228,29 +228,43 @@ class ChannelGraph:
 
     # -- display ---------------------------------------------------------
 
+    def producer_set_keys(self) -> np.ndarray:
+        """Per unit, a key equal for units made by the same set of producers (0: made by none).
+
+        A random 64-bit tag per producer, summed with wrap-around over a unit's producers:
+        collisions are negligible, and a model's units are keyed in milliseconds.
+        """
+        tags = np.random.default_rng(0).integers(1, 2**63, size=len(self.producers), dtype=np.uint64)
+        key = np.zeros(self.num_units, dtype=np.uint64)
+        for tag, units in zip(tags, self.producers.values()):
+            key[np.unique(units)] += tag
+        return key
+
     @property
     def groups(self) -> list[Group]:
-        by_unit_producers: dict[int, set[str]] = defaultdict(set)
+        key = self.producer_set_keys()
+        keys, inverse = np.unique(key, return_inverse=True)
+        members = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[members], np.arange(len(keys) + 1))
+        units_of = {int(k): members[bounds[i]:bounds[i + 1]] for i, k in enumerate(keys) if k}
+        producers: dict[int, list[str]] = defaultdict(list)
         for name, units in self.producers.items():
-            for u in np.unique(units):
-                by_unit_producers[int(u)].add(name)
+            for k in np.unique(key[units]):
+                producers[int(k)].append(name)
         consumers: dict[int, set[str]] = defaultdict(set)
         for (name, role), units in self.widths.items():
             if role == "in":
-                for u in np.unique(units):
-                    consumers[int(u)].add(name)
-        grouped: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for unit, names in by_unit_producers.items():
-            grouped[tuple(sorted(names))].append(unit)
+                for k in np.unique(key[units]):
+                    consumers[int(k)].add(name)
         out = []
-        for producers, units in grouped.items():
-            units.sort()
-            users = sorted(set().union(*(consumers[u] for u in units)) - set(producers))
+        for k, units in units_of.items():
+            names = tuple(sorted(producers[k]))
+            users = sorted(consumers[k] - set(names))
             reasons = tuple(sorted({self.unit_pin[u] for u in units if self.pinned[u]}))
-            prunable = tuple(u for u in units if not self.pinned[u])
-            granularity = tuple(_granularity(m, *self.grouping[m]) for m in (*producers, *users)
+            prunable = tuple(int(u) for u in units if not self.pinned[u])
+            granularity = tuple(_granularity(m, *self.grouping[m]) for m in (*names, *users)
                                 if m in self.grouping)
-            out.append(Group(producers, tuple(users), tuple(units), prunable, reasons, granularity))
+            out.append(Group(names, tuple(users), tuple(int(u) for u in units), prunable, reasons, granularity))
         out.sort(key=lambda g: (not g.prunable, g.producers))
         return out
 

@@ -137,7 +137,7 @@ def _ranked_within_groups(graph: ChannelGraph, scores: np.ndarray,
     scored = np.flatnonzero(np.isfinite(scores))
     if scored.size == 0:
         return scores
-    key, removed = _producer_sets(graph, original_widths or {})
+    key, removed = graph.producer_set_keys(), _removed_shares(graph, original_widths or {})
     order = scored[np.lexsort((scores[scored], key[scored]))]
     keys = key[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
@@ -148,21 +148,17 @@ def _ranked_within_groups(graph: ChannelGraph, scores: np.ndarray,
     return out
 
 
-def _producer_sets(graph: ChannelGraph, original_widths: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit: a key equal for units with the same set of producers (a random 64-bit tag per
-    producer, summed with wrap-around: collisions are negligible), and the mean fraction of
-    those producers' original channels already removed."""
-    rng = np.random.default_rng(0)
-    key = np.zeros(graph.num_units, dtype=np.uint64)
+def _removed_shares(graph: ChannelGraph, original_widths: Mapping[str, int]) -> np.ndarray:
+    """Per unit, the mean fraction of its producers' original channels already removed."""
     removed = np.zeros(graph.num_units)
     count = np.zeros(graph.num_units)
     for name, units in graph.producers.items():
-        units = np.unique(units)
-        np.add.at(key, units, rng.integers(1, 2**63, dtype=np.uint64))
         width0 = original_widths.get(name, 0)
-        np.add.at(removed, units, max(0.0, 1 - len(graph.producers[name]) / width0) if width0 else 0.0)
-        np.add.at(count, units, 1)
-    return key, removed / np.maximum(count, 1)
+        share = max(0.0, 1 - len(units) / width0) if width0 else 0.0
+        units = np.unique(units)
+        removed[units] += share
+        count[units] += 1
+    return removed / np.maximum(count, 1)
 
 
 def score_units(model: nn.Module, graph: ChannelGraph, method, batches: Iterable = (),
