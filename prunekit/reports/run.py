@@ -66,7 +66,8 @@ def _limit_of(name: str, before: int, after: int | None, limits) -> dict:
         (p for p in limits.layers if fnmatch.fnmatchcase(name, p)), "default")
     allowed = min(math.floor(fraction * before + 1e-9), before - 1)
     removed = before - (after if after is not None else before)
-    return {"limit": fraction, "limit_from": source, "at_limit": removed >= allowed}
+    # a limit of 0 is 'never touched', which no pruning reaches
+    return {"limit": fraction, "limit_from": source, "at_limit": fraction > 0 and removed >= allowed}
 
 
 def _metric_source(cfg) -> str | None:
@@ -121,7 +122,7 @@ def _limits_applied(cfg, rows: list[dict]) -> dict:
                         "matches": [r["name"] for r in producers if r["limit_from"] == pattern]}
               for pattern, value in cfg.limits.layers.items()}
     return {"default": cfg.limits.default, "layers": layers, "round_to": cfg.limits.round_to,
-            "at_limit": [r["name"] for r in producers if r["at_limit"] and r["limit"]]}  # 0: never touched
+            "at_limit": [r["name"] for r in producers if r["at_limit"]]}
 
 
 def build_report(result, rows: list[dict], graph0: ChannelGraph | None = None) -> dict:
@@ -209,14 +210,13 @@ def render_markdown(report: dict) -> str:
         "| step | FLOPs | params | latency | units removed | metric | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    note = ("", "A unit is a channel with everything that must go with it: the same channel of every layer a "
-            "residual sum couples, or a block of channels cut together (a GroupNorm group).")
     for s in report.get("trajectory") or [{"label": str(s["step"]), **s} for s in report["steps"]]:
         seconds = "" if s.get("seconds") is None else f"{s['seconds']:.1f}"
         removed = "" if s.get("removed_units") is None else str(s["removed_units"])
         lines.append(f"| {s['label']} | {_pct(s['flops_ratio'])} | {_pct(s['params_ratio'])} "
                      f"| {_pct(s.get('latency_ratio'))} | {removed} | {_num(s['metric'])} | {seconds} |")
-    lines += note
+    lines += ["", "A unit is a channel with everything that must go with it: the same channel of every layer a "
+              "residual sum couples, or a block of channels cut together (a GroupNorm group)."]
     lines += _limits_markdown(report.get("limits_applied"))
     lines += _pins_markdown(report.get("pins"), report.get("tracing", {}))
     lines += ["", "## Layers", "", "| layer | type | channels | limit | params | FLOPs |", "|---|---|---:|---:|---:|---:|"]
@@ -225,7 +225,7 @@ def render_markdown(report: dict) -> str:
             continue
         channels = "" if row["channels_before"] is None else f"{row['channels_before']} -> {row['channels_after']}"
         limit = "pinned" if row.get("pinned") else "" if row.get("limit") is None else \
-            f"{row['limit']:.0%}" + (" (reached)" if row["at_limit"] and row["limit"] > 0 else "")
+            f"{row['limit']:.0%}" + (" (reached)" if row["at_limit"] else "")
         lines.append(f"| {row['name']} | {row['type']} | {channels} | {limit} | {_human(row['params_before'])} -> "
                      f"{_human(row['params_after'])} | {_human(row['flops_before'])} -> {_human(row['flops_after'])} |")
     return "\n".join(lines) + "\n"
